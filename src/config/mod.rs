@@ -1,0 +1,90 @@
+//! Configuration: the file as written ([`file`]) is parsed, environment-expanded and validated
+//! into typed [`Settings`]; every mistake is reported with its field path and, where known, the
+//! line and column it stands on.
+
+mod build;
+mod env;
+pub mod file;
+mod locate;
+pub mod settings;
+mod yaml;
+
+use std::fmt;
+use std::path::Path;
+
+pub use settings::*;
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Field path, e.g. `routes[1].upstream`; empty when the problem is the whole file.
+    pub path: String,
+    /// What is wrong, for a human.
+    pub message: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)?;
+        } else {
+            write!(f, "{}: {}", self.path, self.message)?;
+        }
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, " (line {l}, column {c})"),
+            (Some(l), None) => write!(f, " (line {l})"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Every problem found in a config file (never empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// A successfully validated config.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The typed settings.
+    pub settings: Settings,
+    /// Short hash of the expanded file text: the version shown by `/config` and reloads.
+    pub version: String,
+    /// Things that are allowed but probably wrong (e.g. a route shadowed by an earlier one).
+    pub warnings: Vec<String>,
+}
+
+/// Reads, expands, parses and validates a config file.
+pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+            line: None,
+            column: None,
+        }])
+    })?;
+    load_str(&text)
+}
+
+/// Expands, parses and validates config text.
+pub fn load_str(text: &str) -> Result<Loaded, ConfigErrors> {
+    build::load_str(text)
+}

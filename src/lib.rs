@@ -1,0 +1,10 @@
+//! spillway: a reverse-proxy sidecar that observes and sheds load.
+//!
+//! The folders follow a request's path: [`server`] accepts it, [`proxy`] routes it and runs the
+//! route's [`policy`] stack before forwarding it; every failure is one [`error::ProxyError`],
+//! presented in exactly one place; [`metrics`] counts it; [`admin`] shows it.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod policy;

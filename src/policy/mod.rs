@@ -1,0 +1,1 @@
+//! Per-route policies, each a tower `Layer` + `Service`.
