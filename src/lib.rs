@@ -6,5 +6,10 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod demo_app;
 pub mod error;
 pub mod policy;
+pub mod metrics;
+pub mod proxy;
+pub mod admin;
+pub mod server;

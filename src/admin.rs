@@ -1,0 +1,83 @@
+//! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/config`.
+//!
+//! Served on its own listener (never on the proxy ports), HTTP/1.1 only.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::server::Shared;
+
+/// Serves the admin endpoint until `stop` fires.
+pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r
+}
+
+async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    const PLAIN: &str = "text/plain; charset=utf-8";
+    const JSON: &str = "application/json";
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render()),
+        (&Method::GET, "/healthz") => text(StatusCode::OK, PLAIN, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if shared.ready.load(Ordering::SeqCst) {
+                text(StatusCode::OK, PLAIN, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            }
+        }
+        (&Method::GET, "/config") => {
+            let rt = shared.runtime.load();
+            let body = serde_json::json!({
+                "version": rt.version,
+                "loaded_at": humantime::format_rfc3339_seconds(rt.loaded_at).to_string(),
+                "config": rt.settings,
+            });
+            text(StatusCode::OK, JSON, serde_json::to_vec_pretty(&body).unwrap_or_default())
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/config") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n"),
+        _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
+    }
+}

@@ -1,0 +1,243 @@
+//! Bodies: streamed both ways, never buffered whole. The response body carries the request's
+//! completion guard, so metrics and the access log see the whole exchange (including a body that
+//! the upstream cut off, or a client that went away).
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use crate::error::UpstreamError;
+use crate::metrics::{RouteMetrics, Source};
+use std::sync::Arc;
+
+/// Errors a body can end with, boxed for hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    /// A request body on its way to the upstream. `Empty` can be rebuilt at will, which is what
+    /// lets bodyless idempotent requests be sent again.
+    #[project = RequestBodyProj]
+    #[derive(Debug, Default)]
+    pub enum RequestBody {
+        /// No body at all.
+        #[default]
+        Empty,
+        /// The client's streaming body.
+        Stream {
+            /// The downstream body.
+            #[pin]
+            inner: Incoming,
+        },
+    }
+}
+
+impl RequestBody {
+    /// Wraps a downstream body; one already at its end becomes `Empty`.
+    pub fn from_incoming(inner: Incoming) -> Self {
+        if inner.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Stream { inner }
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            RequestBodyProj::Empty => Poll::Ready(None),
+            RequestBodyProj::Stream { inner } => inner.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Stream { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Stream { inner } => inner.size_hint(),
+        }
+    }
+}
+
+pin_project! {
+    /// What a response body streams from.
+    #[project = SourceBodyProj]
+    enum SourceBody {
+        /// The upstream's body, passed through frame by frame (trailers included).
+        Upstream { #[pin] inner: Incoming },
+        /// A short body spillway generated.
+        Full { data: Option<Bytes> },
+    }
+}
+
+/// How an exchange ended, for the access log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The whole body was sent.
+    Complete,
+    /// The upstream body failed after the head was sent; the downstream response was aborted.
+    UpstreamAborted,
+    /// The client went away before the body ended.
+    ClientGone,
+}
+
+impl Outcome {
+    fn label(self) -> &'static str {
+        match self {
+            Outcome::Complete => "complete",
+            Outcome::UpstreamAborted => "upstream_aborted",
+            Outcome::ClientGone => "client_gone",
+        }
+    }
+}
+
+/// Everything needed to account for one exchange when it ends. Created when the request
+/// arrives (it holds the in-flight slot), finished exactly once.
+pub struct Exchange {
+    /// Route handles (`unmatched` for requests that matched none).
+    pub metrics: Arc<RouteMetrics>,
+    /// When the request arrived.
+    pub start: Instant,
+    /// The request's method.
+    pub method: Method,
+    /// The request's URI (path and query are logged).
+    pub uri: http::Uri,
+    /// The request id.
+    pub request_id: HeaderValue,
+    /// Status sent, once known.
+    pub status: u16,
+    /// Who produced the response.
+    pub source: Source,
+    /// The error kind, for generated responses.
+    pub error: Option<&'static str>,
+}
+
+impl Exchange {
+    /// Starts accounting: counts the request in flight.
+    pub fn start(metrics: Arc<RouteMetrics>, start: Instant, method: Method, uri: http::Uri, request_id: HeaderValue) -> Self {
+        metrics.in_flight.inc();
+        Exchange { metrics, start, method, uri, request_id, status: 0, source: Source::Proxy, error: None }
+    }
+
+    fn finish(&self, outcome: Outcome) {
+        let elapsed = self.start.elapsed();
+        self.metrics.response(&self.method, self.status, self.source, elapsed.as_secs_f64());
+        if outcome == Outcome::UpstreamAborted {
+            self.metrics.upstream_error(UpstreamError::ConnectionTerminated);
+        }
+        tracing::info!(
+            target: "spillway::access",
+            request_id = self.request_id.to_str().unwrap_or("-"),
+            route = self.metrics.name(),
+            method = self.method.as_str(),
+            path = self.uri.path(),
+            status = self.status,
+            source = self.source.label(),
+            error = self.error.unwrap_or("-"),
+            outcome = outcome.label(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+        );
+    }
+}
+
+impl Drop for Exchange {
+    fn drop(&mut self) {
+        self.metrics.in_flight.dec();
+    }
+}
+
+pin_project! {
+    /// The downstream response body: streams its source and finishes the exchange's accounting
+    /// when the body ends, fails, or is dropped.
+    pub struct ResponseBody {
+        #[pin]
+        source: SourceBody,
+        exchange: Option<Exchange>,
+    }
+
+    impl PinnedDrop for ResponseBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(ex) = this.exchange.take() {
+                let ended = match &*this.source {
+                    SourceBody::Upstream { inner } => inner.is_end_stream(),
+                    SourceBody::Full { data } => data.is_none(),
+                };
+                // A body nobody polled to the end: fine if there was nothing left to send
+                // (HEAD, 204, an empty body), otherwise the client stopped reading.
+                ex.finish(if ended { Outcome::Complete } else { Outcome::ClientGone });
+            }
+        }
+    }
+}
+
+impl ResponseBody {
+    /// Streams the upstream's body.
+    pub fn upstream(inner: Incoming, exchange: Exchange) -> Self {
+        ResponseBody { source: SourceBody::Upstream { inner }, exchange: Some(exchange) }
+    }
+
+    /// A short generated body.
+    pub fn full(data: &'static str, exchange: Option<Exchange>) -> Self {
+        ResponseBody { source: SourceBody::Full { data: Some(Bytes::from_static(data.as_bytes())) }, exchange }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let polled = match this.source.project() {
+            SourceBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            SourceBodyProj::Upstream { inner } => match inner.poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => {
+                    if let Some(ex) = this.exchange.take() {
+                        ex.finish(Outcome::UpstreamAborted);
+                    }
+                    // Returning the error makes hyper abort the downstream response (HTTP/1:
+                    // close without the terminating chunk; HTTP/2: RST_STREAM), so a truncated
+                    // body is never presented as complete.
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+            },
+        };
+        if let Poll::Ready(None) = polled {
+            if let Some(ex) = this.exchange.take() {
+                ex.finish(Outcome::Complete);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            SourceBody::Upstream { inner } => inner.is_end_stream(),
+            SourceBody::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            SourceBody::Upstream { inner } => inner.size_hint(),
+            SourceBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Header rules, declared once: what is stripped, what is stamped, and why.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA};
+use http::HeaderMap;
+
+/// Which layer answered: every response carries it, upstream responses get `, <server_id>`
+/// appended to whatever the app set.
+pub const X_SERVED_BY: HeaderName = HeaderName::from_static("x-served-by");
+/// Correlates the access log line, the upstream's logs and the client: kept when the client
+/// sent one, generated otherwise, echoed on the response.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+/// RFC 9209: on every response spillway generates, says which proxy and why.
+pub const PROXY_STATUS: HeaderName = HeaderName::from_static("proxy-status");
+/// The client address chain, appended.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// The scheme the client used, set.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// The host the client asked for, set.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Header values derived from `server_id`, computed once per config snapshot.
+#[derive(Debug, Clone)]
+pub struct Stamps {
+    /// The server id itself.
+    pub server_id: Box<str>,
+    /// `x-served-by` value for generated responses.
+    pub served_by: HeaderValue,
+    /// `, <server_id>` to append to an app's `x-served-by`.
+    served_by_suffix: Box<str>,
+    /// `1.1 <server_id>` for `Via`.
+    via: HeaderValue,
+    /// `<server_id>` as an RFC 8941 token or quoted sf-string, for `Proxy-Status`.
+    proxy_status_id: Box<str>,
+}
+
+impl Stamps {
+    /// Precomputes every stamp. `server_id` is validated by config (visible ASCII, no commas).
+    pub fn new(server_id: &str) -> Self {
+        let served_by = HeaderValue::from_str(server_id).unwrap_or(HeaderValue::from_static("spillway"));
+        Stamps {
+            server_id: server_id.into(),
+            served_by,
+            served_by_suffix: format!(", {server_id}").into(),
+            via: HeaderValue::from_str(&format!("1.1 {server_id}")).unwrap_or(HeaderValue::from_static("1.1 spillway")),
+            proxy_status_id: sf_item(server_id).into(),
+        }
+    }
+
+    /// The `Proxy-Status` value for a generated response: `<id>; error=<type>`.
+    pub fn proxy_status(&self, error_type: &str) -> HeaderValue {
+        let s = format!("{}; error={error_type}", self.proxy_status_id);
+        HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("spillway"))
+    }
+
+    /// Whether the request's `Via` already names this proxy: it has come round in a loop.
+    pub fn is_loop(&self, headers: &HeaderMap) -> bool {
+        headers.get_all(VIA).iter().any(|v| {
+            v.to_str().is_ok_and(|v| {
+                v.split(',').any(|hop| {
+                    // `1.1 name` or `HTTP/1.1 name (comment)`: the second word is the receiver.
+                    hop.split_whitespace().nth(1) == Some(&*self.server_id)
+                })
+            })
+        })
+    }
+
+    /// Stamps `x-served-by` on an upstream response: appends `, <id>` or sets `<id>`.
+    pub fn stamp_upstream(&self, headers: &mut HeaderMap) {
+        match headers.get_mut(X_SERVED_BY) {
+            Some(v) => {
+                let mut b = BytesMut::with_capacity(v.len() + self.served_by_suffix.len());
+                b.put_slice(v.as_bytes());
+                b.put_slice(self.served_by_suffix.as_bytes());
+                if let Ok(nv) = HeaderValue::from_maybe_shared(b.freeze()) {
+                    *v = nv;
+                }
+            }
+            None => {
+                headers.insert(X_SERVED_BY, self.served_by.clone());
+            }
+        }
+    }
+}
+
+/// RFC 8941 item for a server id: a token when it is one, else a quoted string.
+fn sf_item(id: &str) -> String {
+    let mut chars = id.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '*');
+    let rest_ok = id.chars().skip(1).all(|c| {
+        c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~:/".contains(c)
+    });
+    if first_ok && rest_ok {
+        id.to_string()
+    } else {
+        let mut s = String::with_capacity(id.len() + 2);
+        s.push('"');
+        for c in id.chars() {
+            if c == '"' || c == '\\' {
+                s.push('\\');
+            }
+            s.push(c);
+        }
+        s.push('"');
+        s
+    }
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
+/// plus the fixed set. Used in both directions.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too; collect before removing (rare path).
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+        headers.remove(CONNECTION);
+    }
+    for h in [KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+        headers.remove(h);
+    }
+}
+
+/// What the upstream is told about the original request.
+pub struct Forwarded<'a> {
+    /// The client's IP address, already formatted.
+    pub client_ip: &'a HeaderValue,
+    /// `http` or `https`.
+    pub proto: &'static str,
+}
+
+/// Rewrites a request's headers for the upstream: hop-by-hop removed, `Via` and
+/// `X-Forwarded-For` appended, `X-Forwarded-Proto`/`-Host` set, `Host` kept (or filled from an
+/// HTTP/2 `:authority`), `x-request-id` set.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    stamps: &Stamps,
+    fwd: &Forwarded<'_>,
+    request_id: &HeaderValue,
+) {
+    strip_hop_by_hop(headers);
+    append_list(headers, VIA, &stamps.via);
+    append_list(headers, X_FORWARDED_FOR, fwd.client_ip);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    if !headers.contains_key(HOST) {
+        if let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
+            headers.insert(HOST, a);
+        }
+    }
+    if let Some(host) = headers.get(HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST, host);
+    }
+    if !headers.contains_key(X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID, request_id.clone());
+    }
+}
+
+/// Appends to a comma-separated list header, folding existing values into one line.
+fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
+    match headers.get_mut(&name) {
+        Some(existing) => {
+            let mut b = BytesMut::with_capacity(existing.len() + 2 + value.len());
+            b.put_slice(existing.as_bytes());
+            b.put_slice(b", ");
+            b.put_slice(value.as_bytes());
+            if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
+                *existing = v;
+            }
+        }
+        None => {
+            headers.insert(name, value.clone());
+        }
+    }
+}
+
+/// A request id: the client's when it sent a sane one, else a fresh random 128-bit hex id.
+pub fn request_id(headers: &HeaderMap) -> HeaderValue {
+    if let Some(v) = headers.get(X_REQUEST_ID) {
+        if !v.is_empty() && v.len() <= 200 {
+            return v.clone();
+        }
+    }
+    let n: u128 = rand::random();
+    let mut buf = BytesMut::with_capacity(32);
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..32).rev() {
+        buf.put_u8(HEX[((n >> (i * 4)) & 0xf) as usize]);
+    }
+    HeaderValue::from_maybe_shared(Bytes::from(buf)).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hv(s: &str) -> HeaderValue {
+        HeaderValue::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, hv("keep-alive, X-Secret"));
+        h.insert("x-secret", hv("1"));
+        h.insert("keep-alive", hv("timeout=5"));
+        h.insert("proxy-connection", hv("keep-alive"));
+        h.insert(TE, hv("trailers"));
+        h.insert(TRAILER, hv("x"));
+        h.insert(TRANSFER_ENCODING, hv("chunked"));
+        h.insert(UPGRADE, hv("websocket"));
+        h.insert("x-keep", hv("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn request_rewrite_appends_and_sets() {
+        let stamps = Stamps::new("edge-1");
+        let mut h = HeaderMap::new();
+        h.insert(VIA, hv("1.1 lb"));
+        h.insert(X_FORWARDED_FOR, hv("10.0.0.1"));
+        h.insert(X_FORWARDED_PROTO, hv("https"));
+        h.insert(HOST, hv("shop.example.com"));
+        let ip = hv("127.0.0.1");
+        let id = hv("abc");
+        rewrite_request(&mut h, None, &stamps, &Forwarded { client_ip: &ip, proto: "http" }, &id);
+        assert_eq!(h[VIA], "1.1 lb, 1.1 edge-1");
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "shop.example.com");
+        assert_eq!(h[X_REQUEST_ID], "abc");
+    }
+
+    #[test]
+    fn h2_authority_becomes_host() {
+        let stamps = Stamps::new("s");
+        let mut h = HeaderMap::new();
+        let ip = hv("::1");
+        let a: http::uri::Authority = "api.example.com:8443".parse().unwrap();
+        rewrite_request(&mut h, Some(&a), &stamps, &Forwarded { client_ip: &ip, proto: "https" }, &hv("x"));
+        assert_eq!(h[HOST], "api.example.com:8443");
+        assert_eq!(h[X_FORWARDED_HOST], "api.example.com:8443");
+    }
+
+    #[test]
+    fn served_by_appends_or_sets() {
+        let s = Stamps::new("spillway-1");
+        let mut h = HeaderMap::new();
+        s.stamp_upstream(&mut h);
+        assert_eq!(h[X_SERVED_BY], "spillway-1");
+        let mut h = HeaderMap::new();
+        h.insert(X_SERVED_BY, hv("app-7"));
+        s.stamp_upstream(&mut h);
+        assert_eq!(h[X_SERVED_BY], "app-7, spillway-1");
+    }
+
+    #[test]
+    fn loop_detection_reads_every_via_hop() {
+        let s = Stamps::new("spillway-1");
+        let mut h = HeaderMap::new();
+        assert!(!s.is_loop(&h));
+        h.append(VIA, hv("1.1 lb, HTTP/1.1 spillway-1 (spillway)"));
+        assert!(s.is_loop(&h));
+        let mut h = HeaderMap::new();
+        h.insert(VIA, hv("1.1 spillway-10"));
+        assert!(!s.is_loop(&h));
+    }
+
+    #[test]
+    fn proxy_status_quotes_non_tokens() {
+        assert_eq!(Stamps::new("spillway-1").proxy_status("dns_error"), "spillway-1; error=dns_error");
+        assert_eq!(Stamps::new("10.0.0.1").proxy_status("x"), "\"10.0.0.1\"; error=x");
+    }
+
+    #[test]
+    fn request_id_kept_or_generated() {
+        let mut h = HeaderMap::new();
+        let a = request_id(&h);
+        let b = request_id(&h);
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        h.insert(X_REQUEST_ID, hv("client-id"));
+        assert_eq!(request_id(&h), "client-id");
+    }
+}

@@ -1,0 +1,102 @@
+//! The runtime snapshot: everything a request needs, built from validated settings, swapped
+//! atomically on reload. A request loads it once and finishes under it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderMap, Method, Uri};
+
+use super::headers::Stamps;
+use super::route::{request_host, Matcher};
+use super::stack::{self, PolicyState, RouteService};
+use super::upstream::Upstream;
+use crate::config::{Loaded, RouteSettings, Settings};
+use crate::metrics::{Metrics, RouteMetrics, UNMATCHED_ROUTE};
+
+/// One route, ready to serve.
+pub struct Route {
+    /// Its validated settings.
+    pub settings: RouteSettings,
+    /// Compiled matcher.
+    pub matcher: Matcher,
+    /// Its metric handles.
+    pub metrics: Arc<RouteMetrics>,
+    /// Policy state (limiter, breaker, retry budget), carried over reloads when unchanged.
+    pub policy: Arc<PolicyState>,
+    /// The composed policy stack ending in the forward service.
+    pub service: RouteService,
+}
+
+/// Everything that serves, as one immutable snapshot.
+pub struct Runtime {
+    /// The validated settings.
+    pub settings: Settings,
+    /// Version hash of the config text.
+    pub version: String,
+    /// When this snapshot was built (wall clock, for `/config`).
+    pub loaded_at: std::time::SystemTime,
+    /// Precomputed server-id headers.
+    pub stamps: Stamps,
+    /// Routes in match order.
+    pub routes: Vec<Route>,
+    /// Upstreams by name.
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+    /// Handles for requests that matched no route.
+    pub unmatched: Arc<RouteMetrics>,
+}
+
+impl Runtime {
+    /// Builds a snapshot, reusing from `previous` every upstream (with its connection pool) and
+    /// every route policy state whose settings did not change.
+    pub fn build(loaded: &Loaded, metrics: &Metrics, previous: Option<&Runtime>) -> Runtime {
+        let settings = loaded.settings.clone();
+        let upstreams: HashMap<String, Arc<Upstream>> = settings
+            .upstreams
+            .iter()
+            .map(|(name, s)| {
+                let kept = previous
+                    .and_then(|p| p.upstreams.get(name))
+                    .filter(|u| u.settings == *s)
+                    .cloned();
+                (name.clone(), kept.unwrap_or_else(|| Arc::new(Upstream::new(name, s))))
+            })
+            .collect();
+        let routes = settings
+            .routes
+            .iter()
+            .map(|r| {
+                let route_metrics = metrics.route(&r.name);
+                let kept = previous
+                    .and_then(|p| p.routes.iter().find(|old| old.settings.name == r.name))
+                    .filter(|old| old.settings.policy == r.policy)
+                    .map(|old| old.policy.clone());
+                let policy = kept.unwrap_or_else(|| Arc::new(PolicyState::new(r, &route_metrics)));
+                let upstream = upstreams[&r.upstream].clone();
+                Route {
+                    settings: r.clone(),
+                    matcher: Matcher::new(&r.matcher),
+                    service: stack::route_service(&policy, upstream),
+                    metrics: route_metrics,
+                    policy,
+                }
+            })
+            .collect();
+        Runtime {
+            stamps: Stamps::new(&settings.server_id),
+            settings,
+            version: loaded.version.clone(),
+            loaded_at: std::time::SystemTime::now(),
+            routes,
+            upstreams,
+            unmatched: metrics.route(UNMATCHED_ROUTE),
+        }
+    }
+
+    /// The first route that matches, in file order.
+    pub fn find_route(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Route> {
+        let host = request_host(uri, headers);
+        let path = uri.path();
+        self.routes.iter().find(|r| r.matcher.matches(host, path, method))
+    }
+}
+

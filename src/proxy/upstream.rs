@@ -1,0 +1,196 @@
+//! Upstreams: pooled keep-alive clients per upstream, endpoint selection, and the forward
+//! service at the bottom of every route's stack.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, Uri, Version};
+use http::Extensions;
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::time::Instant;
+
+use super::body::RequestBody;
+use super::connector::{ConnectError, Connector, Established};
+use crate::config::{UpstreamProtocol, UpstreamSettings};
+use crate::error::{ProxyError, UpstreamError};
+
+type HttpClient = Client<Connector, RequestBody>;
+
+/// One upstream: its endpoints and connection pool. Shared by every route that uses it and
+/// carried over a reload when its settings are unchanged, so pooled connections survive.
+pub struct Upstream {
+    name: Box<str>,
+    endpoints: Box<[Authority]>,
+    next: AtomicUsize,
+    version: Version,
+    /// Keep-alive pool.
+    pooled: HttpClient,
+    /// Never reuses a connection: for the one resend after a stale pooled connection failed.
+    fresh: HttpClient,
+    /// The settings it was built from.
+    pub settings: UpstreamSettings,
+}
+
+impl Upstream {
+    /// Builds the clients (no connection is opened until the first request).
+    pub fn new(name: &str, settings: &UpstreamSettings) -> Self {
+        let build = |max_idle: usize| {
+            let mut b = Client::builder(TokioExecutor::new());
+            b.pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(settings.idle_timeout)
+                .pool_max_idle_per_host(max_idle)
+                .http2_only(settings.protocol == UpstreamProtocol::Http2);
+            b.build(Connector::new(settings.connect_timeout))
+        };
+        let endpoints = settings
+            .endpoints
+            .iter()
+            .filter_map(|e| e.parse::<Authority>().ok())
+            .collect();
+        Upstream {
+            name: name.into(),
+            endpoints,
+            next: AtomicUsize::new(0),
+            version: match settings.protocol {
+                UpstreamProtocol::Http1 => Version::HTTP_11,
+                UpstreamProtocol::Http2 => Version::HTTP_2,
+            },
+            pooled: build(usize::MAX),
+            fresh: build(0),
+            settings: settings.clone(),
+        }
+    }
+
+    /// The upstream's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Round robin: consecutive attempts (a retry included) go to different endpoints.
+    fn pick(&self) -> &Authority {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len().max(1);
+        &self.endpoints[i]
+    }
+}
+
+/// The bottom of the stack: sends the request to one endpoint and classifies any failure.
+#[derive(Clone)]
+pub struct Forward {
+    upstream: Arc<Upstream>,
+}
+
+impl Forward {
+    /// Forwards to this upstream.
+    pub fn new(upstream: Arc<Upstream>) -> Self {
+        Forward { upstream }
+    }
+}
+
+impl tower::Service<Request<RequestBody>> for Forward {
+    type Response = Response<Incoming>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+        let up = self.upstream.clone();
+        Box::pin(async move {
+            if up.endpoints.is_empty() {
+                return Err(UpstreamError::Dns.into());
+            }
+            let authority = up.pick().clone();
+            let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+                .map_err(|_| ProxyError::BadRequest)?;
+            *req.version_mut() = up.version;
+            // Kept for the one resend on a fresh connection (bodyless idempotent requests only).
+            let resend = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
+                (req.method().clone(), req.uri().clone(), req.headers().clone(), req.extensions().clone())
+            });
+            let sent_at = Instant::now();
+            match up.pooled.request(req).await {
+                Ok(resp) => Ok(resp),
+                Err(err) => {
+                    let kind = classify(&err);
+                    // The keep-alive race: the app closed an idle pooled connection just as we
+                    // reused it. Nothing of the response arrived, so the app did not act on it;
+                    // send it once more on a connection opened for it.
+                    if kind == UpstreamError::ConnectionTerminated && was_reused(&err, sent_at) {
+                        if let Some((method, uri, headers, extensions)) = resend {
+                            tracing::debug!(upstream = %up.name, "stale pooled connection, resending on a fresh one");
+                            let mut again = Request::new(RequestBody::Empty);
+                            *again.method_mut() = method;
+                            *again.uri_mut() = uri;
+                            *again.version_mut() = up.version;
+                            *again.headers_mut() = headers;
+                            *again.extensions_mut() = extensions;
+                            return up.fresh.request(again).await.map_err(|e| classify(&e).into());
+                        }
+                    }
+                    Err(kind.into())
+                }
+            }
+        })
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// Whether the failed request went out on a connection that existed before it was sent.
+fn was_reused(err: &hyper_util::client::legacy::Error, sent_at: Instant) -> bool {
+    let Some(info) = err.connect_info() else { return false };
+    let mut ext = Extensions::new();
+    info.get_extras(&mut ext);
+    ext.get::<Established>().is_some_and(|e| e.0 < sent_at)
+}
+
+/// Classifies a client error by walking its cause chain (never by its message).
+pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let mut source: Option<&(dyn StdError + 'static)> = err.source();
+    while let Some(e) = source {
+        if let Some(c) = e.downcast_ref::<ConnectError>() {
+            return c.0;
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return UpstreamError::ProtocolError;
+            }
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return UpstreamError::ConnectionTerminated;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<io::Error>() {
+            return match io.kind() {
+                io::ErrorKind::ConnectionRefused => UpstreamError::ConnectRefused,
+                io::ErrorKind::InvalidData => UpstreamError::ProtocolError,
+                _ => UpstreamError::ConnectionTerminated,
+            };
+        }
+        source = e.source();
+    }
+    if err.is_connect() {
+        UpstreamError::ConnectRefused
+    } else {
+        UpstreamError::ConnectionTerminated
+    }
+}
+

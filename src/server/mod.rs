@@ -1,0 +1,129 @@
+//! Listeners, connections and the one shutdown path.
+//!
+//! [`Server::start`] binds every listener and the admin endpoint and serves until
+//! [`Server::shutdown`]: readiness fails at once, traffic is still served for `drain_delay`
+//! (so endpoints can propagate), then listeners stop accepting, idle keep-alive connections are
+//! closed, busy ones finish their in-flight request (HTTP/1 gets `Connection: close`, HTTP/2
+//! GOAWAY) and whatever is left after `drain_timeout` is cut.
+
+mod listener;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin;
+use crate::config::Loaded;
+use crate::metrics::Metrics;
+use crate::proxy::Runtime;
+
+/// State shared by the proxy listeners and the admin endpoint.
+pub struct Shared {
+    /// The serving snapshot; swapped whole on reload.
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    /// The process's metrics.
+    pub metrics: Metrics,
+    /// False once draining has begun: `/readyz` answers 503.
+    pub ready: AtomicBool,
+}
+
+/// A running spillway: its bound addresses and the handle to stop it.
+pub struct Server {
+    /// Shared state (runtime snapshot, metrics, readiness).
+    pub shared: Arc<Shared>,
+    /// Bound proxy listener addresses, in config order.
+    pub listen_addrs: Vec<SocketAddr>,
+    /// Bound admin address.
+    pub admin_addr: Option<SocketAddr>,
+    stop_accepting: CancellationToken,
+    tasks: Vec<JoinHandle<listener::Drained>>,
+    admin_task: Option<JoinHandle<()>>,
+    admin_stop: CancellationToken,
+}
+
+/// How a shutdown went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Connections still busy when `drain_timeout` ran out, and cut.
+    pub cut_connections: usize,
+}
+
+impl Server {
+    /// Binds every listener and the admin endpoint and starts serving.
+    pub async fn start(loaded: &Loaded, metrics: Metrics) -> std::io::Result<Server> {
+        let runtime = Runtime::build(loaded, &metrics, None);
+        let shared = Arc::new(Shared {
+            runtime: Arc::new(ArcSwap::from_pointee(runtime)),
+            metrics,
+            ready: AtomicBool::new(true),
+        });
+        let stop_accepting = CancellationToken::new();
+        let mut listen_addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for l in &loaded.settings.listeners {
+            let bound = listener::bind(l.address).map_err(|e| {
+                std::io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.address))
+            })?;
+            let addr = bound.local_addr()?;
+            listen_addrs.push(addr);
+            tracing::info!(listener = %l.name, %addr, "listening");
+            tasks.push(tokio::spawn(listener::serve(
+                bound,
+                l.name.clone(),
+                shared.runtime.clone(),
+                stop_accepting.clone(),
+            )));
+        }
+        let admin_stop = CancellationToken::new();
+        let (admin_addr, admin_task) = match loaded.settings.admin {
+            Some(addr) => {
+                let bound = listener::bind(addr).map_err(|e| {
+                    std::io::Error::new(e.kind(), format!("admin on {addr}: {e}"))
+                })?;
+                let addr = bound.local_addr()?;
+                tracing::info!(%addr, "admin listening");
+                let task = tokio::spawn(admin::serve(bound, shared.clone(), admin_stop.clone()));
+                (Some(addr), Some(task))
+            }
+            None => (None, None),
+        };
+        Ok(Server { shared, listen_addrs, admin_addr, stop_accepting, tasks, admin_task, admin_stop })
+    }
+
+    /// Drains and stops: readiness off, `drain_delay` of normal serving, then stop accepting
+    /// and give in-flight requests up to `drain_timeout`.
+    pub async fn shutdown(self) -> ShutdownReport {
+        let shutdown = self.shared.runtime.load().settings.shutdown.clone();
+        self.shared.ready.store(false, Ordering::SeqCst);
+        tracing::info!(drain_delay = ?shutdown.drain_delay, "draining: readiness now fails");
+        tokio::time::sleep(shutdown.drain_delay).await;
+        self.stop_now(shutdown.drain_timeout).await
+    }
+
+    /// Stops accepting at once and gives in-flight requests up to `grace`.
+    pub async fn stop_now(self, grace: std::time::Duration) -> ShutdownReport {
+        self.shared.ready.store(false, Ordering::SeqCst);
+        self.stop_accepting.cancel();
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut cut = 0;
+        for t in self.tasks {
+            if let Ok(drained) = t.await {
+                cut += drained.finish(deadline).await;
+            }
+        }
+        if cut > 0 {
+            tracing::warn!(cut, "drain timeout passed: cut connections still in flight");
+        } else {
+            tracing::info!("drained: all in-flight requests finished");
+        }
+        self.admin_stop.cancel();
+        if let Some(t) = self.admin_task {
+            let _ = t.await;
+        }
+        ShutdownReport { cut_connections: cut }
+    }
+}
