@@ -13,3 +13,5 @@ pub mod metrics;
 pub mod proxy;
 pub mod admin;
 pub mod server;
+pub mod cli;
+pub mod demo;

@@ -1,1 +1,5 @@
-fn main(){}
+//! The `spillway` binary: all behaviour lives in the library.
+
+fn main() -> std::process::ExitCode {
+    spillway::cli::main()
+}

@@ -1,6 +1,763 @@
-//! TODO: file config -> Settings.
-use super::{ConfigErrors, Loaded};
+//! From config text to validated [`Settings`]: expand the environment, parse, then check and
+//! convert every field, collecting every mistake rather than stopping at the first, each with
+//! its field path and its line and column in the file as written.
+//!
+//! Policy merging: a route's policy overrides `defaults` field by field, inside nested blocks
+//! too, and the built-in [`defaults`] fill whatever neither sets. Within `concurrency`, `max` and
+//! `adaptive` are one choice, the limit: whichever the route gives replaces whichever `defaults`
+//! gives, except that two `adaptive` blocks merge field by field like everything else.
 
-pub(crate) fn load_str(_text: &str) -> Result<Loaded, ConfigErrors> {
-    todo!()
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::env::{self, Expanded};
+use super::file::{
+    ConcurrencyFile, FileConfig, ListenerFile, ListenerTlsFile, MatchFile, PolicyFile, RouteFile,
+    ShutdownFile, UpstreamFile, UpstreamTlsFile,
+};
+use super::locate::{self, Locations, Position};
+use super::settings::*;
+use super::{defaults, yaml, ConfigError, ConfigErrors, Loaded};
+
+/// Loads config text, expanding `${VAR}` from the process environment.
+pub(crate) fn load_str(text: &str) -> Result<Loaded, ConfigErrors> {
+    load_str_with_env(text, |name| std::env::var(name).ok())
 }
+
+/// Loads config text, expanding `${VAR}` with `lookup` (tests pass a table instead of touching
+/// the process environment).
+pub(crate) fn load_str_with_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<Loaded, ConfigErrors> {
+    let expanded = env::expand(text, lookup).map_err(ConfigErrors)?;
+    let file: FileConfig = yaml::parse(&expanded.text).map_err(|mut e| {
+        if let (Some(line), Some(column)) = (e.line, e.column) {
+            (e.line, e.column) = split(expanded.original_position(line, column));
+        }
+        ConfigErrors(vec![e])
+    })?;
+    let index = locate::index(&expanded.text);
+    let mut cx = Cx { index: &index, expanded: &expanded, errors: Vec::new() };
+    for dup in index.duplicates() {
+        let key = dup.path.rsplit('.').next().unwrap_or(&dup.path);
+        let first = expanded.original_position(dup.first.line, dup.first.column).0;
+        let message = format!("duplicate key `{key}` (first given on line {first})");
+        cx.error_at(&dup.path, message, Some(dup.at));
+    }
+    let settings = cx.settings(&file);
+    let mut errors = cx.errors;
+    if !errors.is_empty() {
+        // File order reads best; errors without a position (whole-file ones) go last.
+        errors.sort_by_key(|e| (e.line.is_none(), e.line, e.column));
+        return Err(ConfigErrors(errors));
+    }
+    let warnings = warnings(&settings);
+    Ok(Loaded { settings, version: version(&expanded.text), warnings })
+}
+
+fn split((line, column): (usize, usize)) -> (Option<usize>, Option<usize>) {
+    (Some(line), Some(column))
+}
+
+/// First 12 hex digits of the SHA-256 of the expanded text: changes whenever the effective
+/// config text does, including through an environment variable.
+fn version(text: &str) -> String {
+    Sha256::digest(text.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Validation state: where fields are, and the errors found so far.
+struct Cx<'a> {
+    index: &'a Locations,
+    expanded: &'a Expanded,
+    errors: Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    /// Records an error at `path`, located at the field or its nearest present ancestor.
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        let at = self.index.nearest(path);
+        self.error_at(path, message, at);
+    }
+
+    fn error_at(&mut self, path: &str, message: impl Into<String>, at: Option<Position>) {
+        let (line, column) = match at {
+            Some(p) => split(self.expanded.original_position(p.line, p.column)),
+            None => (None, None),
+        };
+        self.errors.push(ConfigError { path: path.to_owned(), message: message.into(), line, column });
+    }
+
+    /// Parses an optional duration; `positive` rejects zero where it makes no sense.
+    fn duration(&mut self, path: &str, value: Option<&String>, positive: bool) -> Option<Duration> {
+        let value = value?;
+        match humantime::parse_duration(value.trim()) {
+            Ok(d) if positive && d.is_zero() => {
+                self.error(path, "must be greater than zero");
+                None
+            }
+            Ok(d) => Some(d),
+            Err(e) => {
+                self.error(path, format!("invalid duration `{value}` ({e}); write e.g. 250ms, 5s or 1m"));
+                None
+            }
+        }
+    }
+
+    /// A required bind address (`ip:port`; port 0 picks a free port).
+    fn socket_addr(&mut self, path: &str, value: Option<&String>) -> Option<SocketAddr> {
+        let Some(value) = value else {
+            self.error(path, "address is required (ip:port, e.g. 0.0.0.0:8080)");
+            return None;
+        };
+        match value.trim().parse() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.error(path, format!("invalid address `{value}`: expected ip:port, e.g. 127.0.0.1:8080 or [::]:8080"));
+                None
+            }
+        }
+    }
+
+    /// Checks a name used as a metric label or reference; false when it is unusable.
+    fn name(&mut self, path: &str, value: &str) -> bool {
+        if value.is_empty() {
+            self.error(path, "name must not be empty");
+            return false;
+        }
+        if !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
+            self.error(path, format!("name `{value}` may only contain letters, digits, `_`, `.` and `-`"));
+            return false;
+        }
+        true
+    }
+
+    /// A file path that must not be empty.
+    fn file_path(&mut self, path: &str, value: Option<&String>) -> Option<PathBuf> {
+        let value = value?;
+        if value.trim().is_empty() {
+            self.error(path, "file path must not be empty");
+            return None;
+        }
+        Some(PathBuf::from(value))
+    }
+
+    fn settings(&mut self, file: &FileConfig) -> Settings {
+        let server_id = self.server_id(file.server_id.as_deref());
+        let (listeners, mut bound) = self.listeners(&file.listeners);
+        let admin = match file.admin.as_ref().and_then(|a| a.address.as_ref()) {
+            Some(addr) => self.socket_addr("admin.address", Some(addr)),
+            None => Some(defaults::ADMIN_ADDRESS),
+        };
+        if let Some(admin) = admin {
+            bound.push(("admin".to_owned(), admin));
+        }
+        self.distinct_addresses(bound);
+        let upstreams = self.upstreams(&file.upstreams);
+        let defaults_part = self.policy_part("defaults", &file.defaults);
+        // The defaults block is checked as a whole once here, so that a mistake in it is
+        // reported at `defaults` rather than once per route that inherits it.
+        self.resolve_policy("defaults", &PolicyPart::default(), &defaults_part);
+        let routes = self.routes(&file.routes, &defaults_part, &upstreams);
+        let shutdown = self.shutdown(file.shutdown.as_ref());
+        Settings {
+            server_id,
+            listeners,
+            admin,
+            upstreams,
+            routes,
+            shutdown,
+        }
+    }
+
+    fn server_id(&mut self, value: Option<&str>) -> String {
+        let Some(id) = value else { return defaults::SERVER_ID.to_owned() };
+        // It is written into list-valued headers (`Via`, `Proxy-Status`), where a comma or
+        // space would split or corrupt the entry.
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_graphic() && c != ',') {
+            self.error(
+                "server_id",
+                format!("server_id `{id}` must be non-empty visible ASCII without commas or whitespace"),
+            );
+        }
+        id.to_owned()
+    }
+
+    /// The valid listeners, and the path and address of each for [`Cx::distinct_addresses`].
+    fn listeners(&mut self, files: &[ListenerFile]) -> (Vec<ListenerSettings>, Vec<(String, SocketAddr)>) {
+        if files.is_empty() {
+            self.error("listeners", "at least one listener is required");
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        let mut bound = Vec::new();
+        for (i, l) in files.iter().enumerate() {
+            let base = format!("listeners[{i}]");
+            let name = match &l.name {
+                Some(name) => {
+                    if self.name(&format!("{base}.name"), name) {
+                        if let Some(first) = seen.insert(name.clone(), i) {
+                            self.error(&format!("{base}.name"), format!("duplicate listener name `{name}` (also listeners[{first}])"));
+                        }
+                    }
+                    name.clone()
+                }
+                None if files.len() == 1 => defaults::LISTENER_NAME.to_owned(),
+                None => {
+                    self.error(&format!("{base}.name"), "name is required when there are several listeners");
+                    format!("listener-{i}")
+                }
+            };
+            let address = self.socket_addr(&format!("{base}.address"), l.address.as_ref());
+            let tls = l.tls.as_ref().and_then(|t| self.listener_tls(&format!("{base}.tls"), t));
+            if let Some(address) = address {
+                bound.push((base, address));
+                out.push(ListenerSettings { name, address, tls });
+            }
+        }
+        (out, bound)
+    }
+
+    fn listener_tls(&mut self, base: &str, t: &ListenerTlsFile) -> Option<ListenerTlsSettings> {
+        let cert = self.file_path(&format!("{base}.cert_file"), t.cert_file.as_ref());
+        let key = self.file_path(&format!("{base}.key_file"), t.key_file.as_ref());
+        match (&t.cert_file, &t.key_file) {
+            (Some(_), None) => self.error(&format!("{base}.key_file"), "key_file is required with cert_file"),
+            (None, Some(_)) => self.error(&format!("{base}.cert_file"), "cert_file is required with key_file"),
+            (None, None) => self.error(base, "tls needs cert_file and key_file"),
+            (Some(_), Some(_)) => {}
+        }
+        let alpn = match &t.alpn {
+            None => defaults::TLS_ALPN.iter().map(|s| s.to_string()).collect(),
+            Some(list) => {
+                if list.is_empty() {
+                    self.error(&format!("{base}.alpn"), "alpn must list at least one protocol (h2, http/1.1)");
+                }
+                for (j, p) in list.iter().enumerate() {
+                    let path = format!("{base}.alpn[{j}]");
+                    if !matches!(p.as_str(), "h2" | "http/1.1") {
+                        self.error(&path, format!("unsupported ALPN protocol `{p}`: expected h2 or http/1.1"));
+                    } else if list[..j].contains(p) {
+                        self.error(&path, format!("`{p}` is listed twice"));
+                    }
+                }
+                list.clone()
+            }
+        };
+        Some(ListenerTlsSettings { cert_file: cert?, key_file: key?, alpn })
+    }
+
+    /// Two sockets cannot bind the same address; port 0 is exempt as each gets its own port.
+    /// `bound` holds `(owner path, address)` in file order.
+    fn distinct_addresses(&mut self, bound: Vec<(String, SocketAddr)>) {
+        let mut seen: HashMap<SocketAddr, String> = HashMap::new();
+        for (owner, addr) in bound {
+            if addr.port() == 0 {
+                continue;
+            }
+            match seen.get(&addr) {
+                Some(first) => {
+                    let message = format!("address {addr} is already used by {first}");
+                    self.error(&format!("{owner}.address"), message);
+                }
+                None => {
+                    seen.insert(addr, owner);
+                }
+            }
+        }
+    }
+
+    fn upstreams(&mut self, files: &BTreeMap<String, UpstreamFile>) -> BTreeMap<String, UpstreamSettings> {
+        let mut out = BTreeMap::new();
+        for (name, u) in files {
+            let base = format!("upstreams.{name}");
+            self.name(&base, name);
+            if u.endpoints.is_empty() {
+                self.error(&format!("{base}.endpoints"), "at least one endpoint (host:port) is required");
+            }
+            for (j, e) in u.endpoints.iter().enumerate() {
+                if let Err(message) = check_endpoint(e) {
+                    self.error(&format!("{base}.endpoints[{j}]"), message);
+                }
+            }
+            let connect_timeout = self.duration(&format!("{base}.connect_timeout"), u.connect_timeout.as_ref(), true);
+            let idle_timeout = self.duration(&format!("{base}.idle_timeout"), u.idle_timeout.as_ref(), true);
+            let protocol = match u.protocol.as_deref() {
+                None => defaults::PROTOCOL,
+                Some("http1") => UpstreamProtocol::Http1,
+                Some("http2") => UpstreamProtocol::Http2,
+                Some(other) => {
+                    self.error(&format!("{base}.protocol"), format!("unknown protocol `{other}`: expected http1 or http2"));
+                    defaults::PROTOCOL
+                }
+            };
+            let tls = u.tls.as_ref().map(|t| self.upstream_tls(&format!("{base}.tls"), t));
+            out.insert(
+                name.clone(),
+                UpstreamSettings {
+                    endpoints: u.endpoints.iter().map(|e| e.trim().to_owned()).collect(),
+                    connect_timeout: connect_timeout.unwrap_or(defaults::CONNECT_TIMEOUT),
+                    idle_timeout: idle_timeout.unwrap_or(defaults::IDLE_TIMEOUT),
+                    protocol,
+                    tls,
+                },
+            );
+        }
+        out
+    }
+
+    fn upstream_tls(&mut self, base: &str, t: &UpstreamTlsFile) -> UpstreamTlsSettings {
+        if let Some(name) = &t.server_name {
+            let ok = name.parse::<IpAddr>().is_ok() || check_dns_name(name, false).is_ok();
+            if !ok {
+                self.error(&format!("{base}.server_name"), format!("server_name `{name}` is neither a DNS name nor an IP address"));
+            }
+        }
+        match (&t.cert_file, &t.key_file) {
+            (Some(_), None) => self.error(&format!("{base}.key_file"), "key_file is required with cert_file (client certificate)"),
+            (None, Some(_)) => self.error(&format!("{base}.cert_file"), "cert_file is required with key_file (client certificate)"),
+            _ => {}
+        }
+        UpstreamTlsSettings {
+            server_name: t.server_name.clone(),
+            ca_file: self.file_path(&format!("{base}.ca_file"), t.ca_file.as_ref()),
+            cert_file: self.file_path(&format!("{base}.cert_file"), t.cert_file.as_ref()),
+            key_file: self.file_path(&format!("{base}.key_file"), t.key_file.as_ref()),
+        }
+    }
+
+    fn routes(
+        &mut self,
+        files: &[RouteFile],
+        defaults_part: &PolicyPart,
+        upstreams: &BTreeMap<String, UpstreamSettings>,
+    ) -> Vec<RouteSettings> {
+        if files.is_empty() {
+            self.error("routes", "at least one route is required");
+        }
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut out = Vec::new();
+        for (i, r) in files.iter().enumerate() {
+            let base = format!("routes[{i}]");
+            let name = match &r.name {
+                Some(name) => {
+                    if self.name(&format!("{base}.name"), name) {
+                        if let Some(first) = seen.insert(name.clone(), i) {
+                            self.error(&format!("{base}.name"), format!("duplicate route name `{name}` (also routes[{first}])"));
+                        }
+                    }
+                    name.clone()
+                }
+                None => {
+                    self.error(&format!("{base}.name"), "name is required (it labels the route's metrics)");
+                    format!("route-{i}")
+                }
+            };
+            let matcher = self.matcher(&format!("{base}.match"), &r.match_);
+            let upstream = match &r.upstream {
+                None => {
+                    self.error(&format!("{base}.upstream"), "upstream is required");
+                    String::new()
+                }
+                Some(u) => {
+                    if !upstreams.contains_key(u) {
+                        let message = if upstreams.is_empty() {
+                            format!("unknown upstream `{u}`: no upstreams are defined")
+                        } else {
+                            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                            format!("unknown upstream `{u}`; defined upstreams: {}", known.join(", "))
+                        };
+                        self.error(&format!("{base}.upstream"), message);
+                    }
+                    u.clone()
+                }
+            };
+            let own = self.policy_part(&base, &r.policy());
+            let policy = self.resolve_policy(&base, &own, defaults_part);
+            out.push(RouteSettings { name, matcher, upstream, policy });
+        }
+        out
+    }
+
+    fn matcher(&mut self, base: &str, m: &MatchFile) -> MatchSettings {
+        let path_prefix = match &m.path_prefix {
+            None => defaults::PATH_PREFIX.to_owned(),
+            Some(p) => {
+                if !p.starts_with('/') {
+                    self.error(&format!("{base}.path_prefix"), format!("path_prefix `{p}` must start with `/`"));
+                } else if p.chars().any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
+                    self.error(&format!("{base}.path_prefix"), format!("path_prefix `{p}` must be a plain path, without spaces, `?` or `#`"));
+                }
+                p.clone()
+            }
+        };
+        let host = m.host.as_ref().and_then(|h| match parse_host_match(h) {
+            Ok(h) => Some(h),
+            Err(message) => {
+                self.error(&format!("{base}.host"), message);
+                None
+            }
+        });
+        let mut methods: Vec<String> = Vec::new();
+        for (j, method) in m.methods.iter().flatten().enumerate() {
+            let upper = method.trim().to_ascii_uppercase();
+            if upper.is_empty() || !upper.chars().all(is_tchar) {
+                self.error(&format!("{base}.methods[{j}]"), format!("`{method}` is not an HTTP method"));
+            } else if !methods.contains(&upper) {
+                methods.push(upper);
+            }
+        }
+        MatchSettings { path_prefix, host, methods }
+    }
+
+    fn shutdown(&mut self, file: Option<&ShutdownFile>) -> ShutdownSettings {
+        let empty = ShutdownFile::default();
+        let s = file.unwrap_or(&empty);
+        // Zero is allowed for both: no delay, or no grace, is a legitimate choice (and what
+        // tests want).
+        ShutdownSettings {
+            drain_delay: self
+                .duration("shutdown.drain_delay", s.drain_delay.as_ref(), false)
+                .unwrap_or(defaults::DRAIN_DELAY),
+            drain_timeout: self
+                .duration("shutdown.drain_timeout", s.drain_timeout.as_ref(), false)
+                .unwrap_or(defaults::DRAIN_TIMEOUT),
+        }
+    }
+
+    /// Parses one policy block (`defaults` or a route's own fields), checking each field on
+    /// its own; unset and invalid fields are `None`.
+    fn policy_part(&mut self, base: &str, p: &PolicyFile) -> PolicyPart {
+        let mut part = PolicyPart {
+            timeout: self.duration(&format!("{base}.timeout"), p.timeout.as_ref(), true),
+            retry_after: self.duration(&format!("{base}.retry_after"), p.retry_after.as_ref(), true),
+            ..PolicyPart::default()
+        };
+        if let Some(c) = &p.concurrency {
+            self.concurrency_part(&format!("{base}.concurrency"), c, &mut part);
+        }
+        if let Some(b) = &p.circuit_breaker {
+            let base = format!("{base}.circuit_breaker");
+            part.breaker_enabled = b.enabled;
+            part.window = self.duration(&format!("{base}.window"), b.window.as_ref(), true);
+            part.open_for = self.duration(&format!("{base}.open_for"), b.open_for.as_ref(), true);
+            part.min_requests = self.at_least_one(&format!("{base}.min_requests"), b.min_requests);
+            part.half_open_requests = self.at_least_one(&format!("{base}.half_open_requests"), b.half_open_requests);
+            part.failure_ratio = b.failure_ratio.filter(|&r| {
+                let ok = r > 0.0 && r <= 1.0;
+                if !ok {
+                    self.error(&format!("{base}.failure_ratio"), format!("failure_ratio {r} must be greater than 0 and at most 1"));
+                }
+                ok
+            });
+            if let Some(codes) = &b.failure_codes {
+                let mut valid = true;
+                for (j, code) in codes.iter().enumerate() {
+                    if !(100..=599).contains(code) {
+                        self.error(&format!("{base}.failure_codes[{j}]"), format!("{code} is not an HTTP status code (100-599)"));
+                        valid = false;
+                    }
+                }
+                part.failure_codes = valid.then(|| codes.clone());
+            }
+        }
+        if let Some(m) = &p.maintenance {
+            part.maintenance_enabled = m.enabled;
+            part.maintenance_retry_after =
+                self.duration(&format!("{base}.maintenance.retry_after"), m.retry_after.as_ref(), true);
+        }
+        if let Some(r) = &p.retries {
+            let base = format!("{base}.retries");
+            part.attempts = r.attempts;
+            // Zero backoff is allowed: retry at once, e.g. after a refused connection.
+            part.backoff = self.duration(&format!("{base}.backoff"), r.backoff.as_ref(), false);
+            part.budget = r.budget.filter(|&b| {
+                let ok = (0.0..=1.0).contains(&b);
+                if !ok {
+                    self.error(&format!("{base}.budget"), format!("budget {b} must be between 0 and 1"));
+                }
+                ok
+            });
+        }
+        part
+    }
+
+    fn concurrency_part(&mut self, base: &str, c: &ConcurrencyFile, part: &mut PolicyPart) {
+        if c.max.is_some() && c.adaptive.is_some() {
+            self.error(&format!("{base}.adaptive"), "`max` and `adaptive` cannot both be set: give a fixed `max` or `adaptive: { min, max }`");
+        }
+        let max = self.at_least_one(&format!("{base}.max"), c.max);
+        part.limit = match &c.adaptive {
+            Some(a) => Some(LimitPart::Adaptive {
+                min: self.at_least_one(&format!("{base}.adaptive.min"), a.min),
+                max: self.at_least_one(&format!("{base}.adaptive.max"), a.max),
+            }),
+            None => max.map(LimitPart::Fixed),
+        };
+        part.queue = c.queue;
+        part.queue_timeout = self.duration(&format!("{base}.queue_timeout"), c.queue_timeout.as_ref(), true);
+    }
+
+    fn at_least_one(&mut self, path: &str, value: Option<u32>) -> Option<u32> {
+        match value {
+            Some(0) => {
+                self.error(path, "must be at least 1");
+                None
+            }
+            v => v,
+        }
+    }
+
+    /// The effective policy of `own` over `inherited` over the built-in defaults. Checks that
+    /// span fields are reported at `base` only when `own` took part in them, so an inherited
+    /// mistake is reported once, where it was written.
+    fn resolve_policy(&mut self, base: &str, own: &PolicyPart, inherited: &PolicyPart) -> PolicySettings {
+        let p = own.over(inherited);
+        let limit = match p.limit {
+            None => LimitSettings::Fixed(defaults::CONCURRENCY_MAX),
+            Some(LimitPart::Fixed(n)) => LimitSettings::Fixed(n),
+            Some(LimitPart::Adaptive { min, max }) => {
+                let min = min.unwrap_or(defaults::ADAPTIVE_MIN);
+                let max = max.unwrap_or(defaults::ADAPTIVE_MAX);
+                if min > max && matches!(own.limit, Some(LimitPart::Adaptive { .. })) {
+                    self.error(
+                        &format!("{base}.concurrency.adaptive"),
+                        format!("adaptive min ({min}) must not exceed adaptive max ({max})"),
+                    );
+                }
+                LimitSettings::Adaptive { min, max }
+            }
+        };
+        let retry_after = p.retry_after.unwrap_or(defaults::RETRY_AFTER);
+        PolicySettings {
+            timeout: p.timeout.unwrap_or(defaults::TIMEOUT),
+            retry_after,
+            concurrency: ConcurrencySettings {
+                limit,
+                queue: p.queue.unwrap_or(defaults::QUEUE),
+                queue_timeout: p.queue_timeout.unwrap_or(defaults::QUEUE_TIMEOUT),
+            },
+            circuit_breaker: BreakerSettings {
+                enabled: p.breaker_enabled.unwrap_or(defaults::BREAKER_ENABLED),
+                window: p.window.unwrap_or(defaults::BREAKER_WINDOW),
+                min_requests: p.min_requests.unwrap_or(defaults::BREAKER_MIN_REQUESTS),
+                failure_ratio: p.failure_ratio.unwrap_or(defaults::BREAKER_FAILURE_RATIO),
+                open_for: p.open_for.unwrap_or(defaults::BREAKER_OPEN_FOR),
+                half_open_requests: p.half_open_requests.unwrap_or(defaults::BREAKER_HALF_OPEN_REQUESTS),
+                failure_codes: p.failure_codes.unwrap_or_else(|| defaults::BREAKER_FAILURE_CODES.to_vec()),
+            },
+            maintenance: MaintenanceSettings {
+                enabled: p.maintenance_enabled.unwrap_or(defaults::MAINTENANCE_ENABLED),
+                // Unset: the same Retry-After as every other 503 of the route.
+                retry_after: p.maintenance_retry_after.unwrap_or(retry_after),
+            },
+            retries: RetrySettings {
+                attempts: p.attempts.unwrap_or(defaults::RETRY_ATTEMPTS),
+                backoff: p.backoff.unwrap_or(defaults::RETRY_BACKOFF),
+                budget: p.budget.unwrap_or(defaults::RETRY_BUDGET),
+            },
+        }
+    }
+}
+
+/// One policy block with every field optional, flattened: the unit of field-by-field merging.
+#[derive(Debug, Clone, Default)]
+struct PolicyPart {
+    timeout: Option<Duration>,
+    retry_after: Option<Duration>,
+    limit: Option<LimitPart>,
+    queue: Option<u32>,
+    queue_timeout: Option<Duration>,
+    breaker_enabled: Option<bool>,
+    window: Option<Duration>,
+    min_requests: Option<u32>,
+    failure_ratio: Option<f64>,
+    open_for: Option<Duration>,
+    half_open_requests: Option<u32>,
+    failure_codes: Option<Vec<u16>>,
+    maintenance_enabled: Option<bool>,
+    maintenance_retry_after: Option<Duration>,
+    attempts: Option<u32>,
+    backoff: Option<Duration>,
+    budget: Option<f64>,
+}
+
+/// The concurrency limit as one block gives it.
+#[derive(Debug, Clone, Copy)]
+enum LimitPart {
+    Fixed(u32),
+    Adaptive { min: Option<u32>, max: Option<u32> },
+}
+
+impl PolicyPart {
+    /// `self` where set, else `base`.
+    fn over(&self, base: &PolicyPart) -> PolicyPart {
+        let limit = match (self.limit, base.limit) {
+            (Some(LimitPart::Adaptive { min, max }), Some(LimitPart::Adaptive { min: bmin, max: bmax })) => {
+                Some(LimitPart::Adaptive { min: min.or(bmin), max: max.or(bmax) })
+            }
+            (own, inherited) => own.or(inherited),
+        };
+        PolicyPart {
+            timeout: self.timeout.or(base.timeout),
+            retry_after: self.retry_after.or(base.retry_after),
+            limit,
+            queue: self.queue.or(base.queue),
+            queue_timeout: self.queue_timeout.or(base.queue_timeout),
+            breaker_enabled: self.breaker_enabled.or(base.breaker_enabled),
+            window: self.window.or(base.window),
+            min_requests: self.min_requests.or(base.min_requests),
+            failure_ratio: self.failure_ratio.or(base.failure_ratio),
+            open_for: self.open_for.or(base.open_for),
+            half_open_requests: self.half_open_requests.or(base.half_open_requests),
+            failure_codes: self.failure_codes.clone().or_else(|| base.failure_codes.clone()),
+            maintenance_enabled: self.maintenance_enabled.or(base.maintenance_enabled),
+            maintenance_retry_after: self.maintenance_retry_after.or(base.maintenance_retry_after),
+            attempts: self.attempts.or(base.attempts),
+            backoff: self.backoff.or(base.backoff),
+            budget: self.budget.or(base.budget),
+        }
+    }
+}
+
+/// RFC 9110 `tchar`: what an HTTP method may be made of.
+fn is_tchar(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
+}
+
+/// `host:port` with host a DNS name, an IPv4 address or a bracketed IPv6 address.
+fn check_endpoint(value: &str) -> Result<(), String> {
+    let e = value.trim();
+    if e.contains("://") {
+        return Err(format!("endpoint `{e}` must be host:port without a scheme (TLS is set with `tls:`)"));
+    }
+    let port = if let Some(rest) = e.strip_prefix('[') {
+        let (ip, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("endpoint `{e}`: missing `]` after the IPv6 address"))?;
+        ip.parse::<Ipv6Addr>().map_err(|_| format!("endpoint `{e}`: `{ip}` is not an IPv6 address"))?;
+        after
+            .strip_prefix(':')
+            .ok_or_else(|| format!("endpoint `{e}` needs a port, e.g. [{ip}]:3000"))?
+    } else {
+        let (host, port) = e
+            .rsplit_once(':')
+            .ok_or_else(|| format!("endpoint `{e}` needs a port: expected host:port, e.g. 127.0.0.1:3000"))?;
+        if host.contains(':') {
+            return Err(format!("endpoint `{e}`: IPv6 addresses must be in brackets, e.g. [::1]:3000"));
+        }
+        if host.parse::<Ipv4Addr>().is_err() {
+            check_dns_name(host, true).map_err(|why| format!("endpoint `{e}`: {why}"))?;
+        }
+        port
+    };
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("endpoint `{e}`: port must be a number from 1 to 65535")),
+    }
+}
+
+/// A DNS name: dot-separated labels of letters, digits, `-` and `_` (container runtimes allow
+/// `_` in service names), 1-63 characters each, 253 in all. A last label of only digits is
+/// refused, as such a name is a mistyped IPv4 address, never a host.
+fn check_dns_name(name: &str, allow_trailing_dot: bool) -> Result<(), String> {
+    let bare = match name.strip_suffix('.') {
+        Some(bare) if allow_trailing_dot => bare,
+        _ => name,
+    };
+    if bare.is_empty() || bare.len() > 253 {
+        return Err(format!("`{name}` is not a valid host name"));
+    }
+    for label in bare.split('.') {
+        let ok = (1..=63).contains(&label.len())
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!("`{name}` is not a valid host name"));
+        }
+    }
+    if bare.rsplit('.').next().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
+        return Err(format!("`{name}` is not a valid IPv4 address"));
+    }
+    Ok(())
+}
+
+/// `shop.example.com`, `*.example.com` or an IP address, lower-cased; no port.
+fn parse_host_match(value: &str) -> Result<HostMatch, String> {
+    let host = value.trim().to_ascii_lowercase();
+    if let Some(suffix) = host.strip_prefix("*.") {
+        check_dns_name(suffix, false).map_err(|_| format!("`{value}`: `*.` must be followed by a DNS name"))?;
+        return Ok(HostMatch::Suffix(format!(".{suffix}")));
+    }
+    if host.contains('*') {
+        return Err(format!("`{value}`: a wildcard is only allowed as a leading `*.`, e.g. *.example.com"));
+    }
+    if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return match inner.parse::<Ipv6Addr>() {
+            Ok(_) => Ok(HostMatch::Exact(host)),
+            Err(_) => Err(format!("`{value}` is not a bracketed IPv6 address")),
+        };
+    }
+    if host.contains(':') {
+        return Err(format!("host `{value}` must not include a port"));
+    }
+    if host.parse::<Ipv4Addr>().is_err() {
+        check_dns_name(&host, false)?;
+    }
+    Ok(HostMatch::Exact(host))
+}
+
+/// Things that are allowed but probably wrong.
+fn warnings(settings: &Settings) -> Vec<String> {
+    let mut out = Vec::new();
+    for (j, later) in settings.routes.iter().enumerate() {
+        if let Some((i, earlier)) =
+            settings.routes[..j].iter().enumerate().find(|(_, e)| covers(&e.matcher, &later.matcher))
+        {
+            out.push(format!(
+                "routes[{j}] ({}) is shadowed by routes[{i}] ({}): it can never match",
+                later.name, earlier.name
+            ));
+        }
+    }
+    for name in settings.upstreams.keys() {
+        if !settings.routes.iter().any(|r| &r.upstream == name) {
+            out.push(format!("upstream `{name}` is not used by any route"));
+        }
+    }
+    out
+}
+
+/// Whether every request `b` matches is also matched by `a`.
+fn covers(a: &MatchSettings, b: &MatchSettings) -> bool {
+    path_covers(&a.path_prefix, &b.path_prefix)
+        && host_covers(a.host.as_ref(), b.host.as_ref())
+        && (a.methods.is_empty() || (!b.methods.is_empty() && b.methods.iter().all(|m| a.methods.contains(m))))
+}
+
+/// Segment-prefix: `/api` covers `/api` and `/api/v2`, not `/apix`.
+fn path_covers(a: &str, b: &str) -> bool {
+    match b.strip_prefix(a) {
+        Some(rest) => rest.is_empty() || a.ends_with('/') || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn host_covers(a: Option<&HostMatch>, b: Option<&HostMatch>) -> bool {
+    match (a, b) {
+        (None, _) => true,
+        (Some(_), None) => false,
+        (Some(HostMatch::Exact(a)), Some(HostMatch::Exact(b))) => a == b,
+        (Some(HostMatch::Exact(_)), Some(HostMatch::Suffix(_))) => false,
+        (Some(HostMatch::Suffix(s)), Some(HostMatch::Exact(h))) => h.len() > s.len() && h.ends_with(s.as_str()),
+        (Some(HostMatch::Suffix(s)), Some(HostMatch::Suffix(t))) => t.ends_with(s.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

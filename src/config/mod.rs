@@ -3,16 +3,19 @@
 //! line and column it stands on.
 
 mod build;
+pub mod defaults;
 mod env;
 pub mod file;
 mod locate;
 pub mod settings;
+mod summary;
 mod yaml;
 
 use std::fmt;
 use std::path::Path;
 
 pub use settings::*;
+pub use summary::summary;
 
 /// One problem found in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]

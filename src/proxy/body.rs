@@ -19,22 +19,18 @@ use std::sync::Arc;
 /// Errors a body can end with, boxed for hyper.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-pin_project! {
-    /// A request body on its way to the upstream. `Empty` can be rebuilt at will, which is what
-    /// lets bodyless idempotent requests be sent again.
-    #[project = RequestBodyProj]
-    #[derive(Debug, Default)]
-    pub enum RequestBody {
-        /// No body at all.
-        #[default]
-        Empty,
-        /// The client's streaming body.
-        Stream {
-            /// The downstream body.
-            #[pin]
-            inner: Incoming,
-        },
-    }
+/// A request body on its way to the upstream. `Empty` can be rebuilt at will, which is what
+/// lets bodyless idempotent requests be sent again.
+#[derive(Debug, Default)]
+pub enum RequestBody {
+    /// No body at all.
+    #[default]
+    Empty,
+    /// The client's streaming body.
+    Stream {
+        /// The downstream body.
+        inner: Incoming,
+    },
 }
 
 impl RequestBody {
@@ -53,9 +49,9 @@ impl Body for RequestBody {
     type Error = hyper::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.project() {
-            RequestBodyProj::Empty => Poll::Ready(None),
-            RequestBodyProj::Stream { inner } => inner.poll_frame(cx),
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Stream { inner } => Pin::new(inner).poll_frame(cx),
         }
     }
 

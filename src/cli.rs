@@ -1,0 +1,187 @@
+//! The command line: `run`, `check`, `demo`, `--version`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::{self, Loaded};
+use crate::metrics::Metrics;
+use crate::server::Server;
+
+/// Exit code for a config that does not validate.
+const EXIT_BAD_CONFIG: u8 = 2;
+/// Exit code when spillway could not start (e.g. an address already in use).
+const EXIT_START_FAILED: u8 = 1;
+/// Where `run` and `check` look when neither `--config` nor `$SPILLWAY_CONFIG` is given.
+const DEFAULT_CONFIG: &str = "config/spillway.yaml";
+/// The config `demo` uses; embedded too, so the demo also runs outside the source tree.
+const DEMO_CONFIG: &str = "config/demo.yaml";
+const DEMO_CONFIG_EMBEDDED: &str = include_str!("../config/demo.yaml");
+
+/// spillway: a reverse-proxy sidecar that observes and sheds load.
+#[derive(Debug, Parser)]
+#[command(name = "spillway", version, about)]
+pub struct Cli {
+    /// Log format on stderr (filter with RUST_LOG, e.g. `info,spillway::access=off`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve traffic.
+    Run {
+        /// Config file.
+        #[arg(long, env = "SPILLWAY_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file and print a summary (exit 2 with every error if it is invalid).
+    Check {
+        /// Config file.
+        #[arg(long, env = "SPILLWAY_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Run a built-in sample app with spillway in front of it, to try things out.
+    Demo,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let _log_guard = init_logging(cli.log_format);
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Run { config } => match load(&config) {
+            Ok(loaded) => block_on(run(loaded, None)),
+            Err(code) => code,
+        },
+        Command::Demo => block_on(crate::demo::run(DEMO_CONFIG, DEMO_CONFIG_EMBEDDED)),
+    }
+}
+
+fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
+    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("spillway: cannot start the async runtime: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    // Logging must never stall the request path: lines go through a background writer.
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.with_ansi(false).init(),
+    }
+    guard
+}
+
+/// Loads a config, printing every error on failure.
+fn load(path: &Path) -> Result<Loaded, ExitCode> {
+    match config::load_file(path) {
+        Ok(loaded) => {
+            for w in &loaded.warnings {
+                tracing::warn!("{}: {w}", path.display());
+            }
+            Ok(loaded)
+        }
+        Err(errors) => {
+            eprintln!("{}: invalid config:", path.display());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            Err(ExitCode::from(EXIT_BAD_CONFIG))
+        }
+    }
+}
+
+fn check(path: &Path) -> ExitCode {
+    match config::load_file(path) {
+        Ok(loaded) => {
+            print!("{}", config::summary(&loaded));
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{}: {} error(s):", path.display(), errors.0.len());
+            for e in &errors.0 {
+                eprintln!("  {e}");
+            }
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once.
+/// `started` is told the bound addresses (used by `demo`).
+pub async fn run(loaded: Loaded, started: Option<tokio::sync::oneshot::Sender<Addrs>>) -> ExitCode {
+    let server = match Server::start(&loaded, Metrics::new()).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    if let Some(tx) = started {
+        let _ = tx.send(Addrs { listeners: server.listen_addrs.clone(), admin: server.admin_addr });
+    }
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, "shutting down");
+    let report = tokio::select! {
+        r = server.shutdown() => r,
+        s = wait_for_signal() => {
+            tracing::warn!(signal = s, "second signal: exiting at once");
+            return ExitCode::SUCCESS;
+        }
+    };
+    tracing::info!(cut = report.cut_connections, "stopped");
+    ExitCode::SUCCESS
+}
+
+/// Where a started server listens.
+#[derive(Debug, Clone)]
+pub struct Addrs {
+    /// Proxy listener addresses.
+    pub listeners: Vec<std::net::SocketAddr>,
+    /// Admin address.
+    pub admin: Option<std::net::SocketAddr>,
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process can only be killed; keep serving.
+        std::future::pending::<()>().await;
+        unreachable!()
+    };
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "ctrl-c"
+}

@@ -1,0 +1,653 @@
+//! Tests of loading and validation, on the example config of the documentation.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::*;
+
+const EXAMPLE: &str = r#"server_id: spillway-1
+listeners:
+  - name: http
+    address: 127.0.0.1:8080
+admin:
+  address: 127.0.0.1:9901
+defaults:
+  timeout: 30s
+  retry_after: 5s
+  concurrency: { max: 1000, queue: 0 }
+  circuit_breaker: { enabled: false }
+  maintenance: { enabled: false }
+  retries: { attempts: 0 }
+upstreams:
+  app:
+    endpoints: ["127.0.0.1:3000"]
+    connect_timeout: 1s
+    idle_timeout: 4s
+routes:
+  - name: checkout
+    match: { path_prefix: /checkout, host: shop.example.com, methods: [GET, POST] }
+    upstream: app
+    timeout: 2s
+    concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms }
+    circuit_breaker: { enabled: true, window: 10s, min_requests: 20, failure_ratio: 0.5, open_for: 10s, half_open_requests: 3, failure_codes: [502, 503, 504] }
+    maintenance: { enabled: false, retry_after: 10m }
+    retries: { attempts: 2, backoff: 25ms, budget: 0.2 }
+  - name: default
+    match: { path_prefix: / }
+    upstream: app
+"#;
+
+fn load(text: &str) -> Result<Loaded, ConfigErrors> {
+    load_str_with_env(text, |_| None)
+}
+
+fn ok(text: &str) -> Loaded {
+    load(text).unwrap_or_else(|e| panic!("expected a valid config, got:\n{e}"))
+}
+
+/// `(path, line, column, message)` of every error.
+fn errors(text: &str) -> Vec<(String, Option<usize>, Option<usize>, String)> {
+    match load(text) {
+        Ok(_) => panic!("expected errors"),
+        Err(ConfigErrors(errs)) => errs.into_iter().map(|e| (e.path, e.line, e.column, e.message)).collect(),
+    }
+}
+
+/// The example with one exact piece of text replaced (which must be present).
+fn edit(from: &str, to: &str) -> String {
+    assert!(EXAMPLE.contains(from), "{from:?} not in the example");
+    EXAMPLE.replacen(from, to, 1)
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn ms(m: u64) -> Duration {
+    Duration::from_millis(m)
+}
+
+/// A minimal valid config to build small cases on.
+const MINIMAL: &str = "\
+listeners: [{ address: 127.0.0.1:0 }]
+upstreams: { app: { endpoints: [\"127.0.0.1:3000\"] } }
+routes:
+  - { name: r, upstream: app }
+";
+
+#[test]
+fn example_config_gives_exact_settings() {
+    let loaded = ok(EXAMPLE);
+    let expected = Settings {
+        server_id: "spillway-1".into(),
+        listeners: vec![ListenerSettings {
+            name: "http".into(),
+            address: "127.0.0.1:8080".parse().unwrap(),
+            tls: None,
+        }],
+        admin: Some("127.0.0.1:9901".parse().unwrap()),
+        upstreams: BTreeMap::from([(
+            "app".to_owned(),
+            UpstreamSettings {
+                endpoints: vec!["127.0.0.1:3000".into()],
+                connect_timeout: secs(1),
+                idle_timeout: secs(4),
+                protocol: UpstreamProtocol::Http1,
+                tls: None,
+            },
+        )]),
+        routes: vec![
+            RouteSettings {
+                name: "checkout".into(),
+                matcher: MatchSettings {
+                    path_prefix: "/checkout".into(),
+                    host: Some(HostMatch::Exact("shop.example.com".into())),
+                    methods: vec!["GET".into(), "POST".into()],
+                },
+                upstream: "app".into(),
+                policy: PolicySettings {
+                    timeout: secs(2),
+                    retry_after: secs(5),
+                    concurrency: ConcurrencySettings {
+                        limit: LimitSettings::Adaptive { min: 4, max: 256 },
+                        queue: 64,
+                        queue_timeout: ms(100),
+                    },
+                    circuit_breaker: BreakerSettings {
+                        enabled: true,
+                        window: secs(10),
+                        min_requests: 20,
+                        failure_ratio: 0.5,
+                        open_for: secs(10),
+                        half_open_requests: 3,
+                        failure_codes: vec![502, 503, 504],
+                    },
+                    maintenance: MaintenanceSettings { enabled: false, retry_after: secs(600) },
+                    retries: RetrySettings { attempts: 2, backoff: ms(25), budget: 0.2 },
+                },
+            },
+            RouteSettings {
+                name: "default".into(),
+                matcher: MatchSettings { path_prefix: "/".into(), host: None, methods: vec![] },
+                upstream: "app".into(),
+                policy: PolicySettings {
+                    timeout: secs(30),
+                    retry_after: secs(5),
+                    concurrency: ConcurrencySettings {
+                        limit: LimitSettings::Fixed(1000),
+                        queue: 0,
+                        queue_timeout: ms(100),
+                    },
+                    circuit_breaker: BreakerSettings {
+                        enabled: false,
+                        window: secs(10),
+                        min_requests: 20,
+                        failure_ratio: 0.5,
+                        open_for: secs(10),
+                        half_open_requests: 3,
+                        failure_codes: vec![502, 503, 504],
+                    },
+                    maintenance: MaintenanceSettings { enabled: false, retry_after: secs(5) },
+                    retries: RetrySettings { attempts: 0, backoff: ms(25), budget: 0.2 },
+                },
+            },
+        ],
+        shutdown: ShutdownSettings { drain_delay: secs(5), drain_timeout: secs(30) },
+    };
+    assert_eq!(loaded.settings, expected);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    assert_eq!(loaded.version.len(), 12);
+    assert!(loaded.version.chars().all(|c| c.is_ascii_hexdigit()));
+    // The built-in defaults are what the example spells out for the `default` route.
+    assert_eq!(loaded.settings.routes[1].policy, defaults::policy());
+}
+
+#[test]
+fn version_follows_the_expanded_text() {
+    let a = ok(MINIMAL).version;
+    assert_eq!(a, ok(MINIMAL).version);
+    assert_ne!(a, ok(&format!("{MINIMAL}# changed\n")).version);
+    let templated = MINIMAL.replace("127.0.0.1:3000", "${UP}");
+    let with = |v: &'static str| load_str_with_env(&templated, move |_| Some(v.into())).unwrap().version;
+    assert_eq!(with("127.0.0.1:3000"), a);
+    assert_ne!(with("127.0.0.1:3001"), a);
+}
+
+#[test]
+fn omitted_sections_take_the_documented_defaults() {
+    let s = ok(MINIMAL).settings;
+    assert_eq!(s.server_id, "spillway");
+    assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
+    assert_eq!(s.listeners[0].name, "http");
+    assert_eq!(s.shutdown, ShutdownSettings { drain_delay: secs(5), drain_timeout: secs(30) });
+    assert_eq!(s.routes[0].matcher.path_prefix, "/");
+    assert_eq!(s.routes[0].policy, defaults::policy());
+    let u = &s.upstreams["app"];
+    assert_eq!((u.connect_timeout, u.idle_timeout, u.protocol), (secs(1), secs(4), UpstreamProtocol::Http1));
+}
+
+#[test]
+fn unknown_key_is_reported_with_its_path_and_line() {
+    let text = edit("match: { path_prefix: /checkout,", "match: { path_prefix: /checkout, colour: red,");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let (path, line, column, message) = &errs[0];
+    assert_eq!(path, "routes[0].match");
+    assert_eq!((*line, *column), (Some(21), Some(39)));
+    assert!(message.starts_with("unknown field `colour`, expected one of `path_prefix`"), "{message}");
+}
+
+#[test]
+fn unknown_upstream_lists_the_known_ones() {
+    let text = edit("    upstream: app\n    timeout: 2s", "    upstream: ap\n    timeout: 2s");
+    assert_eq!(
+        errors(&text),
+        [(
+            "routes[0].upstream".to_owned(),
+            Some(22),
+            Some(15),
+            "unknown upstream `ap`; defined upstreams: app".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn bad_duration_is_reported_at_its_value() {
+    let text = edit("queue_timeout: 100ms", "queue_timeout: 100 parsecs");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    let (path, line, column, message) = &errs[0];
+    assert_eq!(path, "routes[0].concurrency.queue_timeout");
+    assert_eq!((*line, *column), (Some(24), Some(76)));
+    assert!(message.starts_with("invalid duration `100 parsecs`"), "{message}");
+    assert!(message.ends_with("write e.g. 250ms, 5s or 1m"), "{message}");
+
+    let text = edit("  timeout: 30s", "  timeout: 0s");
+    assert_eq!(
+        errors(&text),
+        [("defaults.timeout".to_owned(), Some(8), Some(12), "must be greater than zero".to_owned())]
+    );
+}
+
+#[test]
+fn bad_address_is_reported_at_its_value() {
+    let text = edit("address: 127.0.0.1:8080", "address: localhost:8080");
+    assert_eq!(
+        errors(&text),
+        [(
+            "listeners[0].address".to_owned(),
+            Some(4),
+            Some(14),
+            "invalid address `localhost:8080`: expected ip:port, e.g. 127.0.0.1:8080 or [::]:8080".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn every_semantic_error_is_reported_in_file_order() {
+    let text = EXAMPLE
+        .replace("server_id: spillway-1", "server_id: spillway 1")
+        .replace("address: 127.0.0.1:9901", "address: 127.0.0.1:99999")
+        .replace("retry_after: 5s", "retry_after: soon")
+        .replace("\"127.0.0.1:3000\"", "\"127.0.0.1:0\"")
+        .replace("failure_ratio: 0.5", "failure_ratio: 1.5")
+        .replace("failure_codes: [502, 503, 504]", "failure_codes: [502, 703]")
+        .replace("retry_after: 10m", "retry_after: 0s")
+        .replace("budget: 0.2", "budget: 2")
+        .replace("  - name: default\n", "  - name: checkout\n")
+        .replace("path_prefix: / }", "path_prefix: x }");
+    let got: Vec<(String, Option<usize>)> = errors(&text).into_iter().map(|e| (e.0, e.1)).collect();
+    let expected: Vec<(String, Option<usize>)> = [
+        ("server_id", 1),
+        ("admin.address", 6),
+        ("defaults.retry_after", 9),
+        ("upstreams.app.endpoints[0]", 16),
+        ("routes[0].circuit_breaker.failure_ratio", 25),
+        ("routes[0].circuit_breaker.failure_codes[1]", 25),
+        ("routes[0].maintenance.retry_after", 26),
+        ("routes[0].retries.budget", 27),
+        ("routes[1].name", 28),
+        ("routes[1].match.path_prefix", 29),
+    ]
+    .into_iter()
+    .map(|(p, l)| (p.to_owned(), Some(l)))
+    .collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn missing_required_fields_point_at_their_parent() {
+    let text = "\
+listeners:
+  - name: a
+    address: 127.0.0.1:0
+  - address: 127.0.0.1:0
+upstreams:
+  app:
+    endpoints: []
+    protocol: http3
+routes:
+  - match: { path_prefix: /x }
+";
+    let got: Vec<_> = errors(text).into_iter().map(|e| (e.0, e.1, e.3)).collect();
+    let expected = [
+        ("listeners[1].name", 4, "name is required when there are several listeners"),
+        ("upstreams.app.endpoints", 7, "at least one endpoint (host:port) is required"),
+        ("upstreams.app.protocol", 8, "unknown protocol `http3`: expected http1 or http2"),
+        ("routes[0].name", 10, "name is required (it labels the route's metrics)"),
+        ("routes[0].upstream", 10, "upstream is required"),
+    ];
+    let expected: Vec<_> = expected.iter().map(|(p, l, m)| (p.to_string(), Some(*l), m.to_string())).collect();
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn empty_sections_are_errors_without_a_line_when_absent() {
+    let got: Vec<_> = errors("server_id: x\n").into_iter().map(|e| (e.0, e.1, e.3)).collect();
+    assert_eq!(
+        got,
+        [
+            ("listeners".to_owned(), None, "at least one listener is required".to_owned()),
+            ("routes".to_owned(), None, "at least one route is required".to_owned()),
+        ]
+    );
+    let got: Vec<_> = errors("listeners: []\nroutes: []\n").into_iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(got, [("listeners".to_owned(), Some(1)), ("routes".to_owned(), Some(2))]);
+}
+
+#[test]
+fn empty_file_is_an_error() {
+    assert_eq!(errors("# nothing yet\n"), [(String::new(), None, None, "config is empty".to_owned())]);
+}
+
+#[test]
+fn structural_errors_are_the_one_error_returned() {
+    // Valid semantically otherwise broken things are not reported alongside a type error.
+    let text = edit("queue: 64", "queue: lots").replace("upstream: app\n    timeout", "upstream: nope\n    timeout");
+    let errs = errors(&text);
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(errs[0].0, "routes[0].concurrency.queue");
+    assert_eq!(errs[0].1, Some(24));
+}
+
+#[test]
+fn unset_environment_variables_are_all_reported() {
+    let text = edit("server_id: spillway-1", "server_id: ${POD_NAME}").replace("127.0.0.1:8080", "${LISTEN}");
+    assert_eq!(
+        errors(&text),
+        [
+            (
+                String::new(),
+                Some(1),
+                Some(12),
+                "environment variable POD_NAME is not set (use ${POD_NAME:-default})".to_owned()
+            ),
+            (
+                String::new(),
+                Some(4),
+                Some(14),
+                "environment variable LISTEN is not set (use ${LISTEN:-default})".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn error_columns_refer_to_the_file_as_written() {
+    // The expanded `${HOST}` is longer than the reference; the bad prefix after it must still
+    // be reported where it stands in the file.
+    let text = MINIMAL.replace(
+        "  - { name: r, upstream: app }",
+        "  - { name: r, upstream: app, match: { host: \"${HOST}\", path_prefix: nope } }",
+    );
+    let errs = load_str_with_env(&text, |_| Some("a-rather-long-host-name.example.com".into())).unwrap_err();
+    assert_eq!(errs.0.len(), 1, "{errs}");
+    assert_eq!(errs.0[0].path, "routes[0].match.path_prefix");
+    assert_eq!((errs.0[0].line, errs.0[0].column), (Some(4), Some(66)));
+}
+
+#[test]
+fn route_policy_overrides_defaults_field_by_field() {
+    let text = "\
+listeners: [{ address: 127.0.0.1:0 }]
+defaults:
+  timeout: 10s
+  retry_after: 7s
+  concurrency: { max: 50, queue: 10, queue_timeout: 1s }
+  circuit_breaker: { enabled: true, window: 30s, failure_codes: [503] }
+  retries: { attempts: 1, budget: 0.1 }
+upstreams: { app: { endpoints: [\"app:3000\"] } }
+routes:
+  - name: a
+    upstream: app
+    concurrency: { queue: 5 }
+    circuit_breaker: { min_requests: 5 }
+    retries: { backoff: 50ms }
+    maintenance: { enabled: true }
+  - name: b
+    match: { path_prefix: /b }
+    upstream: app
+    retry_after: 1s
+    concurrency: { adaptive: { max: 20 } }
+";
+    let s = ok(text).settings;
+    let a = &s.routes[0].policy;
+    assert_eq!(a.timeout, secs(10));
+    assert_eq!(a.retry_after, secs(7));
+    assert_eq!(
+        a.concurrency,
+        ConcurrencySettings { limit: LimitSettings::Fixed(50), queue: 5, queue_timeout: secs(1) }
+    );
+    assert_eq!(
+        a.circuit_breaker,
+        BreakerSettings {
+            enabled: true,
+            window: secs(30),
+            min_requests: 5,
+            failure_ratio: 0.5,
+            open_for: secs(10),
+            half_open_requests: 3,
+            failure_codes: vec![503],
+        }
+    );
+    assert_eq!(a.retries, RetrySettings { attempts: 1, backoff: ms(50), budget: 0.1 });
+    // Maintenance inherits the effective Retry-After when it sets none.
+    assert_eq!(a.maintenance, MaintenanceSettings { enabled: true, retry_after: secs(7) });
+
+    let b = &s.routes[1].policy;
+    // A route's `adaptive` replaces the defaults' `max`; its missing min is the built-in one.
+    assert_eq!(
+        b.concurrency,
+        ConcurrencySettings { limit: LimitSettings::Adaptive { min: 1, max: 20 }, queue: 10, queue_timeout: secs(1) }
+    );
+    assert_eq!(b.maintenance, MaintenanceSettings { enabled: false, retry_after: secs(1) });
+}
+
+#[test]
+fn adaptive_blocks_merge_and_a_route_max_replaces_inherited_adaptive() {
+    let text = MINIMAL.to_owned()
+        + "defaults: { concurrency: { adaptive: { min: 8, max: 64 } } }\n"
+        + "  - { name: s, upstream: app, match: { path_prefix: /s }, concurrency: { adaptive: { max: 32 } } }\n"
+        + "  - { name: t, upstream: app, match: { path_prefix: /t }, concurrency: { max: 5 } }\n";
+    // The appended routes belong to `routes`, which must be the last key: move defaults up.
+    let text = text.replacen("defaults: { concurrency: { adaptive: { min: 8, max: 64 } } }\n", "", 1);
+    let text = format!("defaults: {{ concurrency: {{ adaptive: {{ min: 8, max: 64 }} }} }}\n{text}");
+    let s = ok(&text).settings;
+    let limits: Vec<_> = s.routes.iter().map(|r| r.policy.concurrency.limit).collect();
+    assert_eq!(
+        limits,
+        [
+            LimitSettings::Adaptive { min: 8, max: 64 },
+            LimitSettings::Adaptive { min: 8, max: 32 },
+            LimitSettings::Fixed(5),
+        ]
+    );
+}
+
+#[test]
+fn max_and_adaptive_in_one_block_is_an_error_and_bounds_are_checked() {
+    let text = edit("concurrency: { max: 1000, queue: 0 }", "concurrency: { max: 1000, adaptive: { min: 1, max: 9 } }")
+        .replace("adaptive: { min: 4, max: 256 }", "adaptive: { min: 300, max: 256 }")
+        .replace("  - name: default\n", "  - name: default\n    concurrency: { max: 0 }\n");
+    let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.1, e.3)).collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "defaults.concurrency.adaptive".to_owned(),
+                Some(10),
+                "`max` and `adaptive` cannot both be set: give a fixed `max` or `adaptive: { min, max }`"
+                    .to_owned()
+            ),
+            (
+                "routes[0].concurrency.adaptive".to_owned(),
+                Some(24),
+                "adaptive min (300) must not exceed adaptive max (256)".to_owned()
+            ),
+            ("routes[1].concurrency.max".to_owned(), Some(29), "must be at least 1".to_owned()),
+        ]
+    );
+}
+
+#[test]
+fn a_mistake_in_defaults_is_reported_once() {
+    let text = "defaults: { concurrency: { adaptive: { min: 9, max: 3 } }, retries: { budget: -1 } }\n".to_owned()
+        + MINIMAL
+        + "  - { name: s, upstream: app, match: { path_prefix: /s } }\n";
+    let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.1)).collect();
+    assert_eq!(
+        got,
+        [
+            ("defaults.concurrency.adaptive".to_owned(), Some(1)),
+            ("defaults.retries.budget".to_owned(), Some(1)),
+        ]
+    );
+}
+
+#[test]
+fn shadowed_routes_and_unused_upstreams_are_warnings() {
+    let text = "\
+listeners: [{ address: 127.0.0.1:0 }]
+upstreams:
+  app: { endpoints: [\"127.0.0.1:3000\"] }
+  v2: { endpoints: [\"127.0.0.1:3001\"] }
+  spare: { endpoints: [\"127.0.0.1:3002\"] }
+routes:
+  - { name: health, upstream: app, match: { path_prefix: /healthz, methods: [GET] } }
+  - { name: api, upstream: app, match: { path_prefix: /api, host: \"*.example.com\" } }
+  - { name: api-v2, upstream: v2, match: { path_prefix: /api/v2, host: shop.example.com, methods: [GET] } }
+  - { name: apix, upstream: app, match: { path_prefix: /apix, host: shop.example.com } }
+  - { name: health-post, upstream: app, match: { path_prefix: /healthz, methods: [POST] } }
+  - { name: all, upstream: app }
+  - { name: late, upstream: app, match: { path_prefix: /late } }
+";
+    assert_eq!(
+        ok(text).warnings,
+        [
+            "routes[2] (api-v2) is shadowed by routes[1] (api): it can never match",
+            "routes[6] (late) is shadowed by routes[5] (all): it can never match",
+            "upstream `spare` is not used by any route",
+        ]
+    );
+}
+
+#[test]
+fn duplicate_upstream_keys_are_errors() {
+    let text = MINIMAL.replace(
+        "upstreams: { app: { endpoints: [\"127.0.0.1:3000\"] } }",
+        "upstreams:\n  app: { endpoints: [\"127.0.0.1:3000\"] }\n  app: { endpoints: [\"127.0.0.1:4000\"] }",
+    );
+    assert_eq!(
+        errors(&text),
+        [("upstreams.app".to_owned(), Some(4), Some(3), "duplicate key `app` (first given on line 3)".to_owned())]
+    );
+}
+
+#[test]
+fn listener_names_tls_and_addresses() {
+    let text = "\
+listeners:
+  - { name: web, address: 127.0.0.1:8080 }
+  - { name: web, address: 127.0.0.1:8080 }
+  - { name: \"we b\", address: \"[::1]:0\", tls: { cert_file: c.pem } }
+  - { name: t, address: 0.0.0.0:0, tls: { cert_file: c.pem, key_file: k.pem, alpn: [h3] } }
+admin: { address: 127.0.0.1:8080 }
+upstreams: { app: { endpoints: [\"127.0.0.1:3000\"] } }
+routes: [{ name: r, upstream: app }]
+";
+    let got: Vec<_> = errors(text).into_iter().map(|e| (e.0, e.1, e.3)).collect();
+    let expected = [
+        ("listeners[2].name", 3, "duplicate listener name `web` (also listeners[0])"),
+        ("listeners[2].address", 3, "address 127.0.0.1:8080 is already used by listeners[0]"),
+        ("listeners[3].name", 4, "name `we b` may only contain letters, digits, `_`, `.` and `-`"),
+        ("listeners[3].tls.key_file", 4, "key_file is required with cert_file"),
+        ("listeners[4].tls.alpn[0]", 5, "unsupported ALPN protocol `h3`: expected h2 or http/1.1"),
+        ("admin.address", 6, "address 127.0.0.1:8080 is already used by listeners[0]"),
+    ];
+    let expected: Vec<_> = expected.iter().map(|(p, l, m)| (p.to_string(), Some(*l), m.to_string())).collect();
+    assert_eq!(got, expected);
+
+    let tls = "listeners: [{ address: 127.0.0.1:0, tls: { cert_file: c.pem, key_file: k.pem } }]\n";
+    let s = ok(&MINIMAL.replace("listeners: [{ address: 127.0.0.1:0 }]\n", tls)).settings;
+    assert_eq!(
+        s.listeners[0].tls,
+        Some(ListenerTlsSettings {
+            cert_file: "c.pem".into(),
+            key_file: "k.pem".into(),
+            alpn: vec!["h2".into(), "http/1.1".into()],
+        })
+    );
+}
+
+#[test]
+fn match_rules_are_normalised_and_checked() {
+    let route = |m: &str| MINIMAL.replace("{ name: r, upstream: app }", &format!("{{ name: r, upstream: app, match: {m} }}"));
+    let matcher = |m: &str| ok(&route(m)).settings.routes[0].matcher.clone();
+    assert_eq!(
+        matcher("{ host: Shop.Example.COM, methods: [get, Post, GET] }"),
+        MatchSettings {
+            path_prefix: "/".into(),
+            host: Some(HostMatch::Exact("shop.example.com".into())),
+            methods: vec!["GET".into(), "POST".into()],
+        }
+    );
+    assert_eq!(matcher("{ host: \"*.Example.com\" }").host, Some(HostMatch::Suffix(".example.com".into())));
+    assert_eq!(matcher("{ host: \"10.0.0.1\" }").host, Some(HostMatch::Exact("10.0.0.1".into())));
+
+    for (m, path, message) in [
+        ("{ host: \"shop.example.com:8080\" }", "host", "host `shop.example.com:8080` must not include a port"),
+        ("{ host: \"a.*.com\" }", "host", "`a.*.com`: a wildcard is only allowed as a leading `*.`, e.g. *.example.com"),
+        ("{ methods: [\"GE T\"] }", "methods[0]", "`GE T` is not an HTTP method"),
+        ("{ path_prefix: \"/a?b\" }", "path_prefix", "path_prefix `/a?b` must be a plain path, without spaces, `?` or `#`"),
+    ] {
+        let errs = errors(&route(m));
+        assert_eq!(errs.len(), 1, "{m}: {errs:?}");
+        assert_eq!(errs[0].0, format!("routes[0].match.{path}"), "{m}");
+        assert_eq!(errs[0].3, message, "{m}");
+    }
+}
+
+#[test]
+fn route_names_must_be_unique_and_plain() {
+    let text = MINIMAL.to_owned() + "  - { name: r, upstream: app, match: { path_prefix: /a } }\n  - { name: \"r/2\", upstream: app }\n";
+    let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.3)).collect();
+    assert_eq!(
+        got,
+        [
+            ("routes[1].name".to_owned(), "duplicate route name `r` (also routes[0])".to_owned()),
+            ("routes[2].name".to_owned(), "name `r/2` may only contain letters, digits, `_`, `.` and `-`".to_owned()),
+        ]
+    );
+}
+
+#[test]
+fn server_id_goes_into_headers_so_must_be_a_plain_token() {
+    for bad in ["\"\"", "\"a b\"", "a,b", "\"caf\u{e9}\""] {
+        let errs = errors(&format!("server_id: {bad}\n{MINIMAL}"));
+        assert_eq!(errs.len(), 1, "{bad}");
+        assert_eq!(errs[0].0, "server_id");
+    }
+    assert_eq!(ok(&format!("server_id: edge-1.eu/a_b\n{MINIMAL}")).settings.server_id, "edge-1.eu/a_b");
+}
+
+#[test]
+fn endpoints_are_host_and_port() {
+    for good in ["127.0.0.1:3000", "app:1", "app.default.svc.cluster.local.:65535", "[::1]:8080", "my_app:80"] {
+        assert_eq!(check_endpoint(good), Ok(()), "{good}");
+    }
+    for (bad, why) in [
+        ("127.0.0.1", "needs a port"),
+        ("app:0", "port must be a number from 1 to 65535"),
+        ("app:65536", "port must be a number from 1 to 65535"),
+        ("::1:80", "IPv6 addresses must be in brackets"),
+        ("[::g]:80", "is not an IPv6 address"),
+        ("[::1]", "needs a port"),
+        ("http://app:80", "without a scheme"),
+        ("256.1.1.1:80", "is not a valid IPv4 address"),
+        ("-app:80", "is not a valid host name"),
+        ("a..b:80", "is not a valid host name"),
+        (":80", "is not a valid host name"),
+    ] {
+        let err = check_endpoint(bad).unwrap_err();
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn coverage_follows_segments_hosts_and_methods() {
+    assert!(path_covers("/", "/anything"));
+    assert!(path_covers("/api", "/api"));
+    assert!(path_covers("/api", "/api/v2"));
+    assert!(path_covers("/api/", "/api/v2"));
+    assert!(!path_covers("/api", "/apix"));
+    assert!(!path_covers("/api/v2", "/api"));
+
+    let exact = |h: &str| Some(HostMatch::Exact(h.into()));
+    let suffix = |h: &str| Some(HostMatch::Suffix(h.into()));
+    assert!(host_covers(None, exact("a.com").as_ref()));
+    assert!(!host_covers(exact("a.com").as_ref(), None));
+    assert!(host_covers(suffix(".a.com").as_ref(), exact("x.a.com").as_ref()));
+    assert!(!host_covers(suffix(".a.com").as_ref(), exact("a.com").as_ref()));
+    assert!(host_covers(suffix(".a.com").as_ref(), suffix(".x.a.com").as_ref()));
+    assert!(!host_covers(exact("x.a.com").as_ref(), suffix(".a.com").as_ref()));
+}
