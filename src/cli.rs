@@ -56,7 +56,12 @@ pub enum Command {
         config: PathBuf,
     },
     /// Run a built-in sample app with spillway in front of it, to try things out.
-    Demo,
+    Demo {
+        /// Demo config; the sample app's address is passed to it as `${SPILLWAY_DEMO_APP}`.
+        /// When the file does not exist, a built-in copy of config/demo.yaml is used.
+        #[arg(long, default_value = DEMO_CONFIG)]
+        config: PathBuf,
+    },
 }
 
 /// Entry point of the binary.
@@ -69,7 +74,7 @@ pub fn main() -> ExitCode {
             Ok(loaded) => block_on(run(loaded, None)),
             Err(code) => code,
         },
-        Command::Demo => block_on(crate::demo::run(DEMO_CONFIG, DEMO_CONFIG_EMBEDDED)),
+        Command::Demo { config } => block_on(crate::demo::run(&config, DEMO_CONFIG_EMBEDDED)),
     }
 }
 

@@ -8,7 +8,7 @@ use crate::demo_app::DemoApp;
 
 /// Starts the sample app, then spillway with the demo config (from `path` when it exists,
 /// else the embedded copy), prints what to try, and serves until Ctrl-C.
-pub async fn run(path: &str, embedded: &str) -> ExitCode {
+pub async fn run(path: &Path, embedded: &str) -> ExitCode {
     let app = match DemoApp::bind("127.0.0.1:0".parse().expect("literal address")).await {
         Ok(app) => app,
         Err(e) => {
@@ -19,8 +19,8 @@ pub async fn run(path: &str, embedded: &str) -> ExitCode {
     // The config names the app through ${SPILLWAY_DEMO_APP}. Set before any other thread of
     // ours reads the environment.
     std::env::set_var("SPILLWAY_DEMO_APP", app.local_addr().to_string());
-    let (source, loaded) = if Path::new(path).exists() {
-        (path.to_string(), config::load_file(Path::new(path)))
+    let (source, loaded) = if path.exists() {
+        (path.display().to_string(), config::load_file(path))
     } else {
         ("built-in demo config".to_string(), config::load_str(embedded))
     };

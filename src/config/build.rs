@@ -35,20 +35,31 @@ pub(crate) fn load_str_with_env(
     lookup: impl Fn(&str) -> Option<String>,
 ) -> Result<Loaded, ConfigErrors> {
     let expanded = env::expand(text, lookup).map_err(ConfigErrors)?;
-    let file: FileConfig = yaml::parse(&expanded.text).map_err(|mut e| {
-        if let (Some(line), Some(column)) = (e.line, e.column) {
-            (e.line, e.column) = split(expanded.original_position(line, column));
-        }
-        ConfigErrors(vec![e])
-    })?;
     let index = locate::index(&expanded.text);
-    let mut cx = Cx { index: &index, expanded: &expanded, errors: Vec::new() };
+    let mut cx = Cx {
+        index: &index,
+        expanded: &expanded,
+        errors: Vec::new(),
+    };
+    // Checked before serde_yaml, which stops at the first repeated key and locates it at the
+    // start of its mapping; this names every repeat, where it stands.
     for dup in index.duplicates() {
         let key = dup.path.rsplit('.').next().unwrap_or(&dup.path);
-        let first = expanded.original_position(dup.first.line, dup.first.column).0;
+        let first = expanded
+            .original_position(dup.first.line, dup.first.column)
+            .0;
         let message = format!("duplicate key `{key}` (first given on line {first})");
         cx.error_at(&dup.path, message, Some(dup.at));
     }
+    if !cx.errors.is_empty() {
+        return Err(ConfigErrors(cx.errors));
+    }
+    let file: FileConfig = yaml::parse(&expanded.text).map_err(|mut e| {
+        if let (Some(line), Some(column)) = (e.line, e.column) {
+            (e.line, e.column) = located(expanded.original_position(line, column));
+        }
+        ConfigErrors(vec![e])
+    })?;
     let settings = cx.settings(&file);
     let mut errors = cx.errors;
     if !errors.is_empty() {
@@ -57,17 +68,25 @@ pub(crate) fn load_str_with_env(
         return Err(ConfigErrors(errors));
     }
     let warnings = warnings(&settings);
-    Ok(Loaded { settings, version: version(&expanded.text), warnings })
+    Ok(Loaded {
+        settings,
+        version: version(&expanded.text),
+        warnings,
+    })
 }
 
-fn split((line, column): (usize, usize)) -> (Option<usize>, Option<usize>) {
+/// A known position as `ConfigError` holds it.
+fn located((line, column): (usize, usize)) -> (Option<usize>, Option<usize>) {
     (Some(line), Some(column))
 }
 
 /// First 12 hex digits of the SHA-256 of the expanded text: changes whenever the effective
 /// config text does, including through an environment variable.
 fn version(text: &str) -> String {
-    Sha256::digest(text.as_bytes())[..6].iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Validation state: where fields are, and the errors found so far.
@@ -86,10 +105,15 @@ impl Cx<'_> {
 
     fn error_at(&mut self, path: &str, message: impl Into<String>, at: Option<Position>) {
         let (line, column) = match at {
-            Some(p) => split(self.expanded.original_position(p.line, p.column)),
+            Some(p) => located(self.expanded.original_position(p.line, p.column)),
             None => (None, None),
         };
-        self.errors.push(ConfigError { path: path.to_owned(), message: message.into(), line, column });
+        self.errors.push(ConfigError {
+            path: path.to_owned(),
+            message: message.into(),
+            line,
+            column,
+        });
     }
 
     /// Parses an optional duration; `positive` rejects zero where it makes no sense.
@@ -102,7 +126,10 @@ impl Cx<'_> {
             }
             Ok(d) => Some(d),
             Err(e) => {
-                self.error(path, format!("invalid duration `{value}` ({e}); write e.g. 250ms, 5s or 1m"));
+                self.error(
+                    path,
+                    format!("invalid duration `{value}` ({e}); write e.g. 250ms, 5s or 1m"),
+                );
                 None
             }
         }
@@ -129,8 +156,14 @@ impl Cx<'_> {
             self.error(path, "name must not be empty");
             return false;
         }
-        if !value.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')) {
-            self.error(path, format!("name `{value}` may only contain letters, digits, `_`, `.` and `-`"));
+        if !value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+        {
+            self.error(
+                path,
+                format!("name `{value}` may only contain letters, digits, `_`, `.` and `-`"),
+            );
             return false;
         }
         true
@@ -161,7 +194,7 @@ impl Cx<'_> {
         let defaults_part = self.policy_part("defaults", &file.defaults);
         // The defaults block is checked as a whole once here, so that a mistake in it is
         // reported at `defaults` rather than once per route that inherits it.
-        self.resolve_policy("defaults", &PolicyPart::default(), &defaults_part);
+        self.resolve_policy("defaults", &defaults_part, &PolicyPart::default());
         let routes = self.routes(&file.routes, &defaults_part, &upstreams);
         let shutdown = self.shutdown(file.shutdown.as_ref());
         Settings {
@@ -175,20 +208,27 @@ impl Cx<'_> {
     }
 
     fn server_id(&mut self, value: Option<&str>) -> String {
-        let Some(id) = value else { return defaults::SERVER_ID.to_owned() };
+        let Some(id) = value else {
+            return defaults::SERVER_ID.to_owned();
+        };
         // It is written into list-valued headers (`Via`, `Proxy-Status`), where a comma or
         // space would split or corrupt the entry.
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_graphic() && c != ',') {
             self.error(
                 "server_id",
-                format!("server_id `{id}` must be non-empty visible ASCII without commas or whitespace"),
+                format!(
+                    "server_id `{id}` must be non-empty visible ASCII without commas or whitespace"
+                ),
             );
         }
         id.to_owned()
     }
 
     /// The valid listeners, and the path and address of each for [`Cx::distinct_addresses`].
-    fn listeners(&mut self, files: &[ListenerFile]) -> (Vec<ListenerSettings>, Vec<(String, SocketAddr)>) {
+    fn listeners(
+        &mut self,
+        files: &[ListenerFile],
+    ) -> (Vec<ListenerSettings>, Vec<(String, SocketAddr)>) {
         if files.is_empty() {
             self.error("listeners", "at least one listener is required");
         }
@@ -201,19 +241,30 @@ impl Cx<'_> {
                 Some(name) => {
                     if self.name(&format!("{base}.name"), name) {
                         if let Some(first) = seen.insert(name.clone(), i) {
-                            self.error(&format!("{base}.name"), format!("duplicate listener name `{name}` (also listeners[{first}])"));
+                            self.error(
+                                &format!("{base}.name"),
+                                format!(
+                                    "duplicate listener name `{name}` (also listeners[{first}])"
+                                ),
+                            );
                         }
                     }
                     name.clone()
                 }
                 None if files.len() == 1 => defaults::LISTENER_NAME.to_owned(),
                 None => {
-                    self.error(&format!("{base}.name"), "name is required when there are several listeners");
+                    self.error(
+                        &format!("{base}.name"),
+                        "name is required when there are several listeners",
+                    );
                     format!("listener-{i}")
                 }
             };
             let address = self.socket_addr(&format!("{base}.address"), l.address.as_ref());
-            let tls = l.tls.as_ref().and_then(|t| self.listener_tls(&format!("{base}.tls"), t));
+            let tls = l
+                .tls
+                .as_ref()
+                .and_then(|t| self.listener_tls(&format!("{base}.tls"), t));
             if let Some(address) = address {
                 bound.push((base, address));
                 out.push(ListenerSettings { name, address, tls });
@@ -226,8 +277,14 @@ impl Cx<'_> {
         let cert = self.file_path(&format!("{base}.cert_file"), t.cert_file.as_ref());
         let key = self.file_path(&format!("{base}.key_file"), t.key_file.as_ref());
         match (&t.cert_file, &t.key_file) {
-            (Some(_), None) => self.error(&format!("{base}.key_file"), "key_file is required with cert_file"),
-            (None, Some(_)) => self.error(&format!("{base}.cert_file"), "cert_file is required with key_file"),
+            (Some(_), None) => self.error(
+                &format!("{base}.key_file"),
+                "key_file is required with cert_file",
+            ),
+            (None, Some(_)) => self.error(
+                &format!("{base}.cert_file"),
+                "cert_file is required with key_file",
+            ),
             (None, None) => self.error(base, "tls needs cert_file and key_file"),
             (Some(_), Some(_)) => {}
         }
@@ -235,12 +292,18 @@ impl Cx<'_> {
             None => defaults::TLS_ALPN.iter().map(|s| s.to_string()).collect(),
             Some(list) => {
                 if list.is_empty() {
-                    self.error(&format!("{base}.alpn"), "alpn must list at least one protocol (h2, http/1.1)");
+                    self.error(
+                        &format!("{base}.alpn"),
+                        "alpn must list at least one protocol (h2, http/1.1)",
+                    );
                 }
                 for (j, p) in list.iter().enumerate() {
                     let path = format!("{base}.alpn[{j}]");
                     if !matches!(p.as_str(), "h2" | "http/1.1") {
-                        self.error(&path, format!("unsupported ALPN protocol `{p}`: expected h2 or http/1.1"));
+                        self.error(
+                            &path,
+                            format!("unsupported ALPN protocol `{p}`: expected h2 or http/1.1"),
+                        );
                     } else if list[..j].contains(p) {
                         self.error(&path, format!("`{p}` is listed twice"));
                     }
@@ -248,7 +311,11 @@ impl Cx<'_> {
                 list.clone()
             }
         };
-        Some(ListenerTlsSettings { cert_file: cert?, key_file: key?, alpn })
+        Some(ListenerTlsSettings {
+            cert_file: cert?,
+            key_file: key?,
+            alpn,
+        })
     }
 
     /// Two sockets cannot bind the same address; port 0 is exempt as each gets its own port.
@@ -271,31 +338,51 @@ impl Cx<'_> {
         }
     }
 
-    fn upstreams(&mut self, files: &BTreeMap<String, UpstreamFile>) -> BTreeMap<String, UpstreamSettings> {
+    fn upstreams(
+        &mut self,
+        files: &BTreeMap<String, UpstreamFile>,
+    ) -> BTreeMap<String, UpstreamSettings> {
         let mut out = BTreeMap::new();
         for (name, u) in files {
             let base = format!("upstreams.{name}");
             self.name(&base, name);
             if u.endpoints.is_empty() {
-                self.error(&format!("{base}.endpoints"), "at least one endpoint (host:port) is required");
+                self.error(
+                    &format!("{base}.endpoints"),
+                    "at least one endpoint (host:port) is required",
+                );
             }
             for (j, e) in u.endpoints.iter().enumerate() {
                 if let Err(message) = check_endpoint(e) {
                     self.error(&format!("{base}.endpoints[{j}]"), message);
                 }
             }
-            let connect_timeout = self.duration(&format!("{base}.connect_timeout"), u.connect_timeout.as_ref(), true);
-            let idle_timeout = self.duration(&format!("{base}.idle_timeout"), u.idle_timeout.as_ref(), true);
+            let connect_timeout = self.duration(
+                &format!("{base}.connect_timeout"),
+                u.connect_timeout.as_ref(),
+                true,
+            );
+            let idle_timeout = self.duration(
+                &format!("{base}.idle_timeout"),
+                u.idle_timeout.as_ref(),
+                true,
+            );
             let protocol = match u.protocol.as_deref() {
                 None => defaults::PROTOCOL,
                 Some("http1") => UpstreamProtocol::Http1,
                 Some("http2") => UpstreamProtocol::Http2,
                 Some(other) => {
-                    self.error(&format!("{base}.protocol"), format!("unknown protocol `{other}`: expected http1 or http2"));
+                    self.error(
+                        &format!("{base}.protocol"),
+                        format!("unknown protocol `{other}`: expected http1 or http2"),
+                    );
                     defaults::PROTOCOL
                 }
             };
-            let tls = u.tls.as_ref().map(|t| self.upstream_tls(&format!("{base}.tls"), t));
+            let tls = u
+                .tls
+                .as_ref()
+                .map(|t| self.upstream_tls(&format!("{base}.tls"), t));
             out.insert(
                 name.clone(),
                 UpstreamSettings {
@@ -314,12 +401,21 @@ impl Cx<'_> {
         if let Some(name) = &t.server_name {
             let ok = name.parse::<IpAddr>().is_ok() || check_dns_name(name, false).is_ok();
             if !ok {
-                self.error(&format!("{base}.server_name"), format!("server_name `{name}` is neither a DNS name nor an IP address"));
+                self.error(
+                    &format!("{base}.server_name"),
+                    format!("server_name `{name}` is neither a DNS name nor an IP address"),
+                );
             }
         }
         match (&t.cert_file, &t.key_file) {
-            (Some(_), None) => self.error(&format!("{base}.key_file"), "key_file is required with cert_file (client certificate)"),
-            (None, Some(_)) => self.error(&format!("{base}.cert_file"), "cert_file is required with key_file (client certificate)"),
+            (Some(_), None) => self.error(
+                &format!("{base}.key_file"),
+                "key_file is required with cert_file (client certificate)",
+            ),
+            (None, Some(_)) => self.error(
+                &format!("{base}.cert_file"),
+                "cert_file is required with key_file (client certificate)",
+            ),
             _ => {}
         }
         UpstreamTlsSettings {
@@ -347,13 +443,19 @@ impl Cx<'_> {
                 Some(name) => {
                     if self.name(&format!("{base}.name"), name) {
                         if let Some(first) = seen.insert(name.clone(), i) {
-                            self.error(&format!("{base}.name"), format!("duplicate route name `{name}` (also routes[{first}])"));
+                            self.error(
+                                &format!("{base}.name"),
+                                format!("duplicate route name `{name}` (also routes[{first}])"),
+                            );
                         }
                     }
                     name.clone()
                 }
                 None => {
-                    self.error(&format!("{base}.name"), "name is required (it labels the route's metrics)");
+                    self.error(
+                        &format!("{base}.name"),
+                        "name is required (it labels the route's metrics)",
+                    );
                     format!("route-{i}")
                 }
             };
@@ -369,7 +471,10 @@ impl Cx<'_> {
                             format!("unknown upstream `{u}`: no upstreams are defined")
                         } else {
                             let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
-                            format!("unknown upstream `{u}`; defined upstreams: {}", known.join(", "))
+                            format!(
+                                "unknown upstream `{u}`; defined upstreams: {}",
+                                known.join(", ")
+                            )
                         };
                         self.error(&format!("{base}.upstream"), message);
                     }
@@ -378,7 +483,12 @@ impl Cx<'_> {
             };
             let own = self.policy_part(&base, &r.policy());
             let policy = self.resolve_policy(&base, &own, defaults_part);
-            out.push(RouteSettings { name, matcher, upstream, policy });
+            out.push(RouteSettings {
+                name,
+                matcher,
+                upstream,
+                policy,
+            });
         }
         out
     }
@@ -388,9 +498,20 @@ impl Cx<'_> {
             None => defaults::PATH_PREFIX.to_owned(),
             Some(p) => {
                 if !p.starts_with('/') {
-                    self.error(&format!("{base}.path_prefix"), format!("path_prefix `{p}` must start with `/`"));
-                } else if p.chars().any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#') {
-                    self.error(&format!("{base}.path_prefix"), format!("path_prefix `{p}` must be a plain path, without spaces, `?` or `#`"));
+                    self.error(
+                        &format!("{base}.path_prefix"),
+                        format!("path_prefix `{p}` must start with `/`"),
+                    );
+                } else if p
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '?' || c == '#')
+                {
+                    self.error(
+                        &format!("{base}.path_prefix"),
+                        format!(
+                            "path_prefix `{p}` must be a plain path, without spaces, `?` or `#`"
+                        ),
+                    );
                 }
                 p.clone()
             }
@@ -406,12 +527,19 @@ impl Cx<'_> {
         for (j, method) in m.methods.iter().flatten().enumerate() {
             let upper = method.trim().to_ascii_uppercase();
             if upper.is_empty() || !upper.chars().all(is_tchar) {
-                self.error(&format!("{base}.methods[{j}]"), format!("`{method}` is not an HTTP method"));
+                self.error(
+                    &format!("{base}.methods[{j}]"),
+                    format!("`{method}` is not an HTTP method"),
+                );
             } else if !methods.contains(&upper) {
                 methods.push(upper);
             }
         }
-        MatchSettings { path_prefix, host, methods }
+        MatchSettings {
+            path_prefix,
+            host,
+            methods,
+        }
     }
 
     fn shutdown(&mut self, file: Option<&ShutdownFile>) -> ShutdownSettings {
@@ -434,7 +562,11 @@ impl Cx<'_> {
     fn policy_part(&mut self, base: &str, p: &PolicyFile) -> PolicyPart {
         let mut part = PolicyPart {
             timeout: self.duration(&format!("{base}.timeout"), p.timeout.as_ref(), true),
-            retry_after: self.duration(&format!("{base}.retry_after"), p.retry_after.as_ref(), true),
+            retry_after: self.duration(
+                &format!("{base}.retry_after"),
+                p.retry_after.as_ref(),
+                true,
+            ),
             ..PolicyPart::default()
         };
         if let Some(c) = &p.concurrency {
@@ -446,11 +578,15 @@ impl Cx<'_> {
             part.window = self.duration(&format!("{base}.window"), b.window.as_ref(), true);
             part.open_for = self.duration(&format!("{base}.open_for"), b.open_for.as_ref(), true);
             part.min_requests = self.at_least_one(&format!("{base}.min_requests"), b.min_requests);
-            part.half_open_requests = self.at_least_one(&format!("{base}.half_open_requests"), b.half_open_requests);
+            part.half_open_requests =
+                self.at_least_one(&format!("{base}.half_open_requests"), b.half_open_requests);
             part.failure_ratio = b.failure_ratio.filter(|&r| {
                 let ok = r > 0.0 && r <= 1.0;
                 if !ok {
-                    self.error(&format!("{base}.failure_ratio"), format!("failure_ratio {r} must be greater than 0 and at most 1"));
+                    self.error(
+                        &format!("{base}.failure_ratio"),
+                        format!("failure_ratio {r} must be greater than 0 and at most 1"),
+                    );
                 }
                 ok
             });
@@ -458,7 +594,10 @@ impl Cx<'_> {
                 let mut valid = true;
                 for (j, code) in codes.iter().enumerate() {
                     if !(100..=599).contains(code) {
-                        self.error(&format!("{base}.failure_codes[{j}]"), format!("{code} is not an HTTP status code (100-599)"));
+                        self.error(
+                            &format!("{base}.failure_codes[{j}]"),
+                            format!("{code} is not an HTTP status code (100-599)"),
+                        );
                         valid = false;
                     }
                 }
@@ -467,8 +606,11 @@ impl Cx<'_> {
         }
         if let Some(m) = &p.maintenance {
             part.maintenance_enabled = m.enabled;
-            part.maintenance_retry_after =
-                self.duration(&format!("{base}.maintenance.retry_after"), m.retry_after.as_ref(), true);
+            part.maintenance_retry_after = self.duration(
+                &format!("{base}.maintenance.retry_after"),
+                m.retry_after.as_ref(),
+                true,
+            );
         }
         if let Some(r) = &p.retries {
             let base = format!("{base}.retries");
@@ -478,7 +620,10 @@ impl Cx<'_> {
             part.budget = r.budget.filter(|&b| {
                 let ok = (0.0..=1.0).contains(&b);
                 if !ok {
-                    self.error(&format!("{base}.budget"), format!("budget {b} must be between 0 and 1"));
+                    self.error(
+                        &format!("{base}.budget"),
+                        format!("budget {b} must be between 0 and 1"),
+                    );
                 }
                 ok
             });
@@ -499,7 +644,11 @@ impl Cx<'_> {
             None => max.map(LimitPart::Fixed),
         };
         part.queue = c.queue;
-        part.queue_timeout = self.duration(&format!("{base}.queue_timeout"), c.queue_timeout.as_ref(), true);
+        part.queue_timeout = self.duration(
+            &format!("{base}.queue_timeout"),
+            c.queue_timeout.as_ref(),
+            true,
+        );
     }
 
     fn at_least_one(&mut self, path: &str, value: Option<u32>) -> Option<u32> {
@@ -515,7 +664,12 @@ impl Cx<'_> {
     /// The effective policy of `own` over `inherited` over the built-in defaults. Checks that
     /// span fields are reported at `base` only when `own` took part in them, so an inherited
     /// mistake is reported once, where it was written.
-    fn resolve_policy(&mut self, base: &str, own: &PolicyPart, inherited: &PolicyPart) -> PolicySettings {
+    fn resolve_policy(
+        &mut self,
+        base: &str,
+        own: &PolicyPart,
+        inherited: &PolicyPart,
+    ) -> PolicySettings {
         let p = own.over(inherited);
         let limit = match p.limit {
             None => LimitSettings::Fixed(defaults::CONCURRENCY_MAX),
@@ -547,11 +701,17 @@ impl Cx<'_> {
                 min_requests: p.min_requests.unwrap_or(defaults::BREAKER_MIN_REQUESTS),
                 failure_ratio: p.failure_ratio.unwrap_or(defaults::BREAKER_FAILURE_RATIO),
                 open_for: p.open_for.unwrap_or(defaults::BREAKER_OPEN_FOR),
-                half_open_requests: p.half_open_requests.unwrap_or(defaults::BREAKER_HALF_OPEN_REQUESTS),
-                failure_codes: p.failure_codes.unwrap_or_else(|| defaults::BREAKER_FAILURE_CODES.to_vec()),
+                half_open_requests: p
+                    .half_open_requests
+                    .unwrap_or(defaults::BREAKER_HALF_OPEN_REQUESTS),
+                failure_codes: p
+                    .failure_codes
+                    .unwrap_or_else(|| defaults::BREAKER_FAILURE_CODES.to_vec()),
             },
             maintenance: MaintenanceSettings {
-                enabled: p.maintenance_enabled.unwrap_or(defaults::MAINTENANCE_ENABLED),
+                enabled: p
+                    .maintenance_enabled
+                    .unwrap_or(defaults::MAINTENANCE_ENABLED),
                 // Unset: the same Retry-After as every other 503 of the route.
                 retry_after: p.maintenance_retry_after.unwrap_or(retry_after),
             },
@@ -597,9 +757,16 @@ impl PolicyPart {
     /// `self` where set, else `base`.
     fn over(&self, base: &PolicyPart) -> PolicyPart {
         let limit = match (self.limit, base.limit) {
-            (Some(LimitPart::Adaptive { min, max }), Some(LimitPart::Adaptive { min: bmin, max: bmax })) => {
-                Some(LimitPart::Adaptive { min: min.or(bmin), max: max.or(bmax) })
-            }
+            (
+                Some(LimitPart::Adaptive { min, max }),
+                Some(LimitPart::Adaptive {
+                    min: bmin,
+                    max: bmax,
+                }),
+            ) => Some(LimitPart::Adaptive {
+                min: min.or(bmin),
+                max: max.or(bmax),
+            }),
             (own, inherited) => own.or(inherited),
         };
         PolicyPart {
@@ -614,9 +781,14 @@ impl PolicyPart {
             failure_ratio: self.failure_ratio.or(base.failure_ratio),
             open_for: self.open_for.or(base.open_for),
             half_open_requests: self.half_open_requests.or(base.half_open_requests),
-            failure_codes: self.failure_codes.clone().or_else(|| base.failure_codes.clone()),
+            failure_codes: self
+                .failure_codes
+                .clone()
+                .or_else(|| base.failure_codes.clone()),
             maintenance_enabled: self.maintenance_enabled.or(base.maintenance_enabled),
-            maintenance_retry_after: self.maintenance_retry_after.or(base.maintenance_retry_after),
+            maintenance_retry_after: self
+                .maintenance_retry_after
+                .or(base.maintenance_retry_after),
             attempts: self.attempts.or(base.attempts),
             backoff: self.backoff.or(base.backoff),
             budget: self.budget.or(base.budget),
@@ -633,22 +805,27 @@ fn is_tchar(c: char) -> bool {
 fn check_endpoint(value: &str) -> Result<(), String> {
     let e = value.trim();
     if e.contains("://") {
-        return Err(format!("endpoint `{e}` must be host:port without a scheme (TLS is set with `tls:`)"));
+        return Err(format!(
+            "endpoint `{e}` must be host:port without a scheme (TLS is set with `tls:`)"
+        ));
     }
     let port = if let Some(rest) = e.strip_prefix('[') {
         let (ip, after) = rest
             .split_once(']')
             .ok_or_else(|| format!("endpoint `{e}`: missing `]` after the IPv6 address"))?;
-        ip.parse::<Ipv6Addr>().map_err(|_| format!("endpoint `{e}`: `{ip}` is not an IPv6 address"))?;
+        ip.parse::<Ipv6Addr>()
+            .map_err(|_| format!("endpoint `{e}`: `{ip}` is not an IPv6 address"))?;
         after
             .strip_prefix(':')
             .ok_or_else(|| format!("endpoint `{e}` needs a port, e.g. [{ip}]:3000"))?
     } else {
-        let (host, port) = e
-            .rsplit_once(':')
-            .ok_or_else(|| format!("endpoint `{e}` needs a port: expected host:port, e.g. 127.0.0.1:3000"))?;
+        let (host, port) = e.rsplit_once(':').ok_or_else(|| {
+            format!("endpoint `{e}` needs a port: expected host:port, e.g. 127.0.0.1:3000")
+        })?;
         if host.contains(':') {
-            return Err(format!("endpoint `{e}`: IPv6 addresses must be in brackets, e.g. [::1]:3000"));
+            return Err(format!(
+                "endpoint `{e}`: IPv6 addresses must be in brackets, e.g. [::1]:3000"
+            ));
         }
         if host.parse::<Ipv4Addr>().is_err() {
             check_dns_name(host, true).map_err(|why| format!("endpoint `{e}`: {why}"))?;
@@ -657,7 +834,9 @@ fn check_endpoint(value: &str) -> Result<(), String> {
     };
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(()),
-        _ => Err(format!("endpoint `{e}`: port must be a number from 1 to 65535")),
+        _ => Err(format!(
+            "endpoint `{e}`: port must be a number from 1 to 65535"
+        )),
     }
 }
 
@@ -674,14 +853,20 @@ fn check_dns_name(name: &str, allow_trailing_dot: bool) -> Result<(), String> {
     }
     for label in bare.split('.') {
         let ok = (1..=63).contains(&label.len())
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             && !label.starts_with('-')
             && !label.ends_with('-');
         if !ok {
             return Err(format!("`{name}` is not a valid host name"));
         }
     }
-    if bare.rsplit('.').next().is_some_and(|l| l.chars().all(|c| c.is_ascii_digit())) {
+    if bare
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.chars().all(|c| c.is_ascii_digit()))
+    {
         return Err(format!("`{name}` is not a valid IPv4 address"));
     }
     Ok(())
@@ -691,11 +876,14 @@ fn check_dns_name(name: &str, allow_trailing_dot: bool) -> Result<(), String> {
 fn parse_host_match(value: &str) -> Result<HostMatch, String> {
     let host = value.trim().to_ascii_lowercase();
     if let Some(suffix) = host.strip_prefix("*.") {
-        check_dns_name(suffix, false).map_err(|_| format!("`{value}`: `*.` must be followed by a DNS name"))?;
+        check_dns_name(suffix, false)
+            .map_err(|_| format!("`{value}`: `*.` must be followed by a DNS name"))?;
         return Ok(HostMatch::Suffix(format!(".{suffix}")));
     }
     if host.contains('*') {
-        return Err(format!("`{value}`: a wildcard is only allowed as a leading `*.`, e.g. *.example.com"));
+        return Err(format!(
+            "`{value}`: a wildcard is only allowed as a leading `*.`, e.g. *.example.com"
+        ));
     }
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
         return match inner.parse::<Ipv6Addr>() {
@@ -716,8 +904,10 @@ fn parse_host_match(value: &str) -> Result<HostMatch, String> {
 fn warnings(settings: &Settings) -> Vec<String> {
     let mut out = Vec::new();
     for (j, later) in settings.routes.iter().enumerate() {
-        if let Some((i, earlier)) =
-            settings.routes[..j].iter().enumerate().find(|(_, e)| covers(&e.matcher, &later.matcher))
+        if let Some((i, earlier)) = settings.routes[..j]
+            .iter()
+            .enumerate()
+            .find(|(_, e)| covers(&e.matcher, &later.matcher))
         {
             out.push(format!(
                 "routes[{j}] ({}) is shadowed by routes[{i}] ({}): it can never match",
@@ -737,7 +927,8 @@ fn warnings(settings: &Settings) -> Vec<String> {
 fn covers(a: &MatchSettings, b: &MatchSettings) -> bool {
     path_covers(&a.path_prefix, &b.path_prefix)
         && host_covers(a.host.as_ref(), b.host.as_ref())
-        && (a.methods.is_empty() || (!b.methods.is_empty() && b.methods.iter().all(|m| a.methods.contains(m))))
+        && (a.methods.is_empty()
+            || (!b.methods.is_empty() && b.methods.iter().all(|m| a.methods.contains(m))))
 }
 
 /// Segment-prefix: `/api` covers `/api` and `/api/v2`, not `/apix`.
@@ -754,7 +945,9 @@ fn host_covers(a: Option<&HostMatch>, b: Option<&HostMatch>) -> bool {
         (Some(_), None) => false,
         (Some(HostMatch::Exact(a)), Some(HostMatch::Exact(b))) => a == b,
         (Some(HostMatch::Exact(_)), Some(HostMatch::Suffix(_))) => false,
-        (Some(HostMatch::Suffix(s)), Some(HostMatch::Exact(h))) => h.len() > s.len() && h.ends_with(s.as_str()),
+        (Some(HostMatch::Suffix(s)), Some(HostMatch::Exact(h))) => {
+            h.len() > s.len() && h.ends_with(s.as_str())
+        }
         (Some(HostMatch::Suffix(s)), Some(HostMatch::Suffix(t))) => t.ends_with(s.as_str()),
     }
 }

@@ -136,7 +136,10 @@ pub fn policy() -> PolicySettings {
             half_open_requests: BREAKER_HALF_OPEN_REQUESTS,
             failure_codes: BREAKER_FAILURE_CODES.to_vec(),
         },
-        maintenance: MaintenanceSettings { enabled: MAINTENANCE_ENABLED, retry_after: RETRY_AFTER },
+        maintenance: MaintenanceSettings {
+            enabled: MAINTENANCE_ENABLED,
+            retry_after: RETRY_AFTER,
+        },
         retries: RetrySettings {
             attempts: RETRY_ATTEMPTS,
             backoff: RETRY_BACKOFF,

@@ -83,12 +83,24 @@ pub(crate) fn expand(
         if line.trim_start().starts_with('#') {
             out.push_str(line);
         } else {
-            expand_line(line, line_start, text, &lookup, &mut out, &mut spans, &mut errors);
+            expand_line(
+                line,
+                line_start,
+                text,
+                &lookup,
+                &mut out,
+                &mut spans,
+                &mut errors,
+            );
         }
         line_start += line.len();
     }
     if errors.is_empty() {
-        Ok(Expanded { text: out, spans, original: text.to_owned() })
+        Ok(Expanded {
+            text: out,
+            spans,
+            original: text.to_owned(),
+        })
     } else {
         Err(errors)
     }
@@ -114,7 +126,10 @@ fn expand_line(
         } else if let Some(body) = rest.strip_prefix("${") {
             match body.find('}') {
                 Some(end) => (end + 3, resolve(&body[..end], lookup)),
-                None => (rest.len(), Err("unterminated `${`: expected `}` on the same line".into())),
+                None => (
+                    rest.len(),
+                    Err("unterminated `${`: expected `}` on the same line".into()),
+                ),
             }
         } else {
             out.push('$');
@@ -149,7 +164,10 @@ fn resolve(body: &str, lookup: &impl Fn(&str) -> Option<String>) -> Result<Strin
         Some((name, default)) => (name, Some(default)),
         None => (body, None),
     };
-    let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    let valid = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
     if !valid {
         return Err(format!(
@@ -229,8 +247,18 @@ mod tests {
                     Some(2),
                     Some(5)
                 ),
-                ("", "environment variable A is not set (use ${A:-default})", Some(3), Some(5)),
-                ("", "environment variable B is not set (use ${B:-default})", Some(3), Some(20)),
+                (
+                    "",
+                    "environment variable A is not set (use ${A:-default})",
+                    Some(3),
+                    Some(5)
+                ),
+                (
+                    "",
+                    "environment variable B is not set (use ${B:-default})",
+                    Some(3),
+                    Some(20)
+                ),
             ]
         );
     }
@@ -239,16 +267,27 @@ mod tests {
     fn malformed_references_are_errors() {
         let errors = expand("a: ${}\nb: ${1X}\nc: ${OPEN\n", env).unwrap_err();
         assert_eq!(errors.len(), 3);
-        assert!(errors[0].message.contains("not a valid reference"), "{}", errors[0].message);
+        assert!(
+            errors[0].message.contains("not a valid reference"),
+            "{}",
+            errors[0].message
+        );
         assert_eq!((errors[1].line, errors[1].column), (Some(2), Some(4)));
-        assert!(errors[2].message.starts_with("unterminated"), "{}", errors[2].message);
+        assert!(
+            errors[2].message.starts_with("unterminated"),
+            "{}",
+            errors[2].message
+        );
     }
 
     #[test]
     fn positions_map_back_to_the_original_text() {
         let text = "a: ${LONG_VALUE} b: x\nc: ${POD:-\u{e9}} d\ne: f\n";
         let expanded = expand(text, env).unwrap();
-        assert_eq!(expanded.text, "a: abcdefghijklmnopqrstuvwxyz b: x\nc: \u{e9} d\ne: f\n");
+        assert_eq!(
+            expanded.text,
+            "a: abcdefghijklmnopqrstuvwxyz b: x\nc: \u{e9} d\ne: f\n"
+        );
         // `x` after the long value.
         assert_eq!(expanded.original_position(1, 34), (1, 21));
         // Inside the substituted value: the reference itself.

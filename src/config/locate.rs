@@ -21,7 +21,10 @@ pub(crate) struct Position {
 impl From<Marker> for Position {
     fn from(m: Marker) -> Self {
         // yaml-rust2 counts lines from 1 but columns from 0.
-        Position { line: m.line(), column: m.col() + 1 }
+        Position {
+            line: m.line(),
+            column: m.col() + 1,
+        }
     }
 }
 
@@ -85,7 +88,10 @@ fn parent(path: &str) -> &str {
 /// Indexes the positions of every field path in `text`. Text that yaml-rust2 cannot parse gets
 /// an empty index: serde_yaml reports the syntax error itself.
 pub(crate) fn index(text: &str) -> Locations {
-    let mut walker = Walker { parser: Parser::new_from_str(text), out: Locations::default() };
+    let mut walker = Walker {
+        parser: Parser::new_from_str(text),
+        out: Locations::default(),
+    };
     match walker.stream() {
         Ok(()) => walker.out,
         Err(_) => Locations::default(),
@@ -142,7 +148,9 @@ impl Walker<'_> {
         }
         match ev {
             Event::SequenceStart(..) => {
-                self.out.positions.insert(path.clone(), key.unwrap_or(mark).into());
+                self.out
+                    .positions
+                    .insert(path.clone(), key.unwrap_or(mark).into());
                 let mut i = 0;
                 loop {
                     let (ev, mark) = self.next()?;
@@ -154,10 +162,21 @@ impl Walker<'_> {
                 }
             }
             Event::MappingStart(..) => {
-                self.out.positions.insert(path.clone(), key.unwrap_or(mark).into());
+                // Without a key (a sequence item), a block mapping's own mark is oddly placed
+                // (at its first `:`), so it is located at its first key instead.
+                let mut own = key;
                 let mut seen: HashMap<String, Position> = HashMap::new();
                 loop {
                     let (kev, kmark) = self.next()?;
+                    let at = own.get_or_insert(if kev == Event::MappingEnd {
+                        mark
+                    } else {
+                        kmark
+                    });
+                    self.out
+                        .positions
+                        .entry(path.clone())
+                        .or_insert(Position::from(*at));
                     let name = match kev {
                         Event::MappingEnd => return Ok(()),
                         Event::Scalar(s, ..) => s,
@@ -167,10 +186,18 @@ impl Walker<'_> {
                             String::from("?")
                         }
                     };
-                    let child = if path.is_empty() { name.clone() } else { format!("{path}.{name}") };
+                    let child = if path.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{path}.{name}")
+                    };
                     let at = Position::from(kmark);
                     if let Some(first) = seen.insert(name, at) {
-                        self.out.duplicates.push(Duplicate { path: child.clone(), at, first });
+                        self.out.duplicates.push(Duplicate {
+                            path: child.clone(),
+                            at,
+                            first,
+                        });
                     }
                     let (vev, vmark) = self.next()?;
                     self.node(child, vev, vmark, Some(kmark), depth + 1)?;
@@ -191,7 +218,9 @@ mod tests {
     use super::*;
 
     fn at(index: &Locations, path: &str) -> (usize, usize) {
-        let p = index.get(path).unwrap_or_else(|| panic!("{path} not indexed"));
+        let p = index
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} not indexed"));
         (p.line, p.column)
     }
 
@@ -245,7 +274,7 @@ upstreams: { app: { endpoints: [\"h:1\", \"h:2\"] } }
         assert_eq!(at(&index, "routes[0].upstream"), (2, 26));
         assert_eq!(at(&index, "routes[1].match"), (4, 5));
         assert_eq!(at(&index, "routes[1].match.path_prefix"), (4, 27));
-        assert_eq!(at(&index, "routes[1].match.methods[1]"), (4, 50));
+        assert_eq!(at(&index, "routes[1].match.methods[1]"), (4, 46));
         assert_eq!(at(&index, "upstreams.app.endpoints[1]"), (5, 40));
     }
 
@@ -257,6 +286,10 @@ upstreams: { app: { endpoints: [\"h:1\", \"h:2\"] } }
         assert_eq!((p.line, p.column), (10, 5));
         let p = index.nearest("listeners[0].tls.cert_file").unwrap();
         assert_eq!((p.line, p.column), (2, 5));
+        // A flow mapping as a sequence item: also its first key.
+        let flow = super::index("routes:\n  - { name: a }\n  - {}\n");
+        assert_eq!(at(&flow, "routes[0]"), (2, 7));
+        assert_eq!(at(&flow, "routes[1]"), (3, 5));
         assert_eq!(index.nearest("admin.address"), None);
     }
 
@@ -283,7 +316,10 @@ upstreams: { app: { endpoints: [\"h:1\", \"h:2\"] } }
     fn parent_strips_one_segment() {
         assert_eq!(parent("routes[2].match.path_prefix"), "routes[2].match");
         assert_eq!(parent("routes[2]"), "routes");
-        assert_eq!(parent("upstreams.app.endpoints[1]"), "upstreams.app.endpoints");
+        assert_eq!(
+            parent("upstreams.app.endpoints[1]"),
+            "upstreams.app.endpoints"
+        );
         assert_eq!(parent("routes"), "");
     }
 }

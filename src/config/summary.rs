@@ -17,11 +17,20 @@ pub fn summary(loaded: &Loaded) -> String {
     // Writing to a String cannot fail, so the results are ignored throughout.
     let _ = writeln!(out, "server_id  {}", s.server_id);
     let _ = writeln!(out, "version    {}", loaded.version);
-    let _ = writeln!(out, "admin      {}", s.admin.map_or_else(|| "off".to_owned(), |a| a.to_string()));
+    let _ = writeln!(
+        out,
+        "admin      {}",
+        s.admin.map_or_else(|| "off".to_owned(), |a| a.to_string())
+    );
 
     let _ = writeln!(out, "\nlisteners");
     let name_w = s.listeners.iter().map(|l| l.name.len()).max().unwrap_or(0);
-    let addr_w = s.listeners.iter().map(|l| l.address.to_string().len()).max().unwrap_or(0);
+    let addr_w = s
+        .listeners
+        .iter()
+        .map(|l| l.address.to_string().len())
+        .max()
+        .unwrap_or(0);
     for l in &s.listeners {
         let tls = match &l.tls {
             Some(t) => format!("tls: yes ({})", t.alpn.join(", ")),
@@ -36,7 +45,13 @@ pub fn summary(loaded: &Loaded) -> String {
         .routes
         .iter()
         .enumerate()
-        .map(|(i, r)| [format!("[{i}] {}", r.name), matcher(&r.matcher), r.upstream.clone()])
+        .map(|(i, r)| {
+            [
+                format!("[{i}] {}", r.name),
+                matcher(&r.matcher),
+                r.upstream.clone(),
+            ]
+        })
         .collect();
     let w0 = rows.iter().map(|r| r[0].len()).max().unwrap_or(0);
     let w1 = rows.iter().map(|r| r[1].len()).max().unwrap_or(0);
@@ -101,7 +116,11 @@ fn matcher(m: &MatchSettings) -> String {
         Some(HostMatch::Exact(h)) => h.clone(),
         Some(HostMatch::Suffix(s)) => format!("*{s}"),
     };
-    let methods = if m.methods.is_empty() { "*".to_owned() } else { m.methods.join(",") };
+    let methods = if m.methods.is_empty() {
+        "*".to_owned()
+    } else {
+        m.methods.join(",")
+    };
     format!("{host} {} {methods}", m.path_prefix)
 }
 
@@ -129,9 +148,9 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
         let b = &p.circuit_breaker;
         let codes: Vec<String> = b.failure_codes.iter().map(u16::to_string).collect();
         lines.push(format!(
-            "circuit breaker {}: opens at {}% failures ({}) of >= {} requests in {}, open {}, {} probes",
+            "circuit breaker {}: opens at {} failures ({}) of >= {} requests in {}, open {}, {} probes",
             if b.enabled { "on" } else { "off" },
-            b.failure_ratio * 100.0,
+            percent(b.failure_ratio),
             codes.join(","),
             b.min_requests,
             dur(b.window),
@@ -143,20 +162,30 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
     if p.maintenance.enabled || p.maintenance.retry_after != p.retry_after {
         lines.push(format!(
             "maintenance {} (retry_after {})",
-            if p.maintenance.enabled { "ON: every request gets 503" } else { "off" },
+            if p.maintenance.enabled {
+                "ON: every request gets 503"
+            } else {
+                "off"
+            },
             dur(p.maintenance.retry_after)
         ));
     }
     if p.retries != d.retries {
         let r = &p.retries;
         lines.push(format!(
-            "retries {} (backoff {}, budget {}%)",
+            "retries {} (backoff {}, budget {})",
             r.attempts,
             dur(r.backoff),
-            r.budget * 100.0
+            percent(r.budget)
         ));
     }
     lines
+}
+
+/// `0.5` -> `50%`, `0.333` -> `33.3%`: one decimal at most, so float noise never shows.
+fn percent(ratio: f64) -> String {
+    let s = format!("{:.1}", ratio * 100.0);
+    format!("{}%", s.strip_suffix(".0").unwrap_or(&s))
 }
 
 fn dur(d: Duration) -> String {
@@ -222,5 +251,13 @@ warnings
             loaded.version
         );
         assert_eq!(s, expected, "\n{s}");
+    }
+
+    #[test]
+    fn percentages_hide_float_noise() {
+        assert_eq!(percent(0.3), "30%");
+        assert_eq!(percent(0.2), "20%");
+        assert_eq!(percent(1.0 / 3.0), "33.3%");
+        assert_eq!(percent(0.0), "0%");
     }
 }

@@ -111,7 +111,7 @@ mod tests {
         let text = "items: []\nnamed:\n  app: { size: -1 }\n";
         let err = parse::<Doc>(text).unwrap_err();
         assert_eq!(err.path, "named.app.size");
-        assert!(err.message.starts_with("invalid value: integer `-1`"), "{}", err.message);
+        assert_eq!(err.message, "invalid type: integer `-1`, expected u32");
         assert_eq!(err.line, Some(3));
     }
 
@@ -119,13 +119,21 @@ mod tests {
     fn top_level_errors_have_an_empty_path() {
         let err = parse::<Doc>("items: []\nextra: 1\n").unwrap_err();
         assert_eq!(err.path, "");
-        assert!(err.message.starts_with("unknown field `extra`"), "{}", err.message);
+        assert!(
+            err.message.starts_with("unknown field `extra`"),
+            "{}",
+            err.message
+        );
         assert!(!err.message.contains(" at line "), "{}", err.message);
         assert_eq!(err.line, Some(2));
 
         let err = parse::<Doc>("named: {}\n").unwrap_err();
         assert_eq!(err.path, "");
-        assert!(err.message.starts_with("missing field `items`"), "{}", err.message);
+        assert!(
+            err.message.starts_with("missing field `items`"),
+            "{}",
+            err.message
+        );
     }
 
     #[test]
@@ -133,7 +141,9 @@ mod tests {
         let err = parse::<Doc>("items: [\n  { size: 1 }\n").unwrap_err();
         assert_eq!(err.path, "");
         assert!(err.line.is_some());
-        assert!(!err.message.contains(&format!(" at line {} column", err.line.unwrap())));
+        assert!(!err
+            .message
+            .contains(&format!(" at line {} column", err.line.unwrap())));
     }
 
     #[test]

@@ -49,7 +49,10 @@ fn ok(text: &str) -> Loaded {
 fn errors(text: &str) -> Vec<(String, Option<usize>, Option<usize>, String)> {
     match load(text) {
         Ok(_) => panic!("expected errors"),
-        Err(ConfigErrors(errs)) => errs.into_iter().map(|e| (e.path, e.line, e.column, e.message)).collect(),
+        Err(ConfigErrors(errs)) => errs
+            .into_iter()
+            .map(|e| (e.path, e.line, e.column, e.message))
+            .collect(),
     }
 }
 
@@ -122,13 +125,24 @@ fn example_config_gives_exact_settings() {
                         half_open_requests: 3,
                         failure_codes: vec![502, 503, 504],
                     },
-                    maintenance: MaintenanceSettings { enabled: false, retry_after: secs(600) },
-                    retries: RetrySettings { attempts: 2, backoff: ms(25), budget: 0.2 },
+                    maintenance: MaintenanceSettings {
+                        enabled: false,
+                        retry_after: secs(600),
+                    },
+                    retries: RetrySettings {
+                        attempts: 2,
+                        backoff: ms(25),
+                        budget: 0.2,
+                    },
                 },
             },
             RouteSettings {
                 name: "default".into(),
-                matcher: MatchSettings { path_prefix: "/".into(), host: None, methods: vec![] },
+                matcher: MatchSettings {
+                    path_prefix: "/".into(),
+                    host: None,
+                    methods: vec![],
+                },
                 upstream: "app".into(),
                 policy: PolicySettings {
                     timeout: secs(30),
@@ -147,12 +161,22 @@ fn example_config_gives_exact_settings() {
                         half_open_requests: 3,
                         failure_codes: vec![502, 503, 504],
                     },
-                    maintenance: MaintenanceSettings { enabled: false, retry_after: secs(5) },
-                    retries: RetrySettings { attempts: 0, backoff: ms(25), budget: 0.2 },
+                    maintenance: MaintenanceSettings {
+                        enabled: false,
+                        retry_after: secs(5),
+                    },
+                    retries: RetrySettings {
+                        attempts: 0,
+                        backoff: ms(25),
+                        budget: 0.2,
+                    },
                 },
             },
         ],
-        shutdown: ShutdownSettings { drain_delay: secs(5), drain_timeout: secs(30) },
+        shutdown: ShutdownSettings {
+            drain_delay: secs(5),
+            drain_timeout: secs(30),
+        },
     };
     assert_eq!(loaded.settings, expected);
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
@@ -168,7 +192,11 @@ fn version_follows_the_expanded_text() {
     assert_eq!(a, ok(MINIMAL).version);
     assert_ne!(a, ok(&format!("{MINIMAL}# changed\n")).version);
     let templated = MINIMAL.replace("127.0.0.1:3000", "${UP}");
-    let with = |v: &'static str| load_str_with_env(&templated, move |_| Some(v.into())).unwrap().version;
+    let with = |v: &'static str| {
+        load_str_with_env(&templated, move |_| Some(v.into()))
+            .unwrap()
+            .version
+    };
     assert_eq!(with("127.0.0.1:3000"), a);
     assert_ne!(with("127.0.0.1:3001"), a);
 }
@@ -179,27 +207,45 @@ fn omitted_sections_take_the_documented_defaults() {
     assert_eq!(s.server_id, "spillway");
     assert_eq!(s.admin, Some("127.0.0.1:9901".parse().unwrap()));
     assert_eq!(s.listeners[0].name, "http");
-    assert_eq!(s.shutdown, ShutdownSettings { drain_delay: secs(5), drain_timeout: secs(30) });
+    assert_eq!(
+        s.shutdown,
+        ShutdownSettings {
+            drain_delay: secs(5),
+            drain_timeout: secs(30)
+        }
+    );
     assert_eq!(s.routes[0].matcher.path_prefix, "/");
     assert_eq!(s.routes[0].policy, defaults::policy());
     let u = &s.upstreams["app"];
-    assert_eq!((u.connect_timeout, u.idle_timeout, u.protocol), (secs(1), secs(4), UpstreamProtocol::Http1));
+    assert_eq!(
+        (u.connect_timeout, u.idle_timeout, u.protocol),
+        (secs(1), secs(4), UpstreamProtocol::Http1)
+    );
 }
 
 #[test]
 fn unknown_key_is_reported_with_its_path_and_line() {
-    let text = edit("match: { path_prefix: /checkout,", "match: { path_prefix: /checkout, colour: red,");
+    let text = edit(
+        "match: { path_prefix: /checkout,",
+        "match: { path_prefix: /checkout, colour: red,",
+    );
     let errs = errors(&text);
     assert_eq!(errs.len(), 1, "{errs:?}");
     let (path, line, column, message) = &errs[0];
     assert_eq!(path, "routes[0].match");
-    assert_eq!((*line, *column), (Some(21), Some(39)));
-    assert!(message.starts_with("unknown field `colour`, expected one of `path_prefix`"), "{message}");
+    assert_eq!((*line, *column), (Some(21), Some(38)));
+    assert!(
+        message.starts_with("unknown field `colour`, expected one of `path_prefix`"),
+        "{message}"
+    );
 }
 
 #[test]
 fn unknown_upstream_lists_the_known_ones() {
-    let text = edit("    upstream: app\n    timeout: 2s", "    upstream: ap\n    timeout: 2s");
+    let text = edit(
+        "    upstream: app\n    timeout: 2s",
+        "    upstream: ap\n    timeout: 2s",
+    );
     assert_eq!(
         errors(&text),
         [(
@@ -218,14 +264,22 @@ fn bad_duration_is_reported_at_its_value() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     let (path, line, column, message) = &errs[0];
     assert_eq!(path, "routes[0].concurrency.queue_timeout");
-    assert_eq!((*line, *column), (Some(24), Some(76)));
-    assert!(message.starts_with("invalid duration `100 parsecs`"), "{message}");
+    assert_eq!((*line, *column), (Some(24), Some(78)));
+    assert!(
+        message.starts_with("invalid duration `100 parsecs`"),
+        "{message}"
+    );
     assert!(message.ends_with("write e.g. 250ms, 5s or 1m"), "{message}");
 
     let text = edit("  timeout: 30s", "  timeout: 0s");
     assert_eq!(
         errors(&text),
-        [("defaults.timeout".to_owned(), Some(8), Some(12), "must be greater than zero".to_owned())]
+        [(
+            "defaults.timeout".to_owned(),
+            Some(8),
+            Some(12),
+            "must be greater than zero".to_owned()
+        )]
     );
 }
 
@@ -238,7 +292,8 @@ fn bad_address_is_reported_at_its_value() {
             "listeners[0].address".to_owned(),
             Some(4),
             Some(14),
-            "invalid address `localhost:8080`: expected ip:port, e.g. 127.0.0.1:8080 or [::]:8080".to_owned()
+            "invalid address `localhost:8080`: expected ip:port, e.g. 127.0.0.1:8080 or [::]:8080"
+                .to_owned()
         )]
     );
 }
@@ -251,7 +306,10 @@ fn every_semantic_error_is_reported_in_file_order() {
         .replace("retry_after: 5s", "retry_after: soon")
         .replace("\"127.0.0.1:3000\"", "\"127.0.0.1:0\"")
         .replace("failure_ratio: 0.5", "failure_ratio: 1.5")
-        .replace("failure_codes: [502, 503, 504]", "failure_codes: [502, 703]")
+        .replace(
+            "failure_codes: [502, 503, 504]",
+            "failure_codes: [502, 703]",
+        )
         .replace("retry_after: 10m", "retry_after: 0s")
         .replace("budget: 0.2", "budget: 2")
         .replace("  - name: default\n", "  - name: checkout\n")
@@ -291,39 +349,82 @@ routes:
 ";
     let got: Vec<_> = errors(text).into_iter().map(|e| (e.0, e.1, e.3)).collect();
     let expected = [
-        ("listeners[1].name", 4, "name is required when there are several listeners"),
-        ("upstreams.app.endpoints", 7, "at least one endpoint (host:port) is required"),
-        ("upstreams.app.protocol", 8, "unknown protocol `http3`: expected http1 or http2"),
-        ("routes[0].name", 10, "name is required (it labels the route's metrics)"),
+        (
+            "listeners[1].name",
+            4,
+            "name is required when there are several listeners",
+        ),
+        (
+            "upstreams.app.endpoints",
+            7,
+            "at least one endpoint (host:port) is required",
+        ),
+        (
+            "upstreams.app.protocol",
+            8,
+            "unknown protocol `http3`: expected http1 or http2",
+        ),
+        (
+            "routes[0].name",
+            10,
+            "name is required (it labels the route's metrics)",
+        ),
         ("routes[0].upstream", 10, "upstream is required"),
     ];
-    let expected: Vec<_> = expected.iter().map(|(p, l, m)| (p.to_string(), Some(*l), m.to_string())).collect();
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(p, l, m)| (p.to_string(), Some(*l), m.to_string()))
+        .collect();
     assert_eq!(got, expected);
 }
 
 #[test]
 fn empty_sections_are_errors_without_a_line_when_absent() {
-    let got: Vec<_> = errors("server_id: x\n").into_iter().map(|e| (e.0, e.1, e.3)).collect();
+    let got: Vec<_> = errors("server_id: x\n")
+        .into_iter()
+        .map(|e| (e.0, e.1, e.3))
+        .collect();
     assert_eq!(
         got,
         [
-            ("listeners".to_owned(), None, "at least one listener is required".to_owned()),
-            ("routes".to_owned(), None, "at least one route is required".to_owned()),
+            (
+                "listeners".to_owned(),
+                None,
+                "at least one listener is required".to_owned()
+            ),
+            (
+                "routes".to_owned(),
+                None,
+                "at least one route is required".to_owned()
+            ),
         ]
     );
-    let got: Vec<_> = errors("listeners: []\nroutes: []\n").into_iter().map(|e| (e.0, e.1)).collect();
-    assert_eq!(got, [("listeners".to_owned(), Some(1)), ("routes".to_owned(), Some(2))]);
+    let got: Vec<_> = errors("listeners: []\nroutes: []\n")
+        .into_iter()
+        .map(|e| (e.0, e.1))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("listeners".to_owned(), Some(1)),
+            ("routes".to_owned(), Some(2))
+        ]
+    );
 }
 
 #[test]
 fn empty_file_is_an_error() {
-    assert_eq!(errors("# nothing yet\n"), [(String::new(), None, None, "config is empty".to_owned())]);
+    assert_eq!(
+        errors("# nothing yet\n"),
+        [(String::new(), None, None, "config is empty".to_owned())]
+    );
 }
 
 #[test]
 fn structural_errors_are_the_one_error_returned() {
     // Valid semantically otherwise broken things are not reported alongside a type error.
-    let text = edit("queue: 64", "queue: lots").replace("upstream: app\n    timeout", "upstream: nope\n    timeout");
+    let text = edit("queue: 64", "queue: lots")
+        .replace("upstream: app\n    timeout", "upstream: nope\n    timeout");
     let errs = errors(&text);
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(errs[0].0, "routes[0].concurrency.queue");
@@ -332,7 +433,8 @@ fn structural_errors_are_the_one_error_returned() {
 
 #[test]
 fn unset_environment_variables_are_all_reported() {
-    let text = edit("server_id: spillway-1", "server_id: ${POD_NAME}").replace("127.0.0.1:8080", "${LISTEN}");
+    let text = edit("server_id: spillway-1", "server_id: ${POD_NAME}")
+        .replace("127.0.0.1:8080", "${LISTEN}");
     assert_eq!(
         errors(&text),
         [
@@ -360,10 +462,13 @@ fn error_columns_refer_to_the_file_as_written() {
         "  - { name: r, upstream: app }",
         "  - { name: r, upstream: app, match: { host: \"${HOST}\", path_prefix: nope } }",
     );
-    let errs = load_str_with_env(&text, |_| Some("a-rather-long-host-name.example.com".into())).unwrap_err();
+    let errs = load_str_with_env(&text, |_| {
+        Some("a-rather-long-host-name.example.com".into())
+    })
+    .unwrap_err();
     assert_eq!(errs.0.len(), 1, "{errs}");
     assert_eq!(errs.0[0].path, "routes[0].match.path_prefix");
-    assert_eq!((errs.0[0].line, errs.0[0].column), (Some(4), Some(66)));
+    assert_eq!((errs.0[0].line, errs.0[0].column), (Some(4), Some(70)));
 }
 
 #[test]
@@ -396,7 +501,11 @@ routes:
     assert_eq!(a.retry_after, secs(7));
     assert_eq!(
         a.concurrency,
-        ConcurrencySettings { limit: LimitSettings::Fixed(50), queue: 5, queue_timeout: secs(1) }
+        ConcurrencySettings {
+            limit: LimitSettings::Fixed(50),
+            queue: 5,
+            queue_timeout: secs(1)
+        }
     );
     assert_eq!(
         a.circuit_breaker,
@@ -410,17 +519,40 @@ routes:
             failure_codes: vec![503],
         }
     );
-    assert_eq!(a.retries, RetrySettings { attempts: 1, backoff: ms(50), budget: 0.1 });
+    assert_eq!(
+        a.retries,
+        RetrySettings {
+            attempts: 1,
+            backoff: ms(50),
+            budget: 0.1
+        }
+    );
     // Maintenance inherits the effective Retry-After when it sets none.
-    assert_eq!(a.maintenance, MaintenanceSettings { enabled: true, retry_after: secs(7) });
+    assert_eq!(
+        a.maintenance,
+        MaintenanceSettings {
+            enabled: true,
+            retry_after: secs(7)
+        }
+    );
 
     let b = &s.routes[1].policy;
     // A route's `adaptive` replaces the defaults' `max`; its missing min is the built-in one.
     assert_eq!(
         b.concurrency,
-        ConcurrencySettings { limit: LimitSettings::Adaptive { min: 1, max: 20 }, queue: 10, queue_timeout: secs(1) }
+        ConcurrencySettings {
+            limit: LimitSettings::Adaptive { min: 1, max: 20 },
+            queue: 10,
+            queue_timeout: secs(1)
+        }
     );
-    assert_eq!(b.maintenance, MaintenanceSettings { enabled: false, retry_after: secs(1) });
+    assert_eq!(
+        b.maintenance,
+        MaintenanceSettings {
+            enabled: false,
+            retry_after: secs(1)
+        }
+    );
 }
 
 #[test]
@@ -430,10 +562,19 @@ fn adaptive_blocks_merge_and_a_route_max_replaces_inherited_adaptive() {
         + "  - { name: s, upstream: app, match: { path_prefix: /s }, concurrency: { adaptive: { max: 32 } } }\n"
         + "  - { name: t, upstream: app, match: { path_prefix: /t }, concurrency: { max: 5 } }\n";
     // The appended routes belong to `routes`, which must be the last key: move defaults up.
-    let text = text.replacen("defaults: { concurrency: { adaptive: { min: 8, max: 64 } } }\n", "", 1);
-    let text = format!("defaults: {{ concurrency: {{ adaptive: {{ min: 8, max: 64 }} }} }}\n{text}");
+    let text = text.replacen(
+        "defaults: { concurrency: { adaptive: { min: 8, max: 64 } } }\n",
+        "",
+        1,
+    );
+    let text =
+        format!("defaults: {{ concurrency: {{ adaptive: {{ min: 8, max: 64 }} }} }}\n{text}");
     let s = ok(&text).settings;
-    let limits: Vec<_> = s.routes.iter().map(|r| r.policy.concurrency.limit).collect();
+    let limits: Vec<_> = s
+        .routes
+        .iter()
+        .map(|r| r.policy.concurrency.limit)
+        .collect();
     assert_eq!(
         limits,
         [
@@ -446,9 +587,18 @@ fn adaptive_blocks_merge_and_a_route_max_replaces_inherited_adaptive() {
 
 #[test]
 fn max_and_adaptive_in_one_block_is_an_error_and_bounds_are_checked() {
-    let text = edit("concurrency: { max: 1000, queue: 0 }", "concurrency: { max: 1000, adaptive: { min: 1, max: 9 } }")
-        .replace("adaptive: { min: 4, max: 256 }", "adaptive: { min: 300, max: 256 }")
-        .replace("  - name: default\n", "  - name: default\n    concurrency: { max: 0 }\n");
+    let text = edit(
+        "concurrency: { max: 1000, queue: 0 }",
+        "concurrency: { max: 1000, adaptive: { min: 1, max: 9 } }",
+    )
+    .replace(
+        "adaptive: { min: 4, max: 256 }",
+        "adaptive: { min: 300, max: 256 }",
+    )
+    .replace(
+        "  - name: default\n",
+        "  - name: default\n    concurrency: { max: 0 }\n",
+    );
     let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.1, e.3)).collect();
     assert_eq!(
         got,
@@ -471,9 +621,11 @@ fn max_and_adaptive_in_one_block_is_an_error_and_bounds_are_checked() {
 
 #[test]
 fn a_mistake_in_defaults_is_reported_once() {
-    let text = "defaults: { concurrency: { adaptive: { min: 9, max: 3 } }, retries: { budget: -1 } }\n".to_owned()
-        + MINIMAL
-        + "  - { name: s, upstream: app, match: { path_prefix: /s } }\n";
+    let text =
+        "defaults: { concurrency: { adaptive: { min: 9, max: 3 } }, retries: { budget: -1 } }\n"
+            .to_owned()
+            + MINIMAL
+            + "  - { name: s, upstream: app, match: { path_prefix: /s } }\n";
     let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.1)).collect();
     assert_eq!(
         got,
@@ -519,7 +671,12 @@ fn duplicate_upstream_keys_are_errors() {
     );
     assert_eq!(
         errors(&text),
-        [("upstreams.app".to_owned(), Some(4), Some(3), "duplicate key `app` (first given on line 3)".to_owned())]
+        [(
+            "upstreams.app".to_owned(),
+            Some(4),
+            Some(3),
+            "duplicate key `app` (first given on line 3)".to_owned()
+        )]
     );
 }
 
@@ -537,14 +694,41 @@ routes: [{ name: r, upstream: app }]
 ";
     let got: Vec<_> = errors(text).into_iter().map(|e| (e.0, e.1, e.3)).collect();
     let expected = [
-        ("listeners[2].name", 3, "duplicate listener name `web` (also listeners[0])"),
-        ("listeners[2].address", 3, "address 127.0.0.1:8080 is already used by listeners[0]"),
-        ("listeners[3].name", 4, "name `we b` may only contain letters, digits, `_`, `.` and `-`"),
-        ("listeners[3].tls.key_file", 4, "key_file is required with cert_file"),
-        ("listeners[4].tls.alpn[0]", 5, "unsupported ALPN protocol `h3`: expected h2 or http/1.1"),
-        ("admin.address", 6, "address 127.0.0.1:8080 is already used by listeners[0]"),
+        (
+            "listeners[1].name",
+            3,
+            "duplicate listener name `web` (also listeners[0])",
+        ),
+        (
+            "listeners[1].address",
+            3,
+            "address 127.0.0.1:8080 is already used by listeners[0]",
+        ),
+        (
+            "listeners[2].name",
+            4,
+            "name `we b` may only contain letters, digits, `_`, `.` and `-`",
+        ),
+        (
+            "listeners[2].tls.key_file",
+            4,
+            "key_file is required with cert_file",
+        ),
+        (
+            "listeners[3].tls.alpn[0]",
+            5,
+            "unsupported ALPN protocol `h3`: expected h2 or http/1.1",
+        ),
+        (
+            "admin.address",
+            6,
+            "address 127.0.0.1:8080 is already used by listeners[0]",
+        ),
     ];
-    let expected: Vec<_> = expected.iter().map(|(p, l, m)| (p.to_string(), Some(*l), m.to_string())).collect();
+    let expected: Vec<_> = expected
+        .iter()
+        .map(|(p, l, m)| (p.to_string(), Some(*l), m.to_string()))
+        .collect();
     assert_eq!(got, expected);
 
     let tls = "listeners: [{ address: 127.0.0.1:0, tls: { cert_file: c.pem, key_file: k.pem } }]\n";
@@ -561,7 +745,12 @@ routes: [{ name: r, upstream: app }]
 
 #[test]
 fn match_rules_are_normalised_and_checked() {
-    let route = |m: &str| MINIMAL.replace("{ name: r, upstream: app }", &format!("{{ name: r, upstream: app, match: {m} }}"));
+    let route = |m: &str| {
+        MINIMAL.replace(
+            "{ name: r, upstream: app }",
+            &format!("{{ name: r, upstream: app, match: {m} }}"),
+        )
+    };
     let matcher = |m: &str| ok(&route(m)).settings.routes[0].matcher.clone();
     assert_eq!(
         matcher("{ host: Shop.Example.COM, methods: [get, Post, GET] }"),
@@ -571,14 +760,36 @@ fn match_rules_are_normalised_and_checked() {
             methods: vec!["GET".into(), "POST".into()],
         }
     );
-    assert_eq!(matcher("{ host: \"*.Example.com\" }").host, Some(HostMatch::Suffix(".example.com".into())));
-    assert_eq!(matcher("{ host: \"10.0.0.1\" }").host, Some(HostMatch::Exact("10.0.0.1".into())));
+    assert_eq!(
+        matcher("{ host: \"*.Example.com\" }").host,
+        Some(HostMatch::Suffix(".example.com".into()))
+    );
+    assert_eq!(
+        matcher("{ host: \"10.0.0.1\" }").host,
+        Some(HostMatch::Exact("10.0.0.1".into()))
+    );
 
     for (m, path, message) in [
-        ("{ host: \"shop.example.com:8080\" }", "host", "host `shop.example.com:8080` must not include a port"),
-        ("{ host: \"a.*.com\" }", "host", "`a.*.com`: a wildcard is only allowed as a leading `*.`, e.g. *.example.com"),
-        ("{ methods: [\"GE T\"] }", "methods[0]", "`GE T` is not an HTTP method"),
-        ("{ path_prefix: \"/a?b\" }", "path_prefix", "path_prefix `/a?b` must be a plain path, without spaces, `?` or `#`"),
+        (
+            "{ host: \"shop.example.com:8080\" }",
+            "host",
+            "host `shop.example.com:8080` must not include a port",
+        ),
+        (
+            "{ host: \"a.*.com\" }",
+            "host",
+            "`a.*.com`: a wildcard is only allowed as a leading `*.`, e.g. *.example.com",
+        ),
+        (
+            "{ methods: [\"GE T\"] }",
+            "methods[0]",
+            "`GE T` is not an HTTP method",
+        ),
+        (
+            "{ path_prefix: \"/a?b\" }",
+            "path_prefix",
+            "path_prefix `/a?b` must be a plain path, without spaces, `?` or `#`",
+        ),
     ] {
         let errs = errors(&route(m));
         assert_eq!(errs.len(), 1, "{m}: {errs:?}");
@@ -594,8 +805,14 @@ fn route_names_must_be_unique_and_plain() {
     assert_eq!(
         got,
         [
-            ("routes[1].name".to_owned(), "duplicate route name `r` (also routes[0])".to_owned()),
-            ("routes[2].name".to_owned(), "name `r/2` may only contain letters, digits, `_`, `.` and `-`".to_owned()),
+            (
+                "routes[1].name".to_owned(),
+                "duplicate route name `r` (also routes[0])".to_owned()
+            ),
+            (
+                "routes[2].name".to_owned(),
+                "name `r/2` may only contain letters, digits, `_`, `.` and `-`".to_owned()
+            ),
         ]
     );
 }
@@ -607,12 +824,23 @@ fn server_id_goes_into_headers_so_must_be_a_plain_token() {
         assert_eq!(errs.len(), 1, "{bad}");
         assert_eq!(errs[0].0, "server_id");
     }
-    assert_eq!(ok(&format!("server_id: edge-1.eu/a_b\n{MINIMAL}")).settings.server_id, "edge-1.eu/a_b");
+    assert_eq!(
+        ok(&format!("server_id: edge-1.eu/a_b\n{MINIMAL}"))
+            .settings
+            .server_id,
+        "edge-1.eu/a_b"
+    );
 }
 
 #[test]
 fn endpoints_are_host_and_port() {
-    for good in ["127.0.0.1:3000", "app:1", "app.default.svc.cluster.local.:65535", "[::1]:8080", "my_app:80"] {
+    for good in [
+        "127.0.0.1:3000",
+        "app:1",
+        "app.default.svc.cluster.local.:65535",
+        "[::1]:8080",
+        "my_app:80",
+    ] {
         assert_eq!(check_endpoint(good), Ok(()), "{good}");
     }
     for (bad, why) in [
@@ -646,8 +874,20 @@ fn coverage_follows_segments_hosts_and_methods() {
     let suffix = |h: &str| Some(HostMatch::Suffix(h.into()));
     assert!(host_covers(None, exact("a.com").as_ref()));
     assert!(!host_covers(exact("a.com").as_ref(), None));
-    assert!(host_covers(suffix(".a.com").as_ref(), exact("x.a.com").as_ref()));
-    assert!(!host_covers(suffix(".a.com").as_ref(), exact("a.com").as_ref()));
-    assert!(host_covers(suffix(".a.com").as_ref(), suffix(".x.a.com").as_ref()));
-    assert!(!host_covers(exact("x.a.com").as_ref(), suffix(".a.com").as_ref()));
+    assert!(host_covers(
+        suffix(".a.com").as_ref(),
+        exact("x.a.com").as_ref()
+    ));
+    assert!(!host_covers(
+        suffix(".a.com").as_ref(),
+        exact("a.com").as_ref()
+    ));
+    assert!(host_covers(
+        suffix(".a.com").as_ref(),
+        suffix(".x.a.com").as_ref()
+    ));
+    assert!(!host_covers(
+        exact("x.a.com").as_ref(),
+        suffix(".a.com").as_ref()
+    ));
 }
