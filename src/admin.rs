@@ -55,7 +55,7 @@ fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) 
     r
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
     match (req.method(), req.uri().path()) {
@@ -77,7 +77,33 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>>
             });
             text(StatusCode::OK, JSON, serde_json::to_vec_pretty(&body).unwrap_or_default())
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/config") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n"),
+        (&Method::POST, "/reload") => {
+            let outcome = match shared.config_path {
+                // Reading and validating is blocking work: keep it off the async threads.
+                Some(_) => {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || crate::reload::reload(&shared)).await.ok()
+                }
+                None => Some(crate::reload::reload(shared)),
+            };
+            match outcome {
+                Some(Ok(r)) => text(
+                    StatusCode::OK,
+                    JSON,
+                    serde_json::to_vec(&serde_json::json!({"version": r.version, "changed": r.changed})).unwrap_or_default(),
+                ),
+                Some(Err(errors)) => {
+                    let list: Vec<_> = errors
+                        .0
+                        .iter()
+                        .map(|e| serde_json::json!({"path": e.path, "message": e.message, "line": e.line, "column": e.column}))
+                        .collect();
+                    text(StatusCode::UNPROCESSABLE_ENTITY, JSON, serde_json::to_vec_pretty(&serde_json::json!({"errors": list})).unwrap_or_default())
+                }
+                None => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, "reload task failed\n"),
+            }
+        }
+        (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }

@@ -71,7 +71,7 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Run { config } => match load(&config) {
-            Ok(loaded) => block_on(run(loaded, None)),
+            Ok(loaded) => block_on(run(loaded, Some(config), None)),
             Err(code) => code,
         },
         Command::Demo { config } => block_on(crate::demo::run(&config, DEMO_CONFIG_EMBEDDED)),
@@ -136,11 +136,26 @@ fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once.
-/// `started` is told the bound addresses (used by `demo`).
-pub async fn run(loaded: Loaded, started: Option<tokio::sync::oneshot::Sender<Addrs>>) -> ExitCode {
-    let server = match Server::start(&loaded, Metrics::new()).await {
-        Ok(s) => s,
+/// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. With a config
+/// `path`, the file is watched and reloaded (also on SIGHUP and `POST /reload`). `started` is
+/// told the bound addresses (used by `demo`).
+pub async fn run(
+    loaded: Loaded,
+    path: Option<PathBuf>,
+    started: Option<tokio::sync::oneshot::Sender<Addrs>>,
+) -> ExitCode {
+    let started_server = match &path {
+        Some(p) => Server::start_with_file(p, &loaded, Metrics::new()).await,
+        None => Server::start(&loaded, Metrics::new()).await,
+    };
+    let server = match started_server {
+        Ok(s) => {
+            if path.is_some() {
+                s.watch_file();
+                s.reload_on_sighup();
+            }
+            s
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot start");
             return ExitCode::from(EXIT_START_FAILED);

@@ -15,3 +15,4 @@ pub mod admin;
 pub mod server;
 pub mod cli;
 pub mod demo;
+pub mod reload;

@@ -10,13 +10,15 @@ mod listener;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
+use crate::reload;
 use crate::config::Loaded;
 use crate::metrics::Metrics;
 use crate::proxy::Runtime;
@@ -29,6 +31,12 @@ pub struct Shared {
     pub metrics: Metrics,
     /// False once draining has begun: `/readyz` answers 503.
     pub ready: AtomicBool,
+    /// The config file, when spillway was started from one (enables reloads).
+    pub config_path: Option<PathBuf>,
+    /// Serializes reloads.
+    pub reload_lock: Mutex<()>,
+    /// Hash of the config file's bytes at the last watch-triggered attempt.
+    pub last_seen_file: Mutex<Option<u64>>,
 }
 
 /// A running spillway: its bound addresses and the handle to stop it.
@@ -43,6 +51,7 @@ pub struct Server {
     tasks: Vec<JoinHandle<listener::Drained>>,
     admin_task: Option<JoinHandle<()>>,
     admin_stop: CancellationToken,
+    background: CancellationToken,
 }
 
 /// How a shutdown went.
@@ -53,13 +62,42 @@ pub struct ShutdownReport {
 }
 
 impl Server {
-    /// Binds every listener and the admin endpoint and starts serving.
+    /// Binds every listener and the admin endpoint and starts serving a config that did not
+    /// come from a file (no reloads).
     pub async fn start(loaded: &Loaded, metrics: Metrics) -> std::io::Result<Server> {
+        Self::start_inner(loaded, metrics, None).await
+    }
+
+    /// Starts serving the config loaded from `path`; `POST /reload` re-reads it. Add
+    /// [`Server::watch_file`] and [`Server::reload_on_sighup`] for the other triggers.
+    pub async fn start_with_file(path: &Path, loaded: &Loaded, metrics: Metrics) -> std::io::Result<Server> {
+        Self::start_inner(loaded, metrics, Some(path.to_path_buf())).await
+    }
+
+    /// Reloads when the config file changes (in place, by rename, or by a ConfigMap swap).
+    pub fn watch_file(&self) {
+        let Some(path) = self.shared.config_path.clone() else { return };
+        if let Err(e) = reload::spawn_watcher(self.shared.clone(), path, self.background.clone()) {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
+        }
+    }
+
+    /// Reloads on SIGHUP.
+    pub fn reload_on_sighup(&self) {
+        reload::spawn_sighup(self.shared.clone(), self.background.clone());
+    }
+
+    async fn start_inner(loaded: &Loaded, metrics: Metrics, config_path: Option<PathBuf>) -> std::io::Result<Server> {
         let runtime = Runtime::build(loaded, &metrics, None);
+        let last_seen_file =
+            config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).map(|t| reload::file_hash(&t));
         let shared = Arc::new(Shared {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             metrics,
             ready: AtomicBool::new(true),
+            config_path,
+            reload_lock: Mutex::new(()),
+            last_seen_file: Mutex::new(last_seen_file),
         });
         let stop_accepting = CancellationToken::new();
         let mut listen_addrs = Vec::new();
@@ -91,7 +129,16 @@ impl Server {
             }
             None => (None, None),
         };
-        Ok(Server { shared, listen_addrs, admin_addr, stop_accepting, tasks, admin_task, admin_stop })
+        Ok(Server {
+            shared,
+            listen_addrs,
+            admin_addr,
+            stop_accepting,
+            tasks,
+            admin_task,
+            admin_stop,
+            background: CancellationToken::new(),
+        })
     }
 
     /// Drains and stops: readiness off, `drain_delay` of normal serving, then stop accepting
@@ -107,6 +154,7 @@ impl Server {
     /// Stops accepting at once and gives in-flight requests up to `grace`.
     pub async fn stop_now(self, grace: std::time::Duration) -> ShutdownReport {
         self.shared.ready.store(false, Ordering::SeqCst);
+        self.background.cancel();
         self.stop_accepting.cancel();
         let deadline = tokio::time::Instant::now() + grace;
         let mut cut = 0;

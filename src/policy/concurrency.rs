@@ -1,0 +1,705 @@
+//! The concurrency limit: at most `limit` requests in flight to the upstream, a bounded FIFO
+//! queue in front, and immediate refusal beyond that.
+//!
+//! The waiting is done by a small hand-written queue rather than a semaphore because the limit
+//! can move (adaptive limit), the queue length is bounded, and a refusal must not allocate or
+//! wait: a refused request costs one lock and one error value.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::Duration;
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use prometheus::IntGauge;
+use tokio::time::{Instant, Sleep};
+use tower::{Layer, Service};
+
+use super::adaptive::{GradientLimit, Outcome};
+use crate::config::settings::{ConcurrencySettings, LimitSettings};
+use crate::error::{ProxyError, ShedReason, UpstreamError};
+
+/// The shared state of one route's concurrency limit: current limit, requests in flight, the
+/// queue. Create one per route and keep it across reloads while the settings stay equal.
+#[derive(Debug)]
+pub struct LimiterState {
+    shared: Mutex<Shared>,
+    queue_capacity: usize,
+    queue_timeout: Duration,
+    retry_after: Duration,
+    limit_gauge: IntGauge,
+}
+
+#[derive(Debug)]
+struct Shared {
+    limit: usize,
+    in_flight: usize,
+    /// Waiting requests, oldest first; ids increase, so the queue is sorted by id.
+    waiters: VecDeque<Waiter>,
+    /// Waiters that were handed a permit but have not picked it up yet. The permit is already
+    /// counted in `in_flight`.
+    granted: Vec<u64>,
+    next_id: u64,
+    adaptive: Option<GradientLimit>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    id: u64,
+    waker: Option<Waker>,
+}
+
+/// What a request gets on arrival.
+enum Admission {
+    Go(Permit),
+    Wait(Ticket),
+    Refused,
+}
+
+impl LimiterState {
+    /// State for `settings`; `retry_after` is the route's `Retry-After` for refusals and
+    /// `limit_gauge` (spillway_concurrency_limit for the route) is kept equal to the limit.
+    ///
+    /// An adaptive limit starts at `min` (see [`GradientLimit`]).
+    pub fn new(settings: &ConcurrencySettings, retry_after: Duration, limit_gauge: IntGauge) -> Self {
+        let (limit, adaptive) = match settings.limit {
+            LimitSettings::Fixed(n) => (n as usize, None),
+            LimitSettings::Adaptive { min, max } => {
+                let g = GradientLimit::new(min, max);
+                (g.current(), Some(g))
+            }
+        };
+        limit_gauge.set(limit as i64);
+        LimiterState {
+            shared: Mutex::new(Shared {
+                limit,
+                in_flight: 0,
+                waiters: VecDeque::new(),
+                granted: Vec::new(),
+                next_id: 0,
+                adaptive,
+            }),
+            queue_capacity: settings.queue as usize,
+            queue_timeout: settings.queue_timeout,
+            retry_after,
+            limit_gauge,
+        }
+    }
+
+    /// The current limit.
+    pub fn limit(&self) -> u32 {
+        self.lock().limit as u32
+    }
+
+    /// Requests holding a permit right now (including ones handed over to a waiter that has not
+    /// resumed yet).
+    pub fn in_flight(&self) -> u32 {
+        self.lock().in_flight as u32
+    }
+
+    /// Requests waiting in the queue.
+    pub fn queued(&self) -> u32 {
+        self.lock().waiters.len() as u32
+    }
+
+    /// The no-load latency the adaptive limit currently assumes (`None` for a fixed limit or
+    /// before the first measurement).
+    pub fn baseline_latency(&self) -> Option<Duration> {
+        self.lock().adaptive.as_ref().and_then(GradientLimit::baseline)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        // Nothing panics while holding the lock; if something ever did, the counters are still
+        // consistent enough to keep serving rather than failing every request.
+        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn admit(self: &Arc<Self>) -> Admission {
+        let mut shared = self.lock();
+        if shared.in_flight < shared.limit && shared.waiters.is_empty() {
+            shared.in_flight += 1;
+            let in_flight = shared.in_flight;
+            if let Some(g) = shared.adaptive.as_mut() {
+                g.note_demand(in_flight);
+            }
+            drop(shared);
+            return Admission::Go(Permit::new(self.clone()));
+        }
+        let demand = shared.in_flight + shared.waiters.len() + 1;
+        if let Some(g) = shared.adaptive.as_mut() {
+            g.note_demand(demand);
+        }
+        if shared.waiters.len() >= self.queue_capacity {
+            return Admission::Refused;
+        }
+        let id = shared.next_id;
+        shared.next_id += 1;
+        shared.waiters.push_back(Waiter { id, waker: None });
+        drop(shared);
+        Admission::Wait(Ticket { state: self.clone(), id, active: true })
+    }
+
+    /// Gives a permit back, feeds the adaptive limit, and hands freed permits to waiters.
+    fn release(&self, shared: &mut Shared, started: Instant, outcome: Outcome) {
+        shared.in_flight -= 1;
+        let in_flight = shared.in_flight;
+        if let Some(g) = shared.adaptive.as_mut() {
+            if outcome != Outcome::Ignore {
+                g.on_complete(started, outcome, Instant::now(), in_flight);
+            }
+            let limit = g.current();
+            if limit != shared.limit {
+                shared.limit = limit;
+                self.limit_gauge.set(limit as i64);
+            }
+        }
+        while shared.in_flight < shared.limit {
+            let Some(waiter) = shared.waiters.pop_front() else { break };
+            shared.in_flight += 1;
+            shared.granted.push(waiter.id);
+            // Waking only queues the task; it takes this lock again when it runs.
+            if let Some(waker) = waiter.waker {
+                waker.wake();
+            }
+        }
+    }
+}
+
+/// One request's right to be in flight; given back on drop.
+#[derive(Debug)]
+struct Permit {
+    state: Arc<LimiterState>,
+    started: Instant,
+    outcome: Outcome,
+}
+
+impl Permit {
+    fn new(state: Arc<LimiterState>) -> Self {
+        Permit { state, started: Instant::now(), outcome: Outcome::Ignore }
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut shared = self.state.lock();
+        self.state.release(&mut shared, self.started, self.outcome);
+    }
+}
+
+/// A place in the queue; leaves the queue (or gives back a permit handed over) on drop.
+#[derive(Debug)]
+struct Ticket {
+    state: Arc<LimiterState>,
+    id: u64,
+    /// Still in the queue or holding an unclaimed grant.
+    active: bool,
+}
+
+impl Ticket {
+    /// Takes the permit if one was handed over; otherwise registers the waker.
+    fn poll_grant(&mut self, cx: &mut Context<'_>) -> Poll<Permit> {
+        let mut shared = self.state.lock();
+        if take_grant(&mut shared, self.id) {
+            drop(shared);
+            self.active = false;
+            return Poll::Ready(Permit::new(self.state.clone()));
+        }
+        if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
+            let slot = &mut shared.waiters[pos].waker;
+            match slot {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                _ => *slot = Some(cx.waker().clone()),
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Leaves the queue; returns the permit if it was handed over in the meantime.
+    fn cancel(&mut self) -> Option<Permit> {
+        let mut shared = self.state.lock();
+        self.active = false;
+        if take_grant(&mut shared, self.id) {
+            drop(shared);
+            return Some(Permit::new(self.state.clone()));
+        }
+        if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
+            shared.waiters.remove(pos);
+        }
+        None
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if !self.active {
+            return;
+        }
+        let mut shared = self.state.lock();
+        if take_grant(&mut shared, self.id) {
+            // Handed a permit it will never use: pass it on.
+            self.state.release(&mut shared, Instant::now(), Outcome::Ignore);
+        } else if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
+            shared.waiters.remove(pos);
+        }
+    }
+}
+
+fn take_grant(shared: &mut Shared, id: u64) -> bool {
+    match shared.granted.iter().position(|&g| g == id) {
+        Some(pos) => {
+            shared.granted.swap_remove(pos);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Builds [`ConcurrencyLimit`] services sharing one [`LimiterState`].
+#[derive(Debug, Clone)]
+pub struct ConcurrencyLimitLayer {
+    state: Arc<LimiterState>,
+}
+
+impl ConcurrencyLimitLayer {
+    /// A layer enforcing `state`'s limit.
+    pub fn new(state: Arc<LimiterState>) -> Self {
+        ConcurrencyLimitLayer { state }
+    }
+}
+
+impl<S> Layer<S> for ConcurrencyLimitLayer {
+    type Service = ConcurrencyLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConcurrencyLimit { inner, state: self.state.clone() }
+    }
+}
+
+/// Admits a request when fewer than `limit` are in flight, queues it (FIFO, bounded, up to
+/// `queue_timeout`) otherwise, and refuses it with `Shed { ConcurrencyLimit }` when the queue is
+/// full (or zero-length) or `Shed { QueueTimeout }` when it waited too long. The permit is held
+/// until the inner future resolves (response head or error) or is dropped.
+#[derive(Debug, Clone)]
+pub struct ConcurrencyLimit<S> {
+    inner: S,
+    state: Arc<LimiterState>,
+}
+
+impl<S, B, RB> Service<Request<B>> for ConcurrencyLimit<S>
+where
+    S: Service<Request<B>, Response = Response<RB>, Error = ProxyError> + Clone,
+{
+    type Response = Response<RB>;
+    type Error = ProxyError;
+    type Future = ResponseFuture<S, B>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Admission happens per request, in the future; the inner service is readied there too.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let state = match self.state.admit() {
+            Admission::Refused => {
+                let error =
+                    ProxyError::Shed { reason: ShedReason::ConcurrencyLimit, retry_after: self.state.retry_after };
+                return ResponseFuture { state: State::Refused { error }, service: None, request: None, permit: None };
+            }
+            Admission::Go(permit) => {
+                return ResponseFuture {
+                    state: State::Readying,
+                    service: Some(self.inner.clone()),
+                    request: Some(req),
+                    permit: Some(permit),
+                };
+            }
+            Admission::Wait(ticket) => {
+                State::Queued { deadline: tokio::time::sleep(self.state.queue_timeout), ticket }
+            }
+        };
+        ResponseFuture { state, service: Some(self.inner.clone()), request: Some(req), permit: None }
+    }
+}
+
+pin_project! {
+    /// Future of [`ConcurrencyLimit`]: waits for a permit if needed, then calls the inner service
+    /// and holds the permit until the inner future resolves or this future is dropped.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<B>>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        service: Option<S>,
+        request: Option<Request<B>>,
+        permit: Option<Permit>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Refused { error: ProxyError },
+        Queued { #[pin] deadline: Sleep, ticket: Ticket },
+        Readying,
+        Calling { #[pin] future: F },
+        Done,
+    }
+}
+
+impl<S, B, RB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<B>, Response = Response<RB>, Error = ProxyError>,
+{
+    type Output = Result<Response<RB>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Refused { error } => return Poll::Ready(Err(*error)),
+                StateProj::Queued { deadline, ticket } => {
+                    let permit = match ticket.poll_grant(cx) {
+                        Poll::Ready(permit) => permit,
+                        Poll::Pending => {
+                            ready!(deadline.poll(cx));
+                            match ticket.cancel() {
+                                // Handed a permit at the last moment: use it.
+                                Some(permit) => permit,
+                                None => {
+                                    let retry_after = ticket.state.retry_after;
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(Err(ProxyError::Shed {
+                                        reason: ShedReason::QueueTimeout,
+                                        retry_after,
+                                    }));
+                                }
+                            }
+                        }
+                    };
+                    *this.permit = Some(permit);
+                    this.state.set(State::Readying);
+                }
+                StateProj::Readying => {
+                    let service = this.service.as_mut().expect("service present until called");
+                    if let Err(e) = ready!(service.poll_ready(cx)) {
+                        this.permit.take();
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(e));
+                    }
+                    let request = this.request.take().expect("request present until called");
+                    let future = service.call(request);
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Calling { future } => {
+                    let result = ready!(future.poll(cx));
+                    if let Some(mut permit) = this.permit.take() {
+                        permit.outcome = classify(&result);
+                        drop(permit);
+                    }
+                    this.state.set(State::Done);
+                    return Poll::Ready(result);
+                }
+                StateProj::Done => panic!("ConcurrencyLimit future polled after completion"),
+            }
+        }
+    }
+}
+
+/// What a finished request tells the adaptive limit.
+fn classify<T>(result: &Result<T, ProxyError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Success,
+        Err(ProxyError::Upstream(UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout)) => {
+            Outcome::Congestion
+        }
+        // Refused connections, DNS, TLS, sheds further in: fast failures that would otherwise
+        // read as "low latency" and raise the limit.
+        Err(_) => Outcome::Ignore,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::test_support::{quantile, request, request_with_id, CapacityApp, CountingService, Manual, Reply};
+    use tower::ServiceExt;
+
+    const RETRY_AFTER: Duration = Duration::from_secs(7);
+    const MS: Duration = Duration::from_millis(1);
+
+    fn gauge() -> IntGauge {
+        IntGauge::new("spillway_concurrency_limit", "limit").unwrap()
+    }
+
+    fn state(limit: LimitSettings, queue: u32, queue_timeout: Duration) -> Arc<LimiterState> {
+        let settings = ConcurrencySettings { limit, queue, queue_timeout };
+        Arc::new(LimiterState::new(&settings, RETRY_AFTER, gauge()))
+    }
+
+    fn shed(reason: ShedReason) -> ProxyError {
+        ProxyError::Shed { reason, retry_after: RETRY_AFTER }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn over_the_limit_without_queue_exactly_the_excess_is_shed() {
+        let inner = CountingService::new(Reply::ok_after(100 * MS));
+        let limiter = state(LimitSettings::Fixed(5), 0, 100 * MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut calls: Vec<_> = (0..8).map(|i| Manual::new(svc.clone().oneshot(request_with_id(i)))).collect();
+        let mut sheds = 0;
+        for call in &mut calls {
+            match call.poll_once() {
+                None => {}
+                Some(Err(e)) => {
+                    assert_eq!(e, shed(ShedReason::ConcurrencyLimit));
+                    sheds += 1;
+                }
+                Some(Ok(_)) => panic!("answered before the upstream did"),
+            }
+        }
+        assert_eq!(sheds, 3);
+        assert_eq!(inner.calls(), 5);
+        assert_eq!(limiter.in_flight(), 5);
+        assert_eq!(inner.seen_ids(), ["0", "1", "2", "3", "4"]);
+
+        tokio::time::advance(100 * MS).await;
+        for call in calls.iter_mut().take(5) {
+            assert_eq!(call.poll_once().unwrap().unwrap().status(), 200);
+        }
+        assert_eq!(limiter.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_is_first_in_first_out_and_bounded() {
+        let inner = CountingService::new(Reply::ok_after(10 * MS));
+        let limiter = state(LimitSettings::Fixed(1), 3, Duration::from_secs(1));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut calls: Vec<_> = (0..5).map(|i| Manual::new(svc.clone().oneshot(request_with_id(i)))).collect();
+        for call in calls.iter_mut().take(4) {
+            assert!(call.poll_once().is_none());
+        }
+        // The queue holds three: the fifth is refused at once.
+        assert_eq!(calls[4].poll_once().unwrap().unwrap_err(), shed(ShedReason::ConcurrencyLimit));
+        assert_eq!(limiter.queued(), 3);
+
+        let mut done = Vec::new();
+        for _ in 0..4 {
+            tokio::time::advance(10 * MS).await;
+            // Poll the newest first, again until nothing moves: the permit must still go to the
+            // oldest waiter.
+            let mut progress = true;
+            while progress {
+                progress = false;
+                for i in (0..4).rev() {
+                    if !done.contains(&i) && calls[i].poll_once().is_some() {
+                        done.push(i);
+                        progress = true;
+                    }
+                }
+            }
+        }
+        assert_eq!(inner.seen_ids(), ["0", "1", "2", "3"]);
+        assert_eq!(done, [0, 1, 2, 3]);
+        assert_eq!((limiter.in_flight(), limiter.queued()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queued_request_gives_up_at_queue_timeout() {
+        let inner = CountingService::new(Reply::hang());
+        let limiter = state(LimitSettings::Fixed(1), 1, 50 * MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut first = Manual::new(svc.clone().oneshot(request_with_id(0)));
+        let mut second = Manual::new(svc.clone().oneshot(request_with_id(1)));
+        assert!(first.poll_once().is_none());
+        assert!(second.poll_once().is_none());
+        tokio::time::advance(49 * MS).await;
+        assert!(second.poll_once().is_none());
+        tokio::time::advance(MS).await;
+        assert_eq!(second.poll_once().unwrap().unwrap_err(), shed(ShedReason::QueueTimeout));
+        assert_eq!((limiter.in_flight(), limiter.queued()), (1, 0));
+        assert_eq!(inner.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dropping_a_request_gives_its_permit_to_the_next_waiter() {
+        let inner = CountingService::new(Reply::hang());
+        let limiter = state(LimitSettings::Fixed(1), 2, Duration::from_secs(1));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut first = Manual::new(svc.clone().oneshot(request_with_id(0)));
+        let mut second = Manual::new(svc.clone().oneshot(request_with_id(1)));
+        let mut third = Manual::new(svc.clone().oneshot(request_with_id(2)));
+        assert!(first.poll_once().is_none());
+        assert!(second.poll_once().is_none());
+        assert!(third.poll_once().is_none());
+        assert_eq!((limiter.in_flight(), limiter.queued()), (1, 2));
+
+        // An in-flight request dropped (client gone): the oldest waiter gets its permit.
+        drop(first);
+        assert_eq!((limiter.in_flight(), limiter.queued()), (1, 1));
+        assert!(second.poll_once().is_none());
+        assert_eq!(inner.seen_ids(), ["0", "1"]);
+
+        // A waiter handed a permit but dropped before using it passes the permit on.
+        drop(second);
+        assert_eq!((limiter.in_flight(), limiter.queued()), (1, 0));
+        let mut fourth = Manual::new(svc.clone().oneshot(request_with_id(3)));
+        assert!(fourth.poll_once().is_none());
+        assert_eq!(limiter.queued(), 1);
+        // A waiter dropped in the queue frees its place.
+        drop(fourth);
+        assert_eq!(limiter.queued(), 0);
+        drop(third);
+        assert_eq!((limiter.in_flight(), limiter.queued()), (0, 0));
+        assert_eq!(inner.seen_ids(), ["0", "1"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handed_over_permit_not_yet_claimed_is_given_back_on_drop() {
+        let inner = CountingService::new(Reply::hang());
+        let limiter = state(LimitSettings::Fixed(1), 1, Duration::from_secs(1));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut first = Manual::new(svc.clone().oneshot(request_with_id(0)));
+        let mut second = Manual::new(svc.clone().oneshot(request_with_id(1)));
+        assert!(first.poll_once().is_none());
+        assert!(second.poll_once().is_none());
+        drop(first);
+        // `second` holds the permit without having run yet.
+        assert_eq!((limiter.in_flight(), limiter.queued()), (1, 0));
+        drop(second);
+        assert_eq!(limiter.in_flight(), 0);
+        assert_eq!(inner.calls(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_release_the_permit_too() {
+        let inner = CountingService::new(Reply::error(UpstreamError::ConnectRefused));
+        let limiter = state(LimitSettings::Fixed(1), 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        for _ in 0..3 {
+            let err = svc.clone().oneshot(request("GET", "")).await.unwrap_err();
+            assert_eq!(err, ProxyError::Upstream(UpstreamError::ConnectRefused));
+        }
+        assert_eq!(limiter.in_flight(), 0);
+        assert_eq!(inner.calls(), 3);
+    }
+
+    /// What [`drive`] saw.
+    struct Run {
+        /// The limit every 100 ms.
+        limits: Vec<u32>,
+        /// Requests answered by the upstream.
+        answered: usize,
+        /// Requests refused by the limiter.
+        shed: usize,
+    }
+
+    /// Open-loop load (`per_ms` arrivals every millisecond) for `duration`.
+    async fn drive<S>(svc: S, limiter: &LimiterState, per_ms: usize, duration: Duration) -> Run
+    where
+        S: Service<Request<String>, Response = Response<String>, Error = ProxyError> + Clone + Send + 'static,
+        S::Future: Send,
+    {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let answered = Arc::new(AtomicUsize::new(0));
+        let shed = Arc::new(AtomicUsize::new(0));
+        let mut limits = Vec::new();
+        let start = Instant::now();
+        let mut tick = 0u64;
+        while start.elapsed() < duration {
+            for _ in 0..per_ms {
+                let svc = svc.clone();
+                let (answered, shed) = (answered.clone(), shed.clone());
+                tokio::spawn(async move {
+                    match svc.oneshot(request("GET", "")).await {
+                        Ok(_) => answered.fetch_add(1, Relaxed),
+                        Err(ProxyError::Shed { .. }) => shed.fetch_add(1, Relaxed),
+                        Err(e) => panic!("{e:?}"),
+                    };
+                });
+            }
+            if tick % 100 == 0 {
+                limits.push(limiter.limit());
+                assert_eq!(limiter.limit_gauge.get(), i64::from(limiter.limit()));
+            }
+            tick += 1;
+            tokio::time::sleep(MS).await;
+        }
+        // Let the requests sent last finish (or be refused) before counting.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Run { limits, answered: answered.load(Relaxed), shed: shed.load(Relaxed) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limit_finds_the_capacity_and_follows_it_down() {
+        let app = CapacityApp::new(32, 20 * MS);
+        let limiter = state(LimitSettings::Adaptive { min: 1, max: 500 }, 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        assert_eq!(limiter.limit(), 1);
+
+        // 2000 requests/s against 32 workers × 20 ms = 1600/s. 40 s includes at least one probe.
+        let Run { limits, .. } = drive(svc.clone(), &limiter, 2, Duration::from_secs(3)).await;
+        assert!(limits.iter().all(|&l| (1..=500).contains(&l)));
+        assert!(*limits.last().unwrap() >= 32, "rises under low latency: {limits:?}");
+        app.take_latencies();
+
+        let Run { limits, answered, shed } = drive(svc.clone(), &limiter, 2, Duration::from_secs(37)).await;
+        assert_eq!(answered + shed, 2 * 37_000);
+        let mut latencies = app.take_latencies();
+        let p99 = quantile(&mut latencies, 0.99);
+        let median_limit = {
+            let mut l = limits.clone();
+            l.sort();
+            l[l.len() / 2]
+        };
+        assert!((32..=42).contains(&median_limit), "converges near 32: {limits:?}");
+        assert!(limits.iter().all(|&l| (24..=48).contains(&l)), "stays near 32: {limits:?}");
+        assert!(p99 <= 40 * MS, "p99 {p99:?} above twice the unloaded 20 ms");
+        // Throughput close to the app's 1600/s.
+        assert!(answered as f64 >= 0.95 * 1600.0 * 37.0, "answered {answered}");
+
+        // The app loses three quarters of its workers: latency inflates, the limit follows.
+        let _lost_workers = app.workers.clone().acquire_many_owned(24).await.unwrap();
+        let Run { limits, .. } = drive(svc.clone(), &limiter, 2, Duration::from_secs(10)).await;
+        let settled = &limits[30..];
+        assert!(settled.iter().all(|&l| (6..=14).contains(&l)), "follows capacity down to 8: {limits:?}");
+        let mut latencies = app.take_latencies();
+        let half = latencies.len() / 2;
+        let p99 = quantile(&mut latencies[half..], 0.99);
+        assert!(p99 <= 40 * MS, "p99 {p99:?} above twice the unloaded 20 ms");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limit_below_capacity_sheds_nothing_once_warm() {
+        let app = CapacityApp::new(32, 20 * MS);
+        let limiter = state(LimitSettings::Adaptive { min: 1, max: 500 }, 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        drive(svc.clone(), &limiter, 1, Duration::from_secs(3)).await;
+        app.take_latencies();
+        // 1000/s: about 20 in flight, well below the 32 workers. 35 s includes a probe.
+        let Run { limits, answered, shed } = drive(svc.clone(), &limiter, 1, Duration::from_secs(35)).await;
+        assert!(limits.iter().all(|&l| l >= 25), "must not collapse under healthy load: {limits:?}");
+        assert_eq!((answered, shed), (35_000, 0));
+        let mut latencies = app.take_latencies();
+        assert_eq!(quantile(&mut latencies, 1.0), 20 * MS, "no request queued at the app");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limit_stays_within_min_and_max() {
+        let app = CapacityApp::new(32, 20 * MS);
+        let limiter = state(LimitSettings::Adaptive { min: 4, max: 10 }, 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        let Run { limits, .. } = drive(svc.clone(), &limiter, 2, Duration::from_secs(3)).await;
+        assert!(limits.iter().all(|&l| (4..=10).contains(&l)), "{limits:?}");
+        assert_eq!(*limits.last().unwrap(), 10);
+
+        // One worker left: far too little for any limit in range; the floor holds.
+        let _lost_workers = app.workers.clone().acquire_many_owned(31).await.unwrap();
+        let Run { limits, .. } = drive(svc.clone(), &limiter, 2, Duration::from_secs(5)).await;
+        assert!(limits.iter().all(|&l| (4..=10).contains(&l)), "{limits:?}");
+        assert!(limits.contains(&4), "{limits:?}");
+    }
+}

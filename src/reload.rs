@@ -1,0 +1,195 @@
+//! Hot reload: read → expand → parse → validate → build the whole new runtime → one atomic
+//! swap. Triggered by a change of the config file (watched through its directory, which also
+//! catches atomic renames and Kubernetes' ConfigMap `..data` symlink swap), by SIGHUP, and by
+//! `POST /reload` on the admin endpoint.
+//!
+//! A bad config changes nothing that serves. Requests in flight keep the snapshot they started
+//! with; limiter and breaker state of routes whose policy is unchanged carries over.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{self, ConfigError, ConfigErrors, Settings};
+use crate::proxy::Runtime;
+use crate::server::Shared;
+
+/// Quiet time after the last file event before reloading: editors and `kubectl` write in
+/// bursts (truncate, write, rename, chmod), and one reload per burst is enough.
+const DEBOUNCE: Duration = Duration::from_millis(250);
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    /// Version now serving.
+    pub version: String,
+    /// False when the file's content was identical to what was serving.
+    pub changed: bool,
+}
+
+/// Reloads the config file now. Serialized: concurrent triggers run one after another.
+pub fn reload(shared: &Shared) -> Result<Reloaded, ConfigErrors> {
+    let Some(path) = shared.config_path.as_deref() else {
+        return Err(single("spillway was started without a config file; nothing to reload"));
+    };
+    let _one_at_a_time = shared.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let result = try_reload(shared, path);
+    match &result {
+        Ok(r) => {
+            shared.metrics.reload(true);
+            if r.changed {
+                tracing::info!(version = %r.version, "config reloaded");
+            }
+        }
+        Err(errors) => {
+            shared.metrics.reload(false);
+            for e in &errors.0 {
+                tracing::error!(path = %path.display(), "config reload refused: {e}");
+            }
+        }
+    }
+    result
+}
+
+fn try_reload(shared: &Shared, path: &Path) -> Result<Reloaded, ConfigErrors> {
+    let loaded = config::load_file(path)?;
+    for w in &loaded.warnings {
+        tracing::warn!("{}: {w}", path.display());
+    }
+    let current = shared.runtime.load_full();
+    if loaded.version == current.version {
+        return Ok(Reloaded { version: loaded.version, changed: false });
+    }
+    restart_needed(&current.settings, &loaded.settings)?;
+    let next = Runtime::build(&loaded, &shared.metrics, Some(&current));
+    shared.runtime.store(Arc::new(next));
+    Ok(Reloaded { version: loaded.version, changed: true })
+}
+
+/// Listener and admin addresses are bound once at start; changing them needs a restart, and a
+/// reload that asks for it is refused whole rather than half-applied.
+fn restart_needed(old: &Settings, new: &Settings) -> Result<(), ConfigErrors> {
+    let addrs = |s: &Settings| s.listeners.iter().map(|l| (l.name.clone(), l.address, l.tls.is_some())).collect::<Vec<_>>();
+    let mut errors = Vec::new();
+    if addrs(old) != addrs(new) {
+        errors.push(ConfigError {
+            path: "listeners".into(),
+            message: "listeners changed (names, addresses or TLS on/off): a restart is needed; nothing was applied".into(),
+            line: None,
+            column: None,
+        });
+    }
+    if old.admin != new.admin {
+        errors.push(ConfigError {
+            path: "admin.address".into(),
+            message: "the admin address changed: a restart is needed; nothing was applied".into(),
+            line: None,
+            column: None,
+        });
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+fn single(message: &str) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError { path: String::new(), message: message.into(), line: None, column: None }])
+}
+
+/// Watches the config file's directory and reloads when the file's content changes.
+pub fn spawn_watcher(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) -> notify::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            // A full channel already means "something changed": dropping the extra is fine.
+            let _ = tx.try_send(());
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    tokio::spawn(async move {
+        let _watcher = watcher; // lives as long as the task
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = rx.recv() => if got.is_none() { return },
+            }
+            // Debounce: wait until the burst is over.
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(DEBOUNCE) => break,
+                    more = rx.recv() => if more.is_none() { return },
+                }
+            }
+            let shared = shared.clone();
+            // Reading and building is blocking work; keep it off the request threads' queue.
+            let _ = tokio::task::spawn_blocking(move || reload_if_changed(&shared)).await;
+        }
+    });
+    Ok(())
+}
+
+/// A file event fired: reload if the file's bytes changed since the last attempt. Events for
+/// other files in the directory read the same bytes and do nothing.
+fn reload_if_changed(shared: &Shared) {
+    let Some(path) = shared.config_path.as_deref() else { return };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        // Mid-swap or deleted: count it only if it stays that way (the next event retries).
+        if !path.exists() {
+            tracing::warn!(path = %path.display(), "config file is missing; still serving the previous config");
+        }
+        return;
+    };
+    // Only a change of the file's bytes since the last attempt (good or bad) is worth a reload.
+    let hash = file_hash(&text);
+    {
+        let mut last = shared.last_seen_file.lock().unwrap_or_else(|p| p.into_inner());
+        if *last == Some(hash) {
+            return;
+        }
+        *last = Some(hash);
+    }
+    let _ = reload(shared);
+}
+
+/// Reloads on every SIGHUP until `stop`.
+#[cfg(unix)]
+pub fn spawn_sighup(shared: Arc<Shared>, stop: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot install a SIGHUP handler; reload with POST /reload instead");
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                got = hup.recv() => if got.is_none() { return },
+            }
+            tracing::info!("SIGHUP: reloading config");
+            let shared = shared.clone();
+            let _ = tokio::task::spawn_blocking(move || reload(&shared)).await;
+        }
+    });
+}
+
+/// No SIGHUP outside unix.
+#[cfg(not(unix))]
+pub fn spawn_sighup(_shared: Arc<Shared>, _stop: CancellationToken) {}
+
+/// A hash of a config file's bytes, to tell whether a file event changed anything.
+pub(crate) fn file_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
