@@ -343,3 +343,216 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::UpstreamError;
+    use crate::policy::test_support::{request, CountingService, Manual, Reply};
+    use tower::ServiceExt;
+
+    const OPEN_FOR: Duration = Duration::from_secs(5);
+    const WINDOW: Duration = Duration::from_secs(10);
+
+    fn settings() -> BreakerSettings {
+        BreakerSettings {
+            enabled: true,
+            window: WINDOW,
+            min_requests: 10,
+            failure_ratio: 0.5,
+            open_for: OPEN_FOR,
+            half_open_requests: 2,
+            failure_codes: vec![502, 503, 504],
+        }
+    }
+
+    struct Fixture {
+        upstream: CountingService,
+        state: Arc<BreakerState>,
+        svc: CircuitBreaker<CountingService>,
+    }
+
+    fn fixture(settings: BreakerSettings) -> Fixture {
+        let upstream = CountingService::ok();
+        let gauge = IntGauge::new("spillway_circuit_breaker_state", "state").unwrap();
+        let state = Arc::new(BreakerState::new("api", &settings, gauge));
+        let svc = CircuitBreakerLayer::new(state.clone()).layer(upstream.clone());
+        Fixture { upstream, state, svc }
+    }
+
+    impl Fixture {
+        async fn send(&self, reply: Reply) -> Result<Response<String>, ProxyError> {
+            self.upstream.push(reply);
+            self.svc.clone().oneshot(request("GET", "")).await
+        }
+
+        /// A request expected to be refused (no reply is scripted for it).
+        async fn refused(&self) -> ProxyError {
+            self.svc.clone().oneshot(request("GET", "")).await.unwrap_err()
+        }
+
+        fn gauge(&self) -> i64 {
+            self.state.state_gauge.get()
+        }
+
+        /// Opens the breaker with ten failures.
+        async fn trip(&self) {
+            for _ in 0..10 {
+                let _ = self.send(Reply::status(503)).await;
+            }
+            assert_eq!(self.state.state(), CircuitState::Open);
+        }
+    }
+
+    fn open(retry_after_secs: u64) -> ProxyError {
+        ProxyError::Shed { reason: ShedReason::CircuitOpen, retry_after: Duration::from_secs(retry_after_secs) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_at_min_requests_and_ratio_not_before() {
+        let f = fixture(settings());
+        for _ in 0..9 {
+            assert!(f.send(Reply::error(UpstreamError::ConnectRefused)).await.is_err());
+        }
+        // Nine failures out of nine, but fewer than min_requests.
+        assert_eq!((f.state.state(), f.gauge()), (CircuitState::Closed, 0));
+        assert!(f.send(Reply::error(UpstreamError::ConnectRefused)).await.is_err());
+        assert_eq!((f.state.state(), f.gauge()), (CircuitState::Open, 2));
+        // Refused without reaching the upstream.
+        assert_eq!(f.refused().await, open(5));
+        assert_eq!(f.upstream.calls(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn opens_exactly_at_the_failure_ratio() {
+        let f = fixture(settings());
+        for _ in 0..6 {
+            // 500 is not a failure code: the app answered.
+            f.send(Reply::status(500)).await.unwrap();
+        }
+        for _ in 0..5 {
+            f.send(Reply::status(502)).await.unwrap();
+        }
+        // 5 of 11 failed: below one half.
+        assert_eq!(f.state.state(), CircuitState::Closed);
+        f.send(Reply::status(504)).await.unwrap();
+        // 6 of 12.
+        assert_eq!(f.state.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_counts_down_to_half_open_in_whole_seconds() {
+        let f = fixture(settings());
+        f.trip().await;
+        assert_eq!(f.refused().await, open(5));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(f.refused().await, open(4));
+        tokio::time::advance(Duration::from_millis(3400)).await;
+        assert_eq!(f.refused().await, open(1));
+        assert_eq!(f.upstream.calls(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_after_open_for_lets_only_the_probes_through_then_closes() {
+        let f = fixture(settings());
+        f.trip().await;
+        tokio::time::advance(OPEN_FOR - Duration::from_millis(1)).await;
+        assert_eq!(f.refused().await, open(1));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(f.state.state(), CircuitState::HalfOpen);
+
+        // Two probes, both slow; a third request meanwhile is refused.
+        f.upstream.push(Reply::ok_after(Duration::from_millis(100)));
+        f.upstream.push(Reply::ok_after(Duration::from_millis(100)));
+        let mut probe1 = Manual::new(f.svc.clone().oneshot(request("GET", "")));
+        let mut probe2 = Manual::new(f.svc.clone().oneshot(request("GET", "")));
+        assert!(probe1.poll_once().is_none());
+        assert!(probe2.poll_once().is_none());
+        assert_eq!(f.gauge(), 1);
+        assert_eq!(f.refused().await, open(1));
+        assert_eq!(f.upstream.calls(), 12);
+
+        tokio::time::advance(Duration::from_millis(100)).await;
+        probe1.poll_once().unwrap().unwrap();
+        assert_eq!(f.state.state(), CircuitState::HalfOpen, "one probe is not enough");
+        probe2.poll_once().unwrap().unwrap();
+        assert_eq!((f.state.state(), f.gauge()), (CircuitState::Closed, 0));
+
+        // The window was reset: nine failures now are below min_requests again.
+        for _ in 0..9 {
+            f.send(Reply::status(503)).await.unwrap();
+        }
+        assert_eq!(f.state.state(), CircuitState::Closed);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_probe_reopens_for_open_for() {
+        let f = fixture(settings());
+        f.trip().await;
+        tokio::time::advance(OPEN_FOR).await;
+        f.upstream.push(Reply::ok_after(Duration::from_millis(100)));
+        let mut slow_probe = Manual::new(f.svc.clone().oneshot(request("GET", "")));
+        assert!(slow_probe.poll_once().is_none());
+        f.send(Reply::error(UpstreamError::ConnectionTerminated)).await.unwrap_err();
+        assert_eq!((f.state.state(), f.gauge()), (CircuitState::Open, 2));
+        assert_eq!(f.refused().await, open(5));
+        // The other probe's late success belongs to the previous half-open period.
+        tokio::time::advance(Duration::from_millis(100)).await;
+        slow_probe.poll_once().unwrap().unwrap();
+        assert_eq!(f.state.state(), CircuitState::Open);
+        assert_eq!(f.upstream.calls(), 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_probe_gives_its_slot_back() {
+        let f = fixture(BreakerSettings { half_open_requests: 1, ..settings() });
+        f.trip().await;
+        tokio::time::advance(OPEN_FOR).await;
+        f.upstream.push(Reply::hang());
+        let mut probe = Manual::new(f.svc.clone().oneshot(request("GET", "")));
+        assert!(probe.poll_once().is_none());
+        assert_eq!(f.refused().await, open(1));
+        drop(probe);
+        f.send(Reply::status(200)).await.unwrap();
+        assert_eq!(f.state.state(), CircuitState::Closed);
+        assert_eq!(f.upstream.calls(), 12);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn old_failures_slide_out_of_the_window() {
+        let f = fixture(settings());
+        for _ in 0..9 {
+            f.send(Reply::status(503)).await.unwrap();
+        }
+        tokio::time::advance(WINDOW).await;
+        f.send(Reply::status(503)).await.unwrap();
+        assert_eq!(f.state.state(), CircuitState::Closed, "the first nine are out of the window");
+        for _ in 0..9 {
+            f.send(Reply::status(503)).await.unwrap();
+        }
+        assert_eq!(f.state.state(), CircuitState::Open);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sheds_from_further_in_are_not_counted() {
+        let f = fixture(BreakerSettings { min_requests: 1, ..settings() });
+        let shed = ProxyError::Shed { reason: ShedReason::QueueTimeout, retry_after: Duration::from_secs(1) };
+        let inner = tower::service_fn(|_req: Request<String>| async move { Err::<Response<String>, _>(shed) });
+        let svc = CircuitBreakerLayer::new(f.state.clone()).layer(inner);
+        for _ in 0..5 {
+            assert_eq!(svc.clone().oneshot(request("GET", "")).await.unwrap_err(), shed);
+        }
+        assert_eq!(f.state.state(), CircuitState::Closed);
+        assert_eq!(f.state.lock().window.counts(Instant::now()).total, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn disabled_passes_everything_through() {
+        let f = fixture(BreakerSettings { enabled: false, ..settings() });
+        for _ in 0..30 {
+            f.send(Reply::status(503)).await.unwrap();
+        }
+        assert_eq!((f.state.state(), f.gauge()), (CircuitState::Closed, 0));
+        assert_eq!(f.upstream.calls(), 30);
+    }
+}

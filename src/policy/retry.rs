@@ -285,3 +285,221 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{ShedReason, UpstreamError};
+    use crate::policy::test_support::{request, request_with_id, CountingService, Manual, Reply};
+    use tower::ServiceExt;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    struct Fixture {
+        upstream: CountingService,
+        state: Arc<RetryState>,
+        svc: Retry<CountingService>,
+    }
+
+    /// Retries with `attempts`, 100 ms base backoff and `budget`; the jitter always picks the
+    /// longest delay so that timings are exact.
+    fn fixture(attempts: u32, budget: f64) -> Fixture {
+        let upstream = CountingService::ok();
+        let counter = IntCounter::new("spillway_retries_total", "retries").unwrap();
+        let settings = RetrySettings { attempts, backoff: 100 * MS, budget };
+        let state = Arc::new(RetryState::new(&settings, counter).with_jitter(|d| d));
+        let svc = RetryLayer::new(state.clone()).layer(upstream.clone());
+        Fixture { upstream, state, svc }
+    }
+
+    impl Fixture {
+        fn retries(&self) -> u64 {
+            self.state.retries.get()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_a_replayable_request_until_it_succeeds() {
+        let f = fixture(2, 10.0);
+        f.upstream.push(Reply::error(UpstreamError::ConnectRefused)).push(Reply::status(503));
+        let mut req = request_with_id(7);
+        req.extensions_mut().insert(42u32);
+        let resp = f.svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(f.upstream.calls(), 3);
+        assert_eq!(f.upstream.seen_ids(), ["7", "7", "7"], "replays carry the headers");
+        assert_eq!(f.retries(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn replays_keep_method_uri_and_extensions() {
+        let f = fixture(1, 10.0);
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let inner = {
+            let seen = seen.clone();
+            tower::service_fn(move |req: Request<String>| {
+                let seen = seen.clone();
+                let first = first.clone();
+                async move {
+                    seen.lock().unwrap().push((
+                        req.method().clone(),
+                        req.uri().clone(),
+                        req.version(),
+                        req.extensions().get::<u32>().copied(),
+                    ));
+                    let status = if first.swap(false, std::sync::atomic::Ordering::SeqCst) { 502 } else { 200 };
+                    let mut resp = Response::new(String::new());
+                    *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                    Ok::<_, ProxyError>(resp)
+                }
+            })
+        };
+        let svc = RetryLayer::new(f.state.clone()).layer(inner);
+        let mut req = request("PUT", "");
+        *req.version_mut() = Version::HTTP_2;
+        req.extensions_mut().insert(42u32);
+        assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0], seen[1]);
+        assert_eq!(seen[1].3, Some(42));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_idempotent_methods_with_empty_bodies_are_retried() {
+        for (method, body, retried) in [
+            ("GET", "", true),
+            ("HEAD", "", true),
+            ("OPTIONS", "", true),
+            ("PUT", "", true),
+            ("DELETE", "", true),
+            ("TRACE", "", true),
+            ("POST", "", false),
+            ("PATCH", "", false),
+            ("PUT", "payload", false),
+        ] {
+            let f = fixture(1, 10.0);
+            f.upstream.push(Reply::status(503));
+            let resp = f.svc.clone().oneshot(request(method, body)).await.unwrap();
+            let expected = if retried { 200 } else { 503 };
+            assert_eq!(resp.status(), expected, "{method} {body:?}");
+            assert_eq!(f.upstream.calls(), 1 + usize::from(retried), "{method} {body:?}");
+            assert_eq!(f.retries(), u64::from(retried), "{method} {body:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_retryable_outcomes_are_retried() {
+        let cases: [(Reply, bool); 9] = [
+            (Reply::status(502), true),
+            (Reply::status(503), true),
+            (Reply::status(504), true),
+            (Reply::error(UpstreamError::ConnectRefused), true),
+            (Reply::error(UpstreamError::ConnectTimeout), true),
+            (Reply::status(500), false),
+            (Reply::status(429), false),
+            // The request may have reached the app: sending it again could duplicate work.
+            (Reply::error(UpstreamError::ConnectionTerminated), false),
+            (Reply::error(UpstreamError::ResponseTimeout), false),
+        ];
+        for (reply, retried) in cases {
+            let f = fixture(1, 10.0);
+            f.upstream.push(reply);
+            let result = f.svc.clone().oneshot(request("GET", "")).await;
+            assert_eq!(f.upstream.calls(), 1 + usize::from(retried), "{reply:?}");
+            assert_eq!(f.retries(), u64::from(retried), "{reply:?}");
+            if !retried {
+                match (result, reply.outcome) {
+                    (Ok(resp), Ok(status)) => assert_eq!(resp.status().as_u16(), status),
+                    (Err(e), Err(upstream)) => assert_eq!(e, ProxyError::Upstream(upstream)),
+                    other => panic!("{other:?}"),
+                }
+            }
+        }
+        // Refusals from further in are not upstream failures.
+        let f = fixture(1, 10.0);
+        let shed = ProxyError::Shed { reason: ShedReason::CircuitOpen, retry_after: Duration::from_secs(1) };
+        let svc = RetryLayer::new(f.state.clone()).layer(tower::service_fn(move |_req: Request<String>| async move {
+            Err::<Response<String>, _>(shed)
+        }));
+        assert_eq!(svc.oneshot(request("GET", "")).await.unwrap_err(), shed);
+        assert_eq!(f.retries(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_per_attempt_and_the_last_result_is_returned() {
+        let f = fixture(3, 10.0);
+        f.upstream.push(Reply::status(503)).push(Reply::status(503)).push(Reply::status(503)).push(Reply::status(504));
+        let mut call = Manual::new(f.svc.clone().oneshot(request("GET", "")));
+        assert!(call.poll_once().is_none());
+        assert_eq!(f.upstream.calls(), 1);
+        // Delays 100, 200, 400 ms (the test jitter takes the full delay).
+        for (delay, calls) in [(100, 2), (200, 3), (400, 4)] {
+            tokio::time::advance((delay - 1) * MS).await;
+            assert!(call.poll_once().is_none());
+            assert_eq!(f.upstream.calls(), calls - 1, "not before {delay} ms");
+            tokio::time::advance(MS).await;
+            let done = call.poll_once();
+            assert_eq!(f.upstream.calls(), calls, "after {delay} ms");
+            assert_eq!(done.is_some(), calls == 4);
+            if let Some(result) = done {
+                // Out of attempts: the last response as it is.
+                assert_eq!(result.unwrap().status(), 504);
+            }
+        }
+        assert_eq!(f.retries(), 3);
+    }
+
+    #[test]
+    fn full_jitter_stays_within_the_delay_and_varies() {
+        let d = Duration::from_millis(100);
+        let samples: Vec<Duration> = (0..1000).map(|_| full_jitter(d)).collect();
+        assert!(samples.iter().all(|s| *s <= d));
+        assert!(samples.iter().any(|s| *s < d / 4) && samples.iter().any(|s| *s > d * 3 / 4));
+        assert_eq!(full_jitter(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_budget_stops_retries_exactly() {
+        // retries + 1 ≤ 0.5 × requests: the 2nd, 4th, 6th… request may retry once.
+        let f = fixture(1, 0.5);
+        let f_always_503 = CountingService::new(Reply::status(503));
+        let svc = RetryLayer::new(f.state.clone()).layer(f_always_503.clone());
+        let mut expected_calls = 0;
+        for n in 1..=6u64 {
+            let resp = svc.clone().oneshot(request("GET", "")).await.unwrap();
+            assert_eq!(resp.status(), 503);
+            expected_calls += if n % 2 == 0 { 2 } else { 1 };
+            assert_eq!(f_always_503.calls(), expected_calls, "request {n}");
+            assert_eq!(f.retries(), n / 2, "request {n}");
+        }
+        // Once the window has slid past, the deposits are gone too.
+        tokio::time::advance(BUDGET_WINDOW).await;
+        svc.clone().oneshot(request("GET", "")).await.unwrap();
+        assert_eq!(f.retries(), 3 - 0, "1 request in the window: no retry");
+        assert_eq!(f.retries(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_low_traffic_the_default_budget_needs_five_requests_for_one_retry() {
+        let f = fixture(1, 0.2);
+        let always_503 = CountingService::new(Reply::status(503));
+        let svc = RetryLayer::new(f.state.clone()).layer(always_503.clone());
+        for n in 1..=4 {
+            svc.clone().oneshot(request("GET", "")).await.unwrap();
+            assert_eq!(f.retries(), 0, "request {n}");
+        }
+        svc.clone().oneshot(request("GET", "")).await.unwrap();
+        assert_eq!(f.retries(), 1);
+        assert_eq!(always_503.calls(), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_attempts_never_retries() {
+        let f = fixture(0, 10.0);
+        f.upstream.push(Reply::status(503));
+        assert_eq!(f.svc.clone().oneshot(request("GET", "")).await.unwrap().status(), 503);
+        assert_eq!((f.upstream.calls(), f.retries()), (1, 0));
+    }
+}

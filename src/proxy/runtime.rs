@@ -66,11 +66,10 @@ impl Runtime {
             .iter()
             .map(|r| {
                 let route_metrics = metrics.route(&r.name);
-                let kept = previous
+                let old = previous
                     .and_then(|p| p.routes.iter().find(|old| old.settings.name == r.name))
-                    .filter(|old| old.settings.policy == r.policy)
-                    .map(|old| old.policy.clone());
-                let policy = kept.unwrap_or_else(|| Arc::new(PolicyState::new(r, &route_metrics)));
+                    .map(|old| &*old.policy);
+                let policy = Arc::new(PolicyState::new(r, &route_metrics, old));
                 let upstream = upstreams[&r.upstream].clone();
                 Route {
                     settings: r.clone(),

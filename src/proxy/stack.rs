@@ -1,41 +1,72 @@
-//! The one place a route's policy stack is composed, outermost first.
+//! The one place a route's policy stack is composed, outermost first, and where its state is
+//! kept across reloads.
 
 use std::sync::Arc;
 
-use http::{Request, Response};
-use hyper::body::Incoming;
-use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 
-use super::body::RequestBody;
 use super::upstream::{Forward, Upstream};
-use crate::config::RouteSettings;
-use crate::error::{ProxyError, UpstreamError};
+use crate::config::{PolicySettings, RouteSettings};
 use crate::metrics::RouteMetrics;
+use crate::policy::{
+    BreakerState, CircuitBreaker, CircuitBreakerLayer, ConcurrencyLimit, ConcurrencyLimitLayer, LimiterState,
+    Maintenance, MaintenanceLayer, Retry, RetryLayer, RetryState, Timeout, TimeoutLayer,
+};
 
-/// A route's composed service.
-pub type RouteService = BoxCloneSyncService<Request<RequestBody>, Response<Incoming>, ProxyError>;
+/// A route's composed service (a concrete type: no boxing on the request path).
+pub type RouteService = Maintenance<ConcurrencyLimit<CircuitBreaker<Timeout<Retry<Forward>>>>>;
 
-/// Per-route policy state, kept across reloads while the route's policy settings are unchanged.
+/// Per-route policy state. Each part is kept across a reload while the settings it was built
+/// from are unchanged (keyed by route name + those settings), and starts fresh otherwise.
 pub struct PolicyState {
-    timeout: std::time::Duration,
+    /// The settings this state was built for.
+    pub settings: PolicySettings,
+    /// Concurrency limit, queue and (adaptive) limit estimate.
+    pub limiter: Arc<LimiterState>,
+    /// Circuit breaker window and state.
+    pub breaker: Arc<BreakerState>,
+    /// Retry budget.
+    pub retry: Arc<RetryState>,
 }
 
 impl PolicyState {
-    /// Fresh state for a route.
-    pub fn new(route: &RouteSettings, _metrics: &RouteMetrics) -> Self {
-        PolicyState { timeout: route.policy.timeout }
+    /// State for `route`, reusing parts of `previous` (the same route's state before a reload)
+    /// whose settings did not change.
+    pub fn new(route: &RouteSettings, metrics: &RouteMetrics, previous: Option<&PolicyState>) -> Self {
+        let p = &route.policy;
+        let limiter = previous
+            .filter(|old| old.settings.concurrency == p.concurrency && old.settings.retry_after == p.retry_after)
+            .map(|old| old.limiter.clone())
+            .unwrap_or_else(|| {
+                Arc::new(LimiterState::new(&p.concurrency, p.retry_after, metrics.concurrency_limit.clone()))
+            });
+        let breaker = previous
+            .filter(|old| old.settings.circuit_breaker == p.circuit_breaker)
+            .map(|old| old.breaker.clone())
+            .unwrap_or_else(|| {
+                Arc::new(BreakerState::new(&route.name, &p.circuit_breaker, metrics.breaker_state.clone()))
+            });
+        let retry = previous
+            .filter(|old| old.settings.retries == p.retries)
+            .map(|old| old.retry.clone())
+            .unwrap_or_else(|| Arc::new(RetryState::new(&p.retries, metrics.retries.clone())));
+        PolicyState { settings: p.clone(), limiter, breaker, retry }
     }
 }
 
-/// Composes the stack for one route.
-pub fn route_service(state: &Arc<PolicyState>, upstream: Arc<Upstream>) -> RouteService {
-    let timeout = state.timeout;
-    let svc = ServiceBuilder::new().service(Forward::new(upstream));
-    let svc = tower::util::MapFuture::new(svc, move |fut| async move {
-        tokio::time::timeout(timeout, fut)
-            .await
-            .unwrap_or(Err(ProxyError::Upstream(UpstreamError::ResponseTimeout)))
-    });
-    BoxCloneSyncService::new(svc)
+/// Composes one route's stack.
+pub fn route_service(state: &PolicyState, upstream: Arc<Upstream>) -> RouteService {
+    ServiceBuilder::new()
+        // Maintenance first: when the route is down on purpose nothing else should run.
+        .layer(MaintenanceLayer::new(&state.settings.maintenance))
+        // Then the limit: excess load is refused before it costs the upstream anything.
+        .layer(ConcurrencyLimitLayer::new(state.limiter.clone()))
+        // The breaker sees the final outcome of each admitted request (after retries and the
+        // timeout), so it opens on what the client would have seen.
+        .layer(CircuitBreakerLayer::new(state.breaker.clone()))
+        // The route timeout bounds all attempts together.
+        .layer(TimeoutLayer::new(state.settings.timeout))
+        // Retries of idempotent, bodyless requests, within the budget.
+        .layer(RetryLayer::new(state.retry.clone()))
+        .service(Forward::new(upstream))
 }
