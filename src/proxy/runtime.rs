@@ -25,6 +25,9 @@ pub struct Route {
     pub policy: Arc<PolicyState>,
     /// The composed policy stack ending in the forward service.
     pub service: RouteService,
+    /// Whether requests need an [`EndpointHint`](super::upstream::EndpointHint): the route
+    /// retries and its upstream has several endpoints.
+    pub spread_retries: bool,
 }
 
 /// Everything that serves, as one immutable snapshot.
@@ -72,6 +75,7 @@ impl Runtime {
                 let policy = Arc::new(PolicyState::new(r, &route_metrics, old));
                 let upstream = upstreams[&r.upstream].clone();
                 Route {
+                    spread_retries: r.policy.retries.attempts > 0 && upstream.endpoint_count() > 1,
                     settings: r.clone(),
                     matcher: Matcher::new(&r.matcher),
                     service: stack::route_service(&policy, upstream),

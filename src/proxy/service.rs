@@ -18,6 +18,7 @@ use tower::ServiceExt;
 use super::body::{Exchange, RequestBody, ResponseBody};
 use super::headers::{self, Forwarded, Stamps, PROXY_STATUS, X_REQUEST_ID, X_SERVED_BY};
 use super::runtime::Runtime;
+use super::upstream::EndpointHint;
 use crate::error::{retry_after_secs, ProxyError};
 use crate::metrics::Source;
 
@@ -73,6 +74,9 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, client_ip: HeaderValue
         &Forwarded { client_ip: &client_ip, proto },
         &request_id,
     );
+    if route.spread_retries {
+        parts.extensions.insert(EndpointHint::default());
+    }
     let upstream_req = Request::from_parts(parts, RequestBody::from_incoming(body));
 
     match route.service.clone().oneshot(upstream_req).await {

@@ -76,10 +76,37 @@ impl Upstream {
         &self.name
     }
 
-    /// Round robin: consecutive attempts (a retry included) go to different endpoints.
-    fn pick(&self) -> &Authority {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.endpoints.len().max(1);
+    /// How many endpoints it has.
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// Round robin across endpoints; a request carrying an [`EndpointHint`] moves on from the
+    /// endpoint its previous attempt used, whatever other requests picked in between.
+    fn pick(&self, hint: Option<&EndpointHint>) -> &Authority {
+        let n = self.endpoints.len().max(1);
+        let i = match hint {
+            Some(h) => {
+                let prev = h.0.load(Ordering::Relaxed);
+                let i = if prev == usize::MAX { self.next.fetch_add(1, Ordering::Relaxed) % n } else { (prev + 1) % n };
+                h.0.store(i, Ordering::Relaxed);
+                i
+            }
+            None => self.next.fetch_add(1, Ordering::Relaxed) % n,
+        };
         &self.endpoints[i]
+    }
+}
+
+/// Shared by every attempt of one request (it travels in the request extensions, which
+/// retries copy), so that a retry goes to a different endpoint than the attempt that failed.
+/// Only attached when a route can retry and its upstream has several endpoints.
+#[derive(Debug, Clone)]
+pub struct EndpointHint(Arc<AtomicUsize>);
+
+impl Default for EndpointHint {
+    fn default() -> Self {
+        EndpointHint(Arc::new(AtomicUsize::new(usize::MAX)))
     }
 }
 
@@ -111,7 +138,7 @@ impl tower::Service<Request<RequestBody>> for Forward {
             if up.endpoints.is_empty() {
                 return Err(UpstreamError::Dns.into());
             }
-            let authority = up.pick().clone();
+            let authority = up.pick(req.extensions().get::<EndpointHint>()).clone();
             let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
             *req.uri_mut() = Uri::builder()
                 .scheme(Scheme::HTTP)

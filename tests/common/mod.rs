@@ -174,6 +174,8 @@ impl RawUpstream {
                         match &b {
                             Misbehaviour::CloseBeforeHead => return,
                             Misbehaviour::Reset => {
+                                // SO_LINGER 0 makes the close send RST: exactly what a reset is.
+                                #[allow(deprecated)]
                                 let _ = sock.set_linger(Some(Duration::ZERO));
                                 return;
                             }
@@ -261,7 +263,11 @@ impl SeenRequest {
     pub fn header(&self, name: &str) -> &str {
         let mut all = self.headers.get_all(name).iter();
         let first = all.next().map(|v| v.to_str().unwrap()).unwrap_or("");
-        assert!(all.next().is_none(), "header {name} appears more than once: {:?}", self.headers);
+        assert!(
+            all.next().is_none(),
+            "header {name} appears more than once: {:?}",
+            self.headers
+        );
         first
     }
 }
@@ -297,7 +303,10 @@ impl EchoUpstream {
             headers
                 .iter()
                 .map(|(k, v)| {
-                    (http::HeaderName::from_bytes(k.as_bytes()).unwrap(), http::HeaderValue::from_str(v).unwrap())
+                    (
+                        http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                        http::HeaderValue::from_str(v).unwrap(),
+                    )
                 })
                 .collect(),
         );
@@ -309,7 +318,9 @@ impl EchoUpstream {
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 while conns.try_join_next().is_some() {}
                 connections2.fetch_add(1, Ordering::SeqCst);
                 let (seen, extra) = (seen2.clone(), extra.clone());
@@ -338,7 +349,12 @@ impl EchoUpstream {
                 });
             }
         });
-        EchoUpstream { addr, seen, connections, task }
+        EchoUpstream {
+            addr,
+            seen,
+            connections,
+            task,
+        }
     }
 
     /// Every request received so far, in arrival order.
@@ -381,13 +397,18 @@ impl IdleClosingUpstream {
         use std::sync::Arc;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (accepted, answered, closed) =
-            (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (accepted, answered, closed) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+        );
         let (a, b, c) = (accepted.clone(), answered.clone(), closed.clone());
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
                 while conns.try_join_next().is_some() {}
                 a.fetch_add(1, Ordering::SeqCst);
                 let (answered, closed) = (b.clone(), c.clone());
@@ -413,7 +434,13 @@ impl IdleClosingUpstream {
                 });
             }
         });
-        IdleClosingUpstream { addr, accepted, answered, closed_on_request: closed, task }
+        IdleClosingUpstream {
+            addr,
+            accepted,
+            answered,
+            closed_on_request: closed,
+            task,
+        }
     }
 
     /// Connections accepted so far.
@@ -428,7 +455,8 @@ impl IdleClosingUpstream {
 
     /// Requests that arrived on an idle-expired connection and were dropped with it.
     pub fn closed_on_request(&self) -> usize {
-        self.closed_on_request.load(std::sync::atomic::Ordering::SeqCst)
+        self.closed_on_request
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 }
 
@@ -454,7 +482,9 @@ impl ScriptedUpstream {
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
                 while conns.try_join_next().is_some() {}
                 conns.spawn(async move {
                     if !read_head(&mut sock).await {
@@ -494,7 +524,13 @@ impl BlackholeUpstream {
                 Ok(Ok(s)) => fillers.push(s),
                 Ok(Err(e)) => panic!("filler connect failed: {e}"),
                 // This attempt hung: the queue is full.
-                Err(_) => return Some(BlackholeUpstream { addr, _listener: listener, _fillers: fillers }),
+                Err(_) => {
+                    return Some(BlackholeUpstream {
+                        addr,
+                        _listener: listener,
+                        _fillers: fillers,
+                    })
+                }
             }
         }
         None
@@ -518,10 +554,20 @@ pub async fn send_partial(req: Request<Full<Bytes>>) -> PartialResp {
     let fut = async {
         let resp = client.request(req).await.expect("request sent");
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.map(|c| c.to_bytes()).map_err(|e| format!("{e:?}"));
-        PartialResp { status: parts.status, headers: parts.headers, body }
+        let body = body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| format!("{e:?}"));
+        PartialResp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     };
-    tokio::time::timeout(STEP, fut).await.expect("response within the step bound")
+    tokio::time::timeout(STEP, fut)
+        .await
+        .expect("response within the step bound")
 }
 
 /// Writes `request` on a new connection to `addr` and reads until the peer closes (bounded).
@@ -534,7 +580,9 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
         let _ = sock.read_to_end(&mut out).await;
         out
     };
-    tokio::time::timeout(STEP, fut).await.expect("connection closed within the step bound")
+    tokio::time::timeout(STEP, fut)
+        .await
+        .expect("connection closed within the step bound")
 }
 
 impl TestProxy {
@@ -563,4 +611,182 @@ impl TestProxy {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A steerable upstream for the shedding tests.
+// ---------------------------------------------------------------------------------------------
+
+/// An HTTP/1.1 upstream (hyper, keep-alive) the test steers while it runs. Every request is
+/// recorded on arrival (before any waiting) as `"METHOD /path?query"`, and answered by what its
+/// path contains (anywhere, so that `/a/hold` behind a route prefix works too):
+///
+/// - `/hold…`: waits at a gate until the test lets it through with [`GatedUpstream::release`]
+///   (bounded by [`STEP`]), then answers the current status. [`GatedUpstream::held`] is how many
+///   wait right now, so "N in flight" is exact without sleeping.
+/// - `/slow?ms=N`: waits N ms (at most [`STEP`]), then answers the current status.
+/// - `/flaky…`: the first request for a given path and query answers 503, every later one 200.
+/// - anything else: the current status ([`GatedUpstream::set_status`]; 200 at start).
+///
+/// Request bodies are read and dropped; the response body is `upstream <status>\n`.
+pub struct GatedUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    state: std::sync::Arc<GatedState>,
+    task: JoinHandle<()>,
+}
+
+struct GatedState {
+    requests: std::sync::Mutex<Vec<String>>,
+    status: std::sync::atomic::AtomicU16,
+    held: std::sync::atomic::AtomicUsize,
+    gate: tokio::sync::Semaphore,
+}
+
+/// Counts one request waiting at the gate, also when the proxy gives up on it.
+struct HeldGuard<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for HeldGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for GatedUpstream {
+    fn drop(&mut self) {
+        // Aborting the accept task drops its JoinSet, which aborts every connection task.
+        self.task.abort();
+    }
+}
+
+impl GatedUpstream {
+    /// Starts one on an ephemeral loopback port.
+    pub async fn start() -> GatedUpstream {
+        use std::sync::atomic::{AtomicU16, AtomicUsize};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = std::sync::Arc::new(GatedState {
+            requests: std::sync::Mutex::new(Vec::new()),
+            status: AtomicU16::new(200),
+            held: AtomicUsize::new(0),
+            gate: tokio::sync::Semaphore::new(0),
+        });
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                while conns.try_join_next().is_some() {}
+                let state = shared.clone();
+                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    gated_answer(state.clone(), req)
+                });
+                conns.spawn(async move {
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        GatedUpstream { addr, state, task }
+    }
+
+    /// Status of every later answer that is not `/flaky…`.
+    pub fn set_status(&self, status: u16) {
+        self.state
+            .status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Lets `n` held requests (present or future) through the gate.
+    pub fn release(&self, n: usize) {
+        self.state.gate.add_permits(n);
+    }
+
+    /// Requests waiting at the gate right now.
+    pub fn held(&self) -> usize {
+        self.state.held.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits (bounded by [`STEP`]) until exactly `n` requests wait at the gate; returns how many
+    /// do, which the caller asserts.
+    pub async fn wait_held(&self, n: usize) -> usize {
+        let deadline = tokio::time::Instant::now() + STEP;
+        while self.held() != n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.held()
+    }
+
+    /// Every request received so far, `"METHOD /path?query"`, in arrival order.
+    pub fn requests(&self) -> Vec<String> {
+        self.state.requests.lock().unwrap().clone()
+    }
+
+    /// Number of requests received so far.
+    pub fn total(&self) -> usize {
+        self.state.requests.lock().unwrap().len()
+    }
+
+    /// Waits (bounded by [`STEP`]) until at least `n` requests arrived; returns how many did.
+    pub async fn wait_total(&self, n: usize) -> usize {
+        let deadline = tokio::time::Instant::now() + STEP;
+        while self.total() < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        self.total()
+    }
+}
+
+async fn gated_answer(
+    state: std::sync::Arc<GatedState>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<http::Response<Full<Bytes>>, std::convert::Infallible> {
+    use std::sync::atomic::Ordering::SeqCst;
+    let target = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let path = req.uri().path().to_owned();
+    let line = format!("{} {target}", req.method());
+    let first_sighting = {
+        // Taken and released here, never held across an await.
+        let mut requests = state.requests.lock().unwrap();
+        let first = !requests
+            .iter()
+            .any(|r| r.split_once(' ').is_some_and(|(_, t)| t == target));
+        requests.push(line);
+        first
+    };
+    let _ = tokio::time::timeout(STEP, req.into_body().collect()).await;
+    let status = if path.contains("/hold") {
+        state.held.fetch_add(1, SeqCst);
+        let _guard = HeldGuard(&state.held);
+        if let Ok(Ok(permit)) = tokio::time::timeout(STEP, state.gate.acquire()).await {
+            permit.forget();
+        }
+        state.status.load(SeqCst)
+    } else if path.contains("/slow") {
+        let ms = target
+            .split_once("ms=")
+            .and_then(|(_, v)| v.split('&').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(ms).min(STEP)).await;
+        state.status.load(SeqCst)
+    } else if path.contains("/flaky") {
+        if first_sighting {
+            503
+        } else {
+            200
+        }
+    } else {
+        state.status.load(SeqCst)
+    };
+    let mut resp = http::Response::new(Full::new(Bytes::from(format!("upstream {status}\n"))));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+    Ok(resp)
 }
