@@ -13,7 +13,10 @@ impl TempConfig {
     fn new(tag: &str, text: &str) -> TempConfig {
         static N: AtomicUsize = AtomicUsize::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
-        let path = std::env::temp_dir().join(format!("spillway-cli-{}-{tag}-{n}.yaml", std::process::id()));
+        let path = std::env::temp_dir().join(format!(
+            "spillway-cli-{}-{tag}-{n}.yaml",
+            std::process::id()
+        ));
         std::fs::write(&path, text).unwrap();
         TempConfig(path)
     }
@@ -45,7 +48,10 @@ fn check(text: &str, tag: &str) -> (Output, String, String, TempConfig) {
 
 /// The error lines `check` printed (each indented by two spaces under the header line).
 fn error_lines(stderr: &str) -> Vec<&str> {
-    stderr.lines().filter_map(|l| l.strip_prefix("  ")).collect()
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("  "))
+        .collect()
 }
 
 /// Asserts one printed error: `path: message... (line L, column C)`, message starting with
@@ -53,8 +59,14 @@ fn error_lines(stderr: &str) -> Vec<&str> {
 fn assert_error(line: &str, path: &str, message_start: &str, at: (usize, usize)) {
     let prefix = format!("{path}: {message_start}");
     let suffix = format!(" (line {}, column {})", at.0, at.1);
-    assert!(line.starts_with(&prefix), "expected `{prefix}...`, got `{line}`");
-    assert!(line.ends_with(&suffix), "expected `...{suffix}`, got `{line}`");
+    assert!(
+        line.starts_with(&prefix),
+        "expected `{prefix}...`, got `{line}`"
+    );
+    assert!(
+        line.ends_with(&suffix),
+        "expected `...{suffix}`, got `{line}`"
+    );
 }
 
 const VALID: &str = "\
@@ -79,40 +91,86 @@ routes:
 #[test]
 fn check_accepts_a_valid_config_and_prints_the_summary() {
     let (out, stdout, stderr, _f) = check(VALID, "valid");
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     let lines: Vec<&str> = stdout.lines().collect();
     assert_eq!(lines[0], "server_id  cli-test", "{stdout}");
-    assert!(lines[1].starts_with("version    ") && lines[1].len() == "version    ".len() + 12, "{stdout}");
+    assert!(
+        lines[1].starts_with("version    ") && lines[1].len() == "version    ".len() + 12,
+        "{stdout}"
+    );
     assert_eq!(lines[2], "admin      127.0.0.1:0", "{stdout}");
-    assert!(stdout.contains("\nlisteners\n  http  127.0.0.1:0  tls: no\n"), "{stdout}");
+    assert!(
+        stdout.contains("\nlisteners\n  http  127.0.0.1:0  tls: no\n"),
+        "{stdout}"
+    );
     assert!(stdout.contains("\nroutes (first match wins)\n"), "{stdout}");
-    assert!(stdout.contains("  [0] api  * /api *  -> app  timeout 2s\n"), "{stdout}");
-    assert!(stdout.contains("  [1] all  * / *     -> app  timeout 30s\n"), "{stdout}");
-    assert!(stdout.contains("\nupstreams\n  app  127.0.0.1:3000  http1  connect 1s, idle 4s\n"), "{stdout}");
+    assert!(
+        stdout.contains("  [0] api  * /api *  -> app  timeout 2s\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  [1] all  * / *     -> app  timeout 30s\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\nupstreams\n  app  127.0.0.1:3000  http1  connect 1s, idle 4s\n"),
+        "{stdout}"
+    );
     assert!(stderr.is_empty(), "{stderr}");
 }
 
 #[test]
 fn check_rejects_an_unknown_key_with_its_path_and_line() {
-    let text = VALID.replace("    endpoints: [\"127.0.0.1:3000\"]\n", "    endpoints: [\"127.0.0.1:3000\"]\n    conect_timeout: 1s\n");
+    let text = VALID.replace(
+        "    endpoints: [\"127.0.0.1:3000\"]\n",
+        "    endpoints: [\"127.0.0.1:3000\"]\n    conect_timeout: 1s\n",
+    );
     let (out, stdout, stderr, f) = check(&text, "unknown-key");
-    assert_eq!(out.status.code(), Some(2), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(stdout.is_empty(), "{stdout}");
-    assert!(stderr.starts_with(&format!("{}: 1 error(s):\n", f.0.display())), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{}: 1 error(s):\n", f.0.display())),
+        "{stderr}"
+    );
     let errors = error_lines(&stderr);
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert_error(errors[0], "upstreams.app", "unknown field `conect_timeout`", (10, 5));
+    assert_error(
+        errors[0],
+        "upstreams.app",
+        "unknown field `conect_timeout`",
+        (10, 5),
+    );
 }
 
 #[test]
 fn check_rejects_an_unknown_upstream_with_its_path_and_line() {
-    let text = VALID.replace("  - name: all\n    upstream: app\n", "  - name: all\n    upstream: ap\n");
+    let text = VALID.replace(
+        "  - name: all\n    upstream: app\n",
+        "  - name: all\n    upstream: ap\n",
+    );
     let (out, _, stderr, _f) = check(&text, "unknown-upstream");
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let errors = error_lines(&stderr);
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert_error(errors[0], "routes[1].upstream", "unknown upstream `ap`", (16, 15));
-    assert!(errors[0].contains("app"), "the message should name the defined upstreams: {}", errors[0]);
+    assert_error(
+        errors[0],
+        "routes[1].upstream",
+        "unknown upstream `ap`",
+        (16, 15),
+    );
+    assert!(
+        errors[0].contains("app"),
+        "the message should name the defined upstreams: {}",
+        errors[0]
+    );
 }
 
 #[test]
@@ -122,17 +180,30 @@ fn check_rejects_a_bad_duration_with_its_path_and_line() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let errors = error_lines(&stderr);
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert_error(errors[0], "routes[0].timeout", "invalid duration `2 parsecs`", (14, 14));
+    assert_error(
+        errors[0],
+        "routes[0].timeout",
+        "invalid duration `2 parsecs`",
+        (14, 14),
+    );
 }
 
 #[test]
 fn check_rejects_a_bad_address_with_its_path_and_line() {
-    let text = VALID.replace("    address: 127.0.0.1:0\n", "    address: localhost:80800\n");
+    let text = VALID.replace(
+        "    address: 127.0.0.1:0\n",
+        "    address: localhost:80800\n",
+    );
     let (out, _, stderr, _f) = check(&text, "bad-address");
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     let errors = error_lines(&stderr);
     assert_eq!(errors.len(), 1, "{stderr}");
-    assert_error(errors[0], "listeners[0].address", "invalid address `localhost:80800`", (4, 14));
+    assert_error(
+        errors[0],
+        "listeners[0].address",
+        "invalid address `localhost:80800`",
+        (4, 14),
+    );
 }
 
 #[test]
@@ -140,20 +211,42 @@ fn check_reports_every_validation_error_at_once_in_file_order() {
     let text = VALID
         .replace("    address: 127.0.0.1:0\n", "    address: nowhere\n")
         .replace("    timeout: 2s\n", "    timeout: soon\n")
-        .replace("  - name: all\n    upstream: app\n", "  - name: all\n    upstream: ghost\n");
+        .replace(
+            "  - name: all\n    upstream: app\n",
+            "  - name: all\n    upstream: ghost\n",
+        );
     let (out, _, stderr, f) = check(&text, "several");
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.starts_with(&format!("{}: 3 error(s):\n", f.0.display())), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{}: 3 error(s):\n", f.0.display())),
+        "{stderr}"
+    );
     let errors = error_lines(&stderr);
     assert_eq!(errors.len(), 3, "{stderr}");
-    assert_error(errors[0], "listeners[0].address", "invalid address `nowhere`", (4, 14));
-    assert_error(errors[1], "routes[0].timeout", "invalid duration `soon`", (14, 14));
-    assert_error(errors[2], "routes[1].upstream", "unknown upstream `ghost`", (16, 15));
+    assert_error(
+        errors[0],
+        "listeners[0].address",
+        "invalid address `nowhere`",
+        (4, 14),
+    );
+    assert_error(
+        errors[1],
+        "routes[0].timeout",
+        "invalid duration `soon`",
+        (14, 14),
+    );
+    assert_error(
+        errors[2],
+        "routes[1].upstream",
+        "unknown upstream `ghost`",
+        (16, 15),
+    );
 }
 
 #[test]
 fn check_of_a_missing_file_exits_2() {
-    let path = std::env::temp_dir().join(format!("spillway-cli-{}-missing.yaml", std::process::id()));
+    let path =
+        std::env::temp_dir().join(format!("spillway-cli-{}-missing.yaml", std::process::id()));
     let out = spillway(&["check", "--config", path.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
@@ -164,5 +257,8 @@ fn check_of_a_missing_file_exits_2() {
 fn version_prints_the_crate_version() {
     let out = spillway(&["--version"]);
     assert_eq!(out.status.code(), Some(0));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("spillway {}\n", env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("spillway {}\n", env!("CARGO_PKG_VERSION"))
+    );
 }

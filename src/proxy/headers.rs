@@ -28,8 +28,6 @@ pub struct Stamps {
     pub server_id: Box<str>,
     /// `x-served-by` value for generated responses.
     pub served_by: HeaderValue,
-    /// `, <server_id>` to append to an app's `x-served-by`.
-    served_by_suffix: Box<str>,
     /// `1.1 <server_id>` for `Via`.
     via: HeaderValue,
     /// `<server_id>` as an RFC 8941 token or quoted sf-string, for `Proxy-Status`.
@@ -43,7 +41,6 @@ impl Stamps {
         Stamps {
             server_id: server_id.into(),
             served_by,
-            served_by_suffix: format!(", {server_id}").into(),
             via: HeaderValue::from_str(&format!("1.1 {server_id}")).unwrap_or(HeaderValue::from_static("1.1 spillway")),
             proxy_status_id: sf_item(server_id).into(),
         }
@@ -67,21 +64,10 @@ impl Stamps {
         })
     }
 
-    /// Stamps `x-served-by` on an upstream response: appends `, <id>` or sets `<id>`.
+    /// Stamps `x-served-by` on an upstream response: appends `<id>` as the last entry (after
+    /// every line the app sent), or sets `<id>`.
     pub fn stamp_upstream(&self, headers: &mut HeaderMap) {
-        match headers.get_mut(X_SERVED_BY) {
-            Some(v) => {
-                let mut b = BytesMut::with_capacity(v.len() + self.served_by_suffix.len());
-                b.put_slice(v.as_bytes());
-                b.put_slice(self.served_by_suffix.as_bytes());
-                if let Ok(nv) = HeaderValue::from_maybe_shared(b.freeze()) {
-                    *v = nv;
-                }
-            }
-            None => {
-                headers.insert(X_SERVED_BY, self.served_by.clone());
-            }
-        }
+        append_list(headers, X_SERVED_BY, &self.served_by);
     }
 }
 
@@ -160,26 +146,29 @@ pub fn rewrite_request(
     if let Some(host) = headers.get(HOST).cloned() {
         headers.insert(X_FORWARDED_HOST, host);
     }
-    if !headers.contains_key(X_REQUEST_ID) {
-        headers.insert(X_REQUEST_ID, request_id.clone());
-    }
+    // Always the id the client is told: an unusable client id was replaced by `request_id`.
+    headers.insert(X_REQUEST_ID, request_id.clone());
 }
 
-/// Appends to a comma-separated list header, folding existing values into one line.
+/// Appends `value` as the last entry of a comma-separated list header. Several lines are
+/// folded into one first, so the new entry really is last: an app that trusts the right-most
+/// `X-Forwarded-For` entry must get ours, not one a client sent on a second line.
 fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
-    match headers.get_mut(&name) {
-        Some(existing) => {
-            let mut b = BytesMut::with_capacity(existing.len() + 2 + value.len());
-            b.put_slice(existing.as_bytes());
-            b.put_slice(b", ");
-            b.put_slice(value.as_bytes());
-            if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
-                *existing = v;
-            }
-        }
-        None => {
-            headers.insert(name, value.clone());
-        }
+    let mut existing = headers.get_all(&name).iter();
+    let Some(first) = existing.next() else {
+        headers.insert(name, value.clone());
+        return;
+    };
+    let mut b = BytesMut::with_capacity(first.len() + 2 + value.len());
+    b.put_slice(first.as_bytes());
+    for more in existing {
+        b.put_slice(b", ");
+        b.put_slice(more.as_bytes());
+    }
+    b.put_slice(b", ");
+    b.put_slice(value.as_bytes());
+    if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
+        headers.insert(name, v);
     }
 }
 
@@ -251,6 +240,23 @@ mod tests {
         rewrite_request(&mut h, Some(&a), &stamps, &Forwarded { client_ip: &ip, proto: "https" }, &hv("x"));
         assert_eq!(h[HOST], "api.example.com:8443");
         assert_eq!(h[X_FORWARDED_HOST], "api.example.com:8443");
+    }
+
+    #[test]
+    fn list_headers_on_several_lines_are_folded_with_ours_last() {
+        let s = Stamps::new("edge");
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, hv("10.0.0.1"));
+        h.append(X_FORWARDED_FOR, hv("10.0.0.2"));
+        let ip = hv("127.0.0.1");
+        rewrite_request(&mut h, None, &s, &Forwarded { client_ip: &ip, proto: "http" }, &hv("x"));
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
+        let mut r = HeaderMap::new();
+        r.append(X_SERVED_BY, hv("app-7"));
+        r.append(X_SERVED_BY, hv("sidecar"));
+        s.stamp_upstream(&mut r);
+        assert_eq!(r[X_SERVED_BY], "app-7, sidecar, edge");
     }
 
     #[test]
