@@ -2,7 +2,7 @@
 #
 # Finds the reference harness (shared/bench beside the repository, or $BENCH_HARNESS),
 # its upstream binary ($UPSTREAM_BIN), and builds spillway (unless $SPILLWAY_BIN is given).
-# Exports what the harness reads: UPSTREAM_BIN, SPILLWAY_BIN, SPILLWAY_ARGS.
+# Exports what the harness reads: UPSTREAM_BIN, SPILLWAY_BIN, SPILLWAY_ARGS (and RUST_LOG).
 
 BENCHES_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(cd "$BENCHES_DIR/.." && pwd)
@@ -53,6 +53,9 @@ build_spillway() {
     fi
     export SPILLWAY_BIN
     export SPILLWAY_ARGS=${SPILLWAY_ARGS:-run --config {config}}
+    # The harness's nginx/HAProxy configs write nothing per request; for a like-for-like
+    # comparison spillway's access log is off too (set RUST_LOG to change it).
+    export RUST_LOG=${RUST_LOG:-info,spillway::access=off}
 }
 
 # render_config IN OUT KEY=VALUE... : replaces each @KEY@ (as the harness does for the slot)
