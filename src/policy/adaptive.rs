@@ -6,41 +6,56 @@
 //! (`latency ≈ baseline × in_flight / capacity`). So the ratio `baseline / latency`, the
 //! *gradient*, says how far above capacity the limit is, and `limit × gradient` is the capacity.
 //!
-//! Per measurement interval the limiter averages the latency (time to response head) of the
-//! requests admitted since the previous change, then:
-//! - latency within [`TOLERANCE`] of the baseline and the limit actually used: grow (by
-//!   [`SLOW_START_FACTOR`] until the first sign of queueing, then by `√limit`);
-//! - latency above it: `limit = limit × max(TOLERANCE × baseline / latency, MIN_GRADIENT) +
-//!   QUEUE_ALLOWANCE × √limit`, which lands at the capacity plus a small standing queue in one
-//!   step.
+//! A measurement is a *cohort*: the requests admitted during an admission window
+//! ([`MIN_INTERVAL`], at least [`INTERVAL_BASELINES`] baselines, at least [`MIN_SAMPLES`]
+//! requests). The limiter waits for all of them to answer (stragglers count as
+//! [`SAMPLE_CAP`] × baseline once they are that late), so slow answers weigh as much as the fast
+//! ones that arrive first, and requests admitted under an earlier limit never mix in. With the
+//! cohort's average latency:
+//! - slow start, while latency has not risen beyond noise ([`NOISE_Z`] standard errors above
+//!   [`TOLERANCE`] × baseline) and the limit is used: `limit × SLOW_START_FACTOR`;
+//! - afterwards: `limit × clamp(TOLERANCE × baseline / latency, MIN_GRADIENT, 1) +
+//!   QUEUE_ALLOWANCE × √limit`. At the baseline this grows by the allowance; above it, it lands
+//!   on the capacity plus a small standing queue in one step. (The baseline here is taken
+//!   [`NOISE_Z`] standard errors high, so that one measured on few samples errs on the side of
+//!   a higher limit rather than a lower one.)
 //!
-//! The baseline is the lowest interval average seen since the last probe. Under constant
-//! saturation no interval ever shows the no-load latency, and a baseline that only followed what
-//! it saw would creep up and the limit with it; so every [`PROBE_EVERY`] (jittered) the limit
-//! drops to [`PROBE_FACTOR`] of itself until [`PROBE_SAMPLES`] requests admitted under the lower
-//! limit have answered, and their average becomes the new baseline. A probe also runs early when
-//! latency stays at [`STALE_RATIO`] × baseline for [`STALE_INTERVALS`] intervals in a row despite
-//! the cuts: then the upstream itself got slower (or the baseline was a fluke), and the limit
-//! must not keep halving towards `min`. README.policies.md has the reasoning behind each value.
+//! The baseline is measured, never inferred from a minimum (a minimum of noisy averages drifts
+//! low and drags the limit down with it): first by the cohorts of slow start, pooled while they
+//! show no queueing, then by probes. Under constant saturation no cohort shows the no-load
+//! latency, so every [`PROBE_EVERY`] (jittered) the limit drops to [`PROBE_FACTOR`] of itself for
+//! one cohort, whose requests find free workers, and their average becomes the baseline. A probe
+//! also runs early, at `PROBE_FACTOR / STALE_RATIO` of the limit, when latency stays at
+//! [`STALE_RATIO`] × baseline for [`STALE_INTERVALS`] cohorts in a row despite the cuts: either
+//! the upstream lost capacity (the deep probe still finds free workers) or it got slower, and
+//! then the limit must not keep halving towards `min`. README.policies.md explains every value.
 
 use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Samples an interval needs before the limit is recomputed: fewer make the average too noisy
-/// to act on.
+/// Requests a measurement needs before the limit is recomputed: fewer make the average too
+/// noisy to act on.
 pub const MIN_SAMPLES: u32 = 10;
 
-/// Shortest measurement interval: several round trips of a typical upstream, so one interval's
-/// average is not one burst's.
+/// Shortest admission window of a measurement: several round trips of a typical upstream, so
+/// one measurement's average is not one burst's.
 pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The admission window also lasts at least this many baselines, so that it holds many
+/// requests' worth of variation even for a slow upstream.
+pub const INTERVAL_BASELINES: f64 = 2.0;
 
 /// Latency up to this multiple of the baseline counts as "not queueing": absorbs measurement
 /// noise, which would otherwise read as congestion and stall growth.
 pub const TOLERANCE: f64 = 1.05;
 
-/// Deepest cut in one interval (halving): enough to undo any overshoot of slow start in one step,
-/// while a single bad interval cannot throw the limit to the floor.
+/// Standard errors of the average subtracted before comparing it with the baseline: latency
+/// must rise beyond noise (two standard errors, ~98% one-sided) to count as queueing.
+pub const NOISE_Z: f64 = 2.0;
+
+/// Deepest cut per measurement (halving): enough to undo any overshoot of slow start in one
+/// step, while a single bad measurement cannot throw the limit to the floor.
 pub const MIN_GRADIENT: f64 = 0.5;
 
 /// Standing queue allowed at the upstream, times `√limit`: a worker that finishes always finds
@@ -48,12 +63,13 @@ pub const MIN_GRADIENT: f64 = 0.5;
 /// `0.5 / √capacity` of the baseline (about 9% for 32 workers).
 pub const QUEUE_ALLOWANCE: f64 = 0.5;
 
-/// Growth per interval until latency first rises: from `min` = 1 to 32 in nine intervals, and an
-/// overshoot past capacity of at most 1.5× (so latency at most 1.5× for one interval).
+/// Growth per measurement until latency first rises: from `min` = 1 to 32 in nine
+/// measurements, and an overshoot past capacity of at most 1.5× (latency at most 1.5× for one
+/// measurement).
 pub const SLOW_START_FACTOR: f64 = 1.5;
 
 /// A limit grows only if at least this share of it was in use (or requests were turned away)
-/// during the interval: otherwise low latency says nothing about a higher limit.
+/// during the measurement: otherwise low latency says nothing about a higher limit.
 pub const USAGE_TO_GROW: f64 = 0.5;
 
 /// One sample counts at most this multiple of the baseline, and a timeout counts as exactly that:
@@ -63,11 +79,13 @@ pub const SAMPLE_CAP: f64 = 3.0;
 /// Latency at this multiple of the baseline is "as slow as cutting can explain"…
 pub const STALE_RATIO: f64 = 2.0;
 
-/// …and staying there for this many intervals after cuts means the baseline is stale: probe now.
-pub const STALE_INTERVALS: u32 = 3;
+/// …and staying there for this many measurements after cuts means the baseline is stale (or the
+/// capacity fell steeply): probe now.
+pub const STALE_INTERVALS: u32 = 2;
 
 /// How often the baseline is re-measured: rarely enough that the cost (a quarter of the limit
-/// for about one round trip) is negligible, often enough to follow a slower or faster deploy.
+/// for one measurement, ~0.1 s + a round trip) is negligible, often enough to follow a slower or
+/// faster deploy.
 pub const PROBE_EVERY: Duration = Duration::from_secs(30);
 
 /// Probes are spread by ±25% so that replicas started together do not probe together.
@@ -77,12 +95,17 @@ pub const PROBE_JITTER: f64 = 0.25;
 /// `capacity × 1.05 + 0.5√limit`, so three quarters of it leaves every worker free of a queue.
 pub const PROBE_FACTOR: f64 = 0.75;
 
-/// Answers a probe needs before its average becomes the baseline.
-pub const PROBE_SAMPLES: u32 = MIN_SAMPLES;
+/// Requests a probe measures (at least) before their average becomes the baseline; a probe
+/// whose answers are mostly errors keeps the old baseline.
+pub const PROBE_SAMPLES: u32 = 2 * MIN_SAMPLES;
 
-/// A probe that gets too few answers gives up after this many baselines (or one second,
-/// whichever is longer) and keeps the old baseline.
-pub const PROBE_GIVE_UP_BASELINES: f64 = 10.0;
+/// A probe waits this many baselines (and at least [`PROBE_STRAGGLER_MIN`]) for its last answers
+/// before measuring without them: a probe holds the limit down, so it must not wait for a hung
+/// request until the route timeout.
+pub const PROBE_STRAGGLER_BASELINES: f64 = 10.0;
+
+/// See [`PROBE_STRAGGLER_BASELINES`].
+pub const PROBE_STRAGGLER_MIN: Duration = Duration::from_secs(1);
 
 /// How a request admitted under the limit ended, as far as the limit is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,18 +124,83 @@ pub struct GradientLimit {
     min: f64,
     max: f64,
     limit: f64,
-    /// Lowest interval average since the last probe, in seconds.
-    baseline: Option<f64>,
+    /// Samples behind the baseline (the no-load latency): the last probe's, plus every cohort of
+    /// slow start that showed no queueing. Empty until the first measurement.
+    baseline: Stats,
     slow_start: bool,
-    interval_start: Instant,
-    sum: f64,
-    count: u32,
-    /// Most requests wanting in at once during the interval.
+    cohort: Cohort,
+    /// Most requests wanting in at once during the cohort.
     max_demand: usize,
     stale_streak: u32,
-    /// While probing: the limit to return to.
-    probe: Option<f64>,
+    /// While probing: the limit to return to, and whether the probe was called because the
+    /// baseline looked stale.
+    probe: Option<(f64, bool)>,
     next_probe: Instant,
+}
+
+/// Running sum, sum of squares and count of latency samples, in seconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stats {
+    sum: f64,
+    sum_sq: f64,
+    n: u32,
+}
+
+impl Stats {
+    fn add(&mut self, value: f64, count: u32) {
+        let c = f64::from(count);
+        self.sum += value * c;
+        self.sum_sq += value * value * c;
+        self.n += count;
+    }
+
+    fn merge(&mut self, other: &Stats) {
+        self.sum += other.sum;
+        self.sum_sq += other.sum_sq;
+        self.n += other.n;
+    }
+
+    fn mean(&self) -> Option<f64> {
+        (self.n > 0).then(|| self.sum / f64::from(self.n))
+    }
+
+    /// Variance of the mean (sample variance / n); 0 with fewer than two samples.
+    fn mean_variance(&self) -> f64 {
+        if self.n < 2 {
+            return 0.0;
+        }
+        let n = f64::from(self.n);
+        let mean = self.sum / n;
+        let variance = ((self.sum_sq - n * mean * mean) / (n - 1.0)).max(0.0);
+        variance / n
+    }
+}
+
+/// The requests whose latencies make one measurement: those admitted during the admission
+/// window. All of them are waited for (stragglers only up to a cap), so that the slow ones count
+/// as much as the fast ones, which finish first.
+#[derive(Debug)]
+struct Cohort {
+    id: u64,
+    start: Instant,
+    /// When admissions into the cohort stopped; `None` while admitting.
+    closed_at: Option<Instant>,
+    admitted: u32,
+    finished: u32,
+    stats: Stats,
+}
+
+impl Cohort {
+    fn new(id: u64, start: Instant) -> Self {
+        Cohort {
+            id,
+            start,
+            closed_at: None,
+            admitted: 0,
+            finished: 0,
+            stats: Stats::default(),
+        }
+    }
 }
 
 impl GradientLimit {
@@ -126,11 +214,9 @@ impl GradientLimit {
             min,
             max,
             limit: min,
-            baseline: None,
+            baseline: Stats::default(),
             slow_start: true,
-            interval_start: now,
-            sum: 0.0,
-            count: 0,
+            cohort: Cohort::new(0, now),
             max_demand: 0,
             stale_streak: 0,
             probe: None,
@@ -146,7 +232,7 @@ impl GradientLimit {
 
     /// The no-load latency currently assumed, once measured.
     pub fn baseline(&self) -> Option<Duration> {
-        self.baseline.map(Duration::from_secs_f64)
+        self.baseline.mean().map(Duration::from_secs_f64)
     }
 
     /// Records that `demand` requests wanted to be in flight at once.
@@ -154,66 +240,148 @@ impl GradientLimit {
         self.max_demand = self.max_demand.max(demand);
     }
 
-    /// Records the end of a request admitted at `started`; `in_flight` is what remains in
-    /// flight. May change [`current`](Self::current).
-    pub fn on_complete(&mut self, started: Instant, outcome: Outcome, now: Instant, in_flight: usize) {
-        if let Some(saved) = self.probe {
-            if now.saturating_duration_since(self.interval_start) > self.probe_give_up() {
-                self.end_probe(saved, None, now, in_flight);
-            }
+    /// Records the admission of a request, `in_flight` counting it; returns the tag to hand back
+    /// to [`on_complete`](Self::on_complete). May change [`current`](Self::current).
+    pub fn on_admit(&mut self, now: Instant, in_flight: usize) -> Option<u64> {
+        let id = self.cohort.id;
+        self.advance(now, in_flight.saturating_sub(1));
+        self.note_demand(in_flight);
+        if self.cohort.id != id || self.cohort.closed_at.is_some() {
+            // A new cohort started just now, under a limit this request was not admitted by;
+            // or the current one is only waiting for its last answers.
+            return None;
         }
-        if started < self.interval_start {
-            // Admitted under an earlier limit: it measures the old situation.
-            return;
-        }
-        let latency = now.saturating_duration_since(started).as_secs_f64();
-        let value = match (outcome, self.probe, self.baseline) {
-            (Outcome::Ignore, ..) => return,
-            // A probe measures the real no-load latency: no cap, and timeouts say nothing of it.
-            (Outcome::Congestion, Some(_), _) => return,
-            (Outcome::Success, Some(_), _) => latency,
-            (Outcome::Congestion, None, Some(base)) => base * SAMPLE_CAP,
-            (Outcome::Congestion, None, None) => return,
-            (Outcome::Success, None, Some(base)) => latency.min(base * SAMPLE_CAP),
-            (Outcome::Success, None, None) => latency,
-        };
-        self.sum += value;
-        self.count += 1;
-
-        if let Some(saved) = self.probe {
-            if self.count >= PROBE_SAMPLES {
-                let mean = self.sum / f64::from(self.count);
-                self.end_probe(saved, Some(mean), now, in_flight);
-            }
-            return;
-        }
-        if self.count < MIN_SAMPLES || now.saturating_duration_since(self.interval_start) < MIN_INTERVAL {
-            return;
-        }
-        let mean = self.sum / f64::from(self.count);
-        self.update(mean, now, in_flight);
+        self.cohort.admitted += 1;
+        Some(self.cohort.id)
     }
 
-    fn update(&mut self, mean: f64, now: Instant, in_flight: usize) {
-        let baseline = match self.baseline {
-            Some(b) if b <= mean => b,
-            _ => {
-                self.baseline = Some(mean);
-                mean
+    /// Records the end of a request admitted at `started` with `tag`; `in_flight` is what
+    /// remains in flight. May change [`current`](Self::current).
+    pub fn on_complete(
+        &mut self,
+        tag: Option<u64>,
+        started: Instant,
+        outcome: Outcome,
+        now: Instant,
+        in_flight: usize,
+    ) {
+        if tag == Some(self.cohort.id) {
+            self.cohort.finished += 1;
+            let latency = now.saturating_duration_since(started).as_secs_f64();
+            let cap = self.baseline.mean().map(|b| b * SAMPLE_CAP);
+            let value = match (outcome, self.probe.is_some()) {
+                (Outcome::Ignore, _) => None,
+                // A probe measures the real no-load latency: no cap, and timeouts say nothing
+                // about it.
+                (Outcome::Congestion, true) => None,
+                (Outcome::Success, true) => Some(latency),
+                (Outcome::Congestion, false) => cap,
+                (Outcome::Success, false) => Some(cap.map_or(latency, |c| latency.min(c))),
+            };
+            if let Some(v) = value {
+                self.cohort.stats.add(v, 1);
             }
+        }
+        self.advance(now, in_flight);
+    }
+
+    /// Closes admissions when the window is over, and finishes the cohort when its requests
+    /// are all answered (or the stragglers waited for long enough).
+    fn advance(&mut self, now: Instant, in_flight: usize) {
+        if self.cohort.closed_at.is_none() {
+            let enough = if self.probe.is_some() {
+                PROBE_SAMPLES
+            } else {
+                MIN_SAMPLES
+            };
+            let window_over =
+                now.saturating_duration_since(self.cohort.start) >= self.interval_length();
+            if self.cohort.admitted >= enough && window_over {
+                self.cohort.closed_at = Some(now);
+            }
+        }
+        let Some(closed_at) = self.cohort.closed_at else {
+            return;
+        };
+        let outstanding = self.cohort.admitted - self.cohort.finished;
+        if outstanding > 0 {
+            let Some(baseline) = self.baseline.mean() else {
+                // The first measurement waits for every answer (the route timeout bounds it).
+                return;
+            };
+            let waited = now.saturating_duration_since(closed_at);
+            if self.probe.is_some() {
+                // A probe measures the no-load latency: it waits long for its stragglers, then
+                // leaves them out (they would say more about them than about the upstream).
+                let patience = Duration::from_secs_f64(baseline * PROBE_STRAGGLER_BASELINES)
+                    .max(PROBE_STRAGGLER_MIN);
+                if waited < patience {
+                    return;
+                }
+            } else {
+                // A request still out SAMPLE_CAP baselines after the last admission is at least
+                // that slow, which is all a capped sample would say.
+                let cap = baseline * SAMPLE_CAP;
+                if waited.as_secs_f64() < cap {
+                    return;
+                }
+                self.cohort.stats.add(cap, outstanding);
+            }
+        }
+        self.finish_cohort(now, in_flight);
+    }
+
+    fn finish_cohort(&mut self, now: Instant, in_flight: usize) {
+        let stats = self.cohort.stats;
+        if let Some((saved, stale)) = self.probe {
+            let measured = (stats.n >= PROBE_SAMPLES / 2).then_some(stats);
+            self.end_probe(saved, stale, measured, now, in_flight);
+        } else if stats.n < MIN_SAMPLES / 2 {
+            // Mostly answers that say nothing about latency: measure again.
+            self.new_cohort(now, in_flight);
+        } else {
+            self.update(&stats, now, in_flight);
+        }
+    }
+
+    fn update(&mut self, stats: &Stats, now: Instant, in_flight: usize) {
+        let first = self.baseline.n == 0;
+        if first {
+            self.baseline = *stats;
+        }
+        let (Some(mean), Some(baseline)) = (stats.mean(), self.baseline.mean()) else {
+            return;
         };
         // Guards a zero baseline (an upstream answering within the clock's resolution).
-        let ratio = if baseline > 0.0 { mean / baseline } else { 1.0 };
+        let baseline = baseline.max(f64::MIN_POSITIVE);
+        // Whether latency rose beyond noise: a small cohort's average wanders by several
+        // percent, and reading that as queueing would end slow start or stall growth at random.
+        let noise = NOISE_Z * (stats.mean_variance() + self.baseline.mean_variance()).sqrt();
+        let queueing = (mean - noise) / baseline > TOLERANCE;
+        // How far latency is above the baseline, giving the baseline the benefit of its doubt:
+        // one measured on few or scattered samples may be low by chance, and trusting it as is
+        // would hold the limit below the capacity until the next probe.
+        let ratio = mean / (baseline + NOISE_Z * self.baseline.mean_variance().sqrt());
         let used = self.max_demand as f64 >= USAGE_TO_GROW * self.limit;
-        let target = if ratio <= TOLERANCE {
-            match (used, self.slow_start) {
-                (false, _) => self.limit,
-                (true, true) => self.limit * SLOW_START_FACTOR,
-                (true, false) => self.limit + self.limit.sqrt().max(1.0),
+        let target = if self.slow_start && !queueing {
+            if !first {
+                // No queueing beyond noise: these samples are no-load latencies too; pooling
+                // them makes the baseline steadier than any single cohort (and corrects a first
+                // cohort that came out fast by chance).
+                self.baseline.merge(stats);
+            }
+            if used {
+                self.limit * SLOW_START_FACTOR
+            } else {
+                self.limit
             }
         } else {
-            self.slow_start = false;
-            let gradient = (TOLERANCE / ratio).max(MIN_GRADIENT);
+            if queueing {
+                self.slow_start = false;
+            }
+            // At or below the baseline this grows by the allowance; above it, it lands on the
+            // capacity plus the allowance.
+            let gradient = (TOLERANCE / ratio).clamp(MIN_GRADIENT, 1.0);
             let target = self.limit * gradient + QUEUE_ALLOWANCE * self.limit.sqrt();
             if used {
                 target
@@ -222,45 +390,59 @@ impl GradientLimit {
             }
         };
         self.limit = target.clamp(self.min, self.max);
-        self.stale_streak = if ratio >= STALE_RATIO { self.stale_streak + 1 } else { 0 };
-        self.reset_interval(now, in_flight);
-        if self.stale_streak >= STALE_INTERVALS || now >= self.next_probe {
-            self.start_probe(now, in_flight);
+        self.stale_streak = if ratio >= STALE_RATIO {
+            self.stale_streak + 1
+        } else {
+            0
+        };
+        if self.stale_streak >= STALE_INTERVALS {
+            // Measure well below the level that latency says is the capacity: if the upstream
+            // lost capacity, the probe still finds free workers; if it only got slower, the
+            // probe costs one short measurement.
+            self.start_probe(PROBE_FACTOR / STALE_RATIO, true, now, in_flight);
+        } else if now >= self.next_probe {
+            self.start_probe(PROBE_FACTOR, false, now, in_flight);
+        } else {
+            self.new_cohort(now, in_flight);
         }
     }
 
-    fn start_probe(&mut self, now: Instant, in_flight: usize) {
-        self.probe = Some(self.limit);
-        self.limit = (self.limit * PROBE_FACTOR).max(self.min);
+    fn start_probe(&mut self, factor: f64, stale: bool, now: Instant, in_flight: usize) {
+        self.probe = Some((self.limit, stale));
+        self.limit = (self.limit * factor).max(self.min);
         self.stale_streak = 0;
-        self.reset_interval(now, in_flight);
+        self.new_cohort(now, in_flight);
     }
 
-    fn end_probe(&mut self, saved: f64, measured: Option<f64>, now: Instant, in_flight: usize) {
-        if let Some(mean) = measured {
-            if let Some(old) = self.baseline {
-                if mean > old * TOLERANCE {
-                    // The upstream got slower: the limit was cut for nothing, regain it quickly.
-                    self.slow_start = true;
-                }
+    fn end_probe(
+        &mut self,
+        saved: f64,
+        stale: bool,
+        measured: Option<Stats>,
+        now: Instant,
+        in_flight: usize,
+    ) {
+        if let Some(stats) = measured {
+            if stale && stats.mean() > self.baseline.mean().map(|old| old * TOLERANCE) {
+                // The upstream itself got slower and the limit was cut for nothing: regain it
+                // quickly.
+                self.slow_start = true;
             }
-            self.baseline = Some(mean);
+            self.baseline = stats;
         }
         self.limit = saved.clamp(self.min, self.max);
         self.probe = None;
         self.next_probe = now + jittered(PROBE_EVERY);
-        self.reset_interval(now, in_flight);
+        self.new_cohort(now, in_flight);
     }
 
-    fn probe_give_up(&self) -> Duration {
-        let by_baseline = self.baseline.map_or(0.0, |b| b * PROBE_GIVE_UP_BASELINES);
-        Duration::from_secs_f64(by_baseline.max(1.0))
+    fn interval_length(&self) -> Duration {
+        let by_baseline = self.baseline.mean().map_or(0.0, |b| b * INTERVAL_BASELINES);
+        Duration::from_secs_f64(by_baseline).max(MIN_INTERVAL)
     }
 
-    fn reset_interval(&mut self, now: Instant, in_flight: usize) {
-        self.interval_start = now;
-        self.sum = 0.0;
-        self.count = 0;
+    fn new_cohort(&mut self, now: Instant, in_flight: usize) {
+        self.cohort = Cohort::new(self.cohort.id + 1, now);
         self.max_demand = in_flight;
     }
 
@@ -272,7 +454,9 @@ impl GradientLimit {
 
 /// `d` spread by ±[`PROBE_JITTER`].
 fn jittered(d: Duration) -> Duration {
-    d.mul_f64(rand::random_range((1.0 - PROBE_JITTER)..=(1.0 + PROBE_JITTER)))
+    d.mul_f64(rand::random_range(
+        (1.0 - PROBE_JITTER)..=(1.0 + PROBE_JITTER),
+    ))
 }
 
 #[cfg(test)]
@@ -281,18 +465,38 @@ mod tests {
 
     const MS: Duration = Duration::from_millis(1);
 
-    /// Feeds `n` successes of `latency` each, all admitted after the current interval started,
-    /// completing over at least `MIN_INTERVAL`, with `demand` wanting in.
+    /// One whole cohort: `n` requests admitted together with `demand` wanting in, all
+    /// answering `latency` later (or when the admission window is over, if that is later).
     fn feed(g: &mut GradientLimit, latency: Duration, n: u32, demand: usize) {
-        let mut now = g.interval_start.max(Instant::now());
-        for i in 0..n {
-            g.note_demand(demand);
-            let step = if i + 1 == n { MIN_INTERVAL } else { Duration::ZERO };
-            now += step;
-            let started = now - latency;
-            let started = started.max(g.interval_start);
-            g.on_complete(started, Outcome::Success, started + latency, demand.saturating_sub(1));
+        let t0 = g.cohort.start;
+        let tags: Vec<_> = (0..n).map(|_| g.on_admit(t0, demand)).collect();
+        assert!(tags.iter().all(Option::is_some));
+        let end = t0 + latency.max(g.interval_length());
+        for tag in tags {
+            g.on_complete(
+                tag,
+                end - latency,
+                Outcome::Success,
+                end,
+                demand.saturating_sub(1),
+            );
         }
+    }
+
+    /// Equal but for float rounding (identical samples still leave a variance of ~1e-20).
+    fn assert_near(actual: f64, expected: f64) {
+        assert!(
+            (actual - expected).abs() < expected * 1e-6,
+            "{actual} != {expected}"
+        );
+    }
+
+    fn assert_close(actual: Option<Duration>, expected: Duration) {
+        let actual = actual.expect("no baseline");
+        assert!(
+            actual.abs_diff(expected) < Duration::from_micros(1),
+            "{actual:?} != {expected:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -301,7 +505,6 @@ mod tests {
         assert_eq!(g.current(), 4);
         for _ in 0..5 {
             feed(&mut g, 20 * MS, MIN_SAMPLES, 1);
-            tokio::time::advance(MIN_INTERVAL * 2).await;
         }
         assert_eq!(g.current(), 4, "an unused limit must not grow");
         feed(&mut g, 20 * MS, MIN_SAMPLES, 4);
@@ -309,27 +512,111 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn cuts_to_capacity_in_one_step_and_never_below_min() {
+    async fn cuts_to_capacity_in_one_step_and_at_most_by_half() {
         let mut g = GradientLimit::new(2, 100);
         // Establish the baseline at 20 ms, then leave slow start at a used limit.
         for _ in 0..8 {
             let demand = g.current();
             feed(&mut g, 20 * MS, MIN_SAMPLES, demand);
-            tokio::time::advance(MIN_INTERVAL * 2).await;
         }
-        let before = g.current();
-        assert!(before > 20, "{before}");
+        assert_close(g.baseline(), 20 * MS);
+        let before = g.limit;
+        assert!(before > 20.0, "{before}");
         // Latency 1.6× the baseline: the upstream holds limit/1.6 requests without queueing.
-        feed(&mut g, 32 * MS, MIN_SAMPLES, before);
-        let expected = before as f64 * TOLERANCE / 1.6 + QUEUE_ALLOWANCE * (before as f64).sqrt();
-        assert_eq!(g.current(), expected.floor() as usize);
-        // A flood of slowness cuts by half at most per interval and stops at min.
-        for _ in 0..10 {
-            let now = g.current();
+        let demand = g.current();
+        feed(&mut g, 32 * MS, MIN_SAMPLES, demand);
+        let expected = before * TOLERANCE / 1.6 + QUEUE_ALLOWANCE * before.sqrt();
+        assert_near(g.limit, expected);
+        // A flood of slowness cuts by half at most in one measurement…
+        let before = g.current();
+        feed(&mut g, 100 * MS, MIN_SAMPLES, 100);
+        assert!(g.current() >= before / 2, "{before} -> {}", g.current());
+        // …and whatever follows (cuts, probes, regrowth) stays within [min, max].
+        for _ in 0..20 {
             feed(&mut g, 100 * MS, MIN_SAMPLES, 100);
-            assert!(g.current() >= now / 2 && g.current() >= 2, "{} -> {}", now, g.current());
-            assert!(g.current() <= 100);
+            assert!((2..=100).contains(&g.current()), "{}", g.current());
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stragglers_count_as_capped_samples() {
+        let mut g = GradientLimit::new(100, 1000);
+        feed(&mut g, 20 * MS, 100, 100);
+        let before = g.limit;
+        let t0 = g.cohort.start;
+        let tags: Vec<_> = (0..100).map(|_| g.on_admit(t0, 150)).collect();
+        let end = t0 + g.interval_length();
+        for tag in &tags[10..] {
+            g.on_complete(*tag, end - 20 * MS, Outcome::Success, end, 140);
+        }
+        // Ten requests are still out: the measurement waits…
+        assert_eq!(g.limit, before);
+        let cap = Duration::from_secs_f64(0.020 * SAMPLE_CAP);
+        assert_eq!(
+            g.on_admit(end + cap - MS, 150),
+            None,
+            "admissions are closed"
+        );
+        assert_eq!(g.limit, before);
+        // …until they are SAMPLE_CAP baselines late, then they count as exactly that.
+        g.on_admit(end + cap + MS, 150);
+        let mean = (0.020 * 90.0 + 0.020 * SAMPLE_CAP * 10.0) / 100.0;
+        let expected = before * TOLERANCE * 0.020 / mean + QUEUE_ALLOWANCE * before.sqrt();
+        assert_near(g.limit, expected);
+        // A late answer belongs to a finished measurement and is ignored.
+        let cohort = g.cohort.id;
+        g.on_complete(tags[0], t0, Outcome::Success, end + cap * 2, 100);
+        assert_eq!((g.cohort.id, g.cohort.finished), (cohort, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn timeouts_weigh_as_the_slowest_samples() {
+        let mut g = GradientLimit::new(100, 1000);
+        feed(&mut g, 20 * MS, 100, 100);
+        let before = g.limit;
+        let t0 = g.cohort.start;
+        let tags: Vec<_> = (0..100).map(|_| g.on_admit(t0, 150)).collect();
+        let end = t0 + g.interval_length();
+        for (i, tag) in tags.into_iter().enumerate() {
+            let outcome = if i < 10 {
+                Outcome::Congestion
+            } else {
+                Outcome::Success
+            };
+            g.on_complete(tag, end - 20 * MS, outcome, end, 140);
+        }
+        let mean = (0.020 * 90.0 + 0.020 * SAMPLE_CAP * 10.0) / 100.0;
+        let expected = before * TOLERANCE * 0.020 / mean + QUEUE_ALLOWANCE * before.sqrt();
+        assert_near(g.limit, expected);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn noise_in_a_small_measurement_is_not_read_as_queueing() {
+        let mut g = GradientLimit::new(10, 1000);
+        feed(&mut g, 20 * MS, MIN_SAMPLES, 10);
+        assert_eq!(g.current(), 15);
+        // Ten answers of 14 or 30 ms (average 22, ten percent up): noise, slow start goes on…
+        let t0 = g.cohort.start;
+        let tags: Vec<_> = (0..10).map(|_| g.on_admit(t0, 10)).collect();
+        let end = t0 + g.interval_length();
+        for (i, tag) in tags.into_iter().enumerate() {
+            let latency = if i % 2 == 0 { 14 * MS } else { 30 * MS };
+            g.on_complete(tag, end - latency, Outcome::Success, end, 9);
+        }
+        assert_eq!(g.current(), 22);
+        assert!(g.slow_start);
+        // …and its samples join the baseline's.
+        assert_close(g.baseline(), 21 * MS);
+        // A clear rise without the spread is queueing.
+        let before = g.limit;
+        feed(&mut g, 25 * MS, MIN_SAMPLES, 22);
+        assert!(!g.slow_start);
+        assert!(
+            g.limit < before * SLOW_START_FACTOR,
+            "{} -> {}",
+            before,
+            g.limit
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -339,7 +626,7 @@ mod tests {
             let demand = g.current();
             feed(&mut g, 20 * MS, MIN_SAMPLES, demand);
         }
-        assert_eq!(g.baseline(), Some(20 * MS));
+        assert_close(g.baseline(), 20 * MS);
         // The upstream is now four times slower whatever the load: after STALE_INTERVALS cuts a
         // probe measures the new no-load latency.
         for _ in 0..STALE_INTERVALS {
@@ -349,21 +636,70 @@ mod tests {
         assert!(g.is_probing());
         feed(&mut g, 80 * MS, PROBE_SAMPLES, 1000);
         assert!(!g.is_probing());
-        assert_eq!(g.baseline(), Some(80 * MS));
+        assert_close(g.baseline(), 80 * MS);
         let after_probe = g.current();
         feed(&mut g, 80 * MS, MIN_SAMPLES, 1000);
-        assert!(g.current() > after_probe, "regains the limit once the baseline is right");
+        assert!(
+            g.current() > after_probe,
+            "regains the limit once the baseline is right"
+        );
     }
 
     #[tokio::test(start_paused = true)]
-    async fn samples_from_before_a_change_are_ignored() {
-        let mut g = GradientLimit::new(10, 100);
-        let old = Instant::now();
-        tokio::time::advance(MIN_INTERVAL).await;
-        g.reset_interval(Instant::now(), 0);
-        for _ in 0..100 {
-            g.on_complete(old, Outcome::Success, Instant::now(), 10);
+    async fn a_scheduled_probe_lowers_the_limit_for_one_measurement() {
+        let mut g = GradientLimit::new(1, 1000);
+        for _ in 0..12 {
+            let demand = g.current();
+            feed(&mut g, 20 * MS, MIN_SAMPLES, demand);
         }
+        let limit = g.limit;
+        g.next_probe = g.cohort.start;
+        // Latency slightly up (1.1×): an ordinary measurement, then the probe starts.
+        feed(&mut g, 22 * MS, MIN_SAMPLES, 1000);
+        assert!(g.is_probing());
+        let settled = limit * TOLERANCE / 1.1 + QUEUE_ALLOWANCE * limit.sqrt();
+        assert_near(g.limit, settled * PROBE_FACTOR);
+        // Without the extra load the requests take 19 ms: that is the new baseline.
+        feed(&mut g, 19 * MS, PROBE_SAMPLES, 1000);
+        assert!(!g.is_probing());
+        assert_close(g.baseline(), 19 * MS);
+        assert_near(g.limit, settled);
+        assert!(g.next_probe >= g.cohort.start + PROBE_EVERY.mul_f64(1.0 - PROBE_JITTER));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_does_not_wait_for_a_hung_request() {
+        let mut g = GradientLimit::new(1, 1000);
+        for _ in 0..12 {
+            let demand = g.current();
+            feed(&mut g, 20 * MS, MIN_SAMPLES, demand);
+        }
+        g.next_probe = g.cohort.start;
+        feed(&mut g, 20 * MS, MIN_SAMPLES, 1000);
+        assert!(g.is_probing());
+        let t0 = g.cohort.start;
+        let tags: Vec<_> = (0..=PROBE_SAMPLES).map(|_| g.on_admit(t0, 100)).collect();
+        let end = t0 + g.interval_length();
+        for tag in &tags[1..] {
+            g.on_complete(*tag, end - 19 * MS, Outcome::Success, end, 99);
+        }
+        g.on_admit(end + PROBE_STRAGGLER_MIN - MS, 100);
+        assert!(g.is_probing(), "waits for the last answer…");
+        g.on_admit(end + PROBE_STRAGGLER_MIN, 100);
+        assert!(!g.is_probing(), "…but not forever");
+        assert_close(g.baseline(), 19 * MS);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_admitted_before_a_change_are_ignored() {
+        let mut g = GradientLimit::new(10, 100);
+        let t0 = g.cohort.start;
+        let old: Vec<_> = (0..20).map(|_| g.on_admit(t0, 10)).collect();
+        g.new_cohort(t0, 10);
+        for tag in old {
+            g.on_complete(tag, t0, Outcome::Success, t0 + MIN_INTERVAL * 2, 10);
+        }
+        assert_eq!((g.cohort.finished, g.cohort.stats.n), (0, 0));
         assert_eq!(g.baseline(), None);
         assert_eq!(g.current(), 10);
     }

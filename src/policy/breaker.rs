@@ -92,7 +92,11 @@ impl BreakerState {
             settings: settings.clone(),
             // Zero probes could never close the breaker again.
             probes: settings.half_open_requests.max(1),
-            shared: Mutex::new(Shared { mode: Mode::Closed, epoch: 0, window: SlidingWindow::new(settings.window) }),
+            shared: Mutex::new(Shared {
+                mode: Mode::Closed,
+                epoch: 0,
+                window: SlidingWindow::new(settings.window),
+            }),
             state_gauge,
         }
     }
@@ -114,7 +118,9 @@ impl BreakerState {
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // Nothing panics under the lock; a poisoned one still holds consistent counts.
-        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn admit(self: &Arc<Self>) -> Result<Admission, ProxyError> {
@@ -123,9 +129,15 @@ impl BreakerState {
         if let Mode::Open { until } = shared.mode {
             if now < until {
                 let retry_after = Duration::from_secs(retry_after_secs(until - now));
-                return Err(ProxyError::Shed { reason: ShedReason::CircuitOpen, retry_after });
+                return Err(ProxyError::Shed {
+                    reason: ShedReason::CircuitOpen,
+                    retry_after,
+                });
             }
-            shared.mode = Mode::HalfOpen { admitted: 0, succeeded: 0 };
+            shared.mode = Mode::HalfOpen {
+                admitted: 0,
+                succeeded: 0,
+            };
             shared.epoch += 1;
             self.state_gauge.set(CircuitState::HalfOpen.gauge_value());
             info!(route = %self.route, probes = self.probes, "circuit breaker half-open, probing the upstream");
@@ -138,15 +150,30 @@ impl BreakerState {
                 true
             }
             Mode::HalfOpen { .. } | Mode::Open { .. } => {
-                return Err(ProxyError::Shed { reason: ShedReason::CircuitOpen, retry_after: HALF_OPEN_RETRY_AFTER });
+                return Err(ProxyError::Shed {
+                    reason: ShedReason::CircuitOpen,
+                    retry_after: HALF_OPEN_RETRY_AFTER,
+                });
             }
         };
-        Ok(Admission { state: self.clone(), epoch, probe, settled: false })
+        Ok(Admission {
+            state: self.clone(),
+            epoch,
+            probe,
+            settled: false,
+        })
     }
 
     fn verdict<RB>(&self, result: &Result<Response<RB>, ProxyError>) -> Verdict {
         match result {
-            Ok(resp) if self.settings.failure_codes.contains(&resp.status().as_u16()) => Verdict::Failure,
+            Ok(resp)
+                if self
+                    .settings
+                    .failure_codes
+                    .contains(&resp.status().as_u16()) =>
+            {
+                Verdict::Failure
+            }
             Ok(_) => Verdict::Success,
             Err(ProxyError::Upstream(_)) => Verdict::Failure,
             Err(_) => Verdict::NotCounted,
@@ -175,8 +202,12 @@ impl BreakerState {
                 }
                 let counts = shared.window.counts(now);
                 let ratio = counts.marked as f64 / counts.total as f64;
-                if counts.total >= u64::from(self.settings.min_requests) && ratio >= self.settings.failure_ratio {
-                    shared.mode = Mode::Open { until: now + self.settings.open_for };
+                if counts.total >= u64::from(self.settings.min_requests)
+                    && ratio >= self.settings.failure_ratio
+                {
+                    shared.mode = Mode::Open {
+                        until: now + self.settings.open_for,
+                    };
                     shared.epoch += 1;
                     self.state_gauge.set(CircuitState::Open.gauge_value());
                     warn!(
@@ -199,7 +230,9 @@ impl BreakerState {
                 }
             }
             (Mode::HalfOpen { .. }, true, Verdict::Failure) => {
-                shared.mode = Mode::Open { until: now + self.settings.open_for };
+                shared.mode = Mode::Open {
+                    until: now + self.settings.open_for,
+                };
                 shared.epoch += 1;
                 self.state_gauge.set(CircuitState::Open.gauge_value());
                 warn!(
@@ -235,7 +268,8 @@ impl Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         if !self.settled {
-            self.state.settle(self.epoch, self.probe, Verdict::NotCounted);
+            self.state
+                .settle(self.epoch, self.probe, Verdict::NotCounted);
         }
     }
 }
@@ -257,7 +291,10 @@ impl<S> Layer<S> for CircuitBreakerLayer {
     type Service = CircuitBreaker<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker { inner, state: self.state.clone() }
+        CircuitBreaker {
+            inner,
+            state: self.state.clone(),
+        }
     }
 }
 
@@ -315,11 +352,15 @@ pin_project! {
 
 impl<F> ResponseFuture<F> {
     fn refused(error: ProxyError) -> Self {
-        ResponseFuture { state: State::Refused { error } }
+        ResponseFuture {
+            state: State::Refused { error },
+        }
     }
 
     fn admitted(future: F, admission: Option<Admission>) -> Self {
-        ResponseFuture { state: State::Admitted { future, admission } }
+        ResponseFuture {
+            state: State::Admitted { future, admission },
+        }
     }
 }
 
@@ -377,7 +418,11 @@ mod tests {
         let gauge = IntGauge::new("spillway_circuit_breaker_state", "state").unwrap();
         let state = Arc::new(BreakerState::new("api", &settings, gauge));
         let svc = CircuitBreakerLayer::new(state.clone()).layer(upstream.clone());
-        Fixture { upstream, state, svc }
+        Fixture {
+            upstream,
+            state,
+            svc,
+        }
     }
 
     impl Fixture {
@@ -388,7 +433,11 @@ mod tests {
 
         /// A request expected to be refused (no reply is scripted for it).
         async fn refused(&self) -> ProxyError {
-            self.svc.clone().oneshot(request("GET", "")).await.unwrap_err()
+            self.svc
+                .clone()
+                .oneshot(request("GET", ""))
+                .await
+                .unwrap_err()
         }
 
         fn gauge(&self) -> i64 {
@@ -405,18 +454,27 @@ mod tests {
     }
 
     fn open(retry_after_secs: u64) -> ProxyError {
-        ProxyError::Shed { reason: ShedReason::CircuitOpen, retry_after: Duration::from_secs(retry_after_secs) }
+        ProxyError::Shed {
+            reason: ShedReason::CircuitOpen,
+            retry_after: Duration::from_secs(retry_after_secs),
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn opens_at_min_requests_and_ratio_not_before() {
         let f = fixture(settings());
         for _ in 0..9 {
-            assert!(f.send(Reply::error(UpstreamError::ConnectRefused)).await.is_err());
+            assert!(f
+                .send(Reply::error(UpstreamError::ConnectRefused))
+                .await
+                .is_err());
         }
         // Nine failures out of nine, but fewer than min_requests.
         assert_eq!((f.state.state(), f.gauge()), (CircuitState::Closed, 0));
-        assert!(f.send(Reply::error(UpstreamError::ConnectRefused)).await.is_err());
+        assert!(f
+            .send(Reply::error(UpstreamError::ConnectRefused))
+            .await
+            .is_err());
         assert_eq!((f.state.state(), f.gauge()), (CircuitState::Open, 2));
         // Refused without reaching the upstream.
         assert_eq!(f.refused().await, open(5));
@@ -474,7 +532,11 @@ mod tests {
 
         tokio::time::advance(Duration::from_millis(100)).await;
         probe1.poll_once().unwrap().unwrap();
-        assert_eq!(f.state.state(), CircuitState::HalfOpen, "one probe is not enough");
+        assert_eq!(
+            f.state.state(),
+            CircuitState::HalfOpen,
+            "one probe is not enough"
+        );
         probe2.poll_once().unwrap().unwrap();
         assert_eq!((f.state.state(), f.gauge()), (CircuitState::Closed, 0));
 
@@ -493,7 +555,9 @@ mod tests {
         f.upstream.push(Reply::ok_after(Duration::from_millis(100)));
         let mut slow_probe = Manual::new(f.svc.clone().oneshot(request("GET", "")));
         assert!(slow_probe.poll_once().is_none());
-        f.send(Reply::error(UpstreamError::ConnectionTerminated)).await.unwrap_err();
+        f.send(Reply::error(UpstreamError::ConnectionTerminated))
+            .await
+            .unwrap_err();
         assert_eq!((f.state.state(), f.gauge()), (CircuitState::Open, 2));
         assert_eq!(f.refused().await, open(5));
         // The other probe's late success belongs to the previous half-open period.
@@ -505,7 +569,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_dropped_probe_gives_its_slot_back() {
-        let f = fixture(BreakerSettings { half_open_requests: 1, ..settings() });
+        let f = fixture(BreakerSettings {
+            half_open_requests: 1,
+            ..settings()
+        });
         f.trip().await;
         tokio::time::advance(OPEN_FOR).await;
         f.upstream.push(Reply::hang());
@@ -526,7 +593,11 @@ mod tests {
         }
         tokio::time::advance(WINDOW).await;
         f.send(Reply::status(503)).await.unwrap();
-        assert_eq!(f.state.state(), CircuitState::Closed, "the first nine are out of the window");
+        assert_eq!(
+            f.state.state(),
+            CircuitState::Closed,
+            "the first nine are out of the window"
+        );
         for _ in 0..9 {
             f.send(Reply::status(503)).await.unwrap();
         }
@@ -535,12 +606,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn sheds_from_further_in_are_not_counted() {
-        let f = fixture(BreakerSettings { min_requests: 1, ..settings() });
-        let shed = ProxyError::Shed { reason: ShedReason::QueueTimeout, retry_after: Duration::from_secs(1) };
-        let inner = tower::service_fn(|_req: Request<String>| async move { Err::<Response<String>, _>(shed) });
+        let f = fixture(BreakerSettings {
+            min_requests: 1,
+            ..settings()
+        });
+        let shed = ProxyError::Shed {
+            reason: ShedReason::QueueTimeout,
+            retry_after: Duration::from_secs(1),
+        };
+        let inner =
+            tower::service_fn(
+                |_req: Request<String>| async move { Err::<Response<String>, _>(shed) },
+            );
         let svc = CircuitBreakerLayer::new(f.state.clone()).layer(inner);
         for _ in 0..5 {
-            assert_eq!(svc.clone().oneshot(request("GET", "")).await.unwrap_err(), shed);
+            assert_eq!(
+                svc.clone().oneshot(request("GET", "")).await.unwrap_err(),
+                shed
+            );
         }
         assert_eq!(f.state.state(), CircuitState::Closed);
         assert_eq!(f.state.lock().window.counts(Instant::now()).total, 0);
@@ -548,7 +631,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn disabled_passes_everything_through() {
-        let f = fixture(BreakerSettings { enabled: false, ..settings() });
+        let f = fixture(BreakerSettings {
+            enabled: false,
+            ..settings()
+        });
         for _ in 0..30 {
             f.send(Reply::status(503)).await.unwrap();
         }

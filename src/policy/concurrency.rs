@@ -64,7 +64,11 @@ impl LimiterState {
     /// `limit_gauge` (spillway_concurrency_limit for the route) is kept equal to the limit.
     ///
     /// An adaptive limit starts at `min` (see [`GradientLimit`]).
-    pub fn new(settings: &ConcurrencySettings, retry_after: Duration, limit_gauge: IntGauge) -> Self {
+    pub fn new(
+        settings: &ConcurrencySettings,
+        retry_after: Duration,
+        limit_gauge: IntGauge,
+    ) -> Self {
         let (limit, adaptive) = match settings.limit {
             LimitSettings::Fixed(n) => (n as usize, None),
             LimitSettings::Adaptive { min, max } => {
@@ -108,25 +112,29 @@ impl LimiterState {
     /// The no-load latency the adaptive limit currently assumes (`None` for a fixed limit or
     /// before the first measurement).
     pub fn baseline_latency(&self) -> Option<Duration> {
-        self.lock().adaptive.as_ref().and_then(GradientLimit::baseline)
+        self.lock()
+            .adaptive
+            .as_ref()
+            .and_then(GradientLimit::baseline)
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         // Nothing panics while holding the lock; if something ever did, the counters are still
         // consistent enough to keep serving rather than failing every request.
-        self.shared.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shared
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn admit(self: &Arc<Self>) -> Admission {
         let mut shared = self.lock();
         if shared.in_flight < shared.limit && shared.waiters.is_empty() {
             shared.in_flight += 1;
-            let in_flight = shared.in_flight;
-            if let Some(g) = shared.adaptive.as_mut() {
-                g.note_demand(in_flight);
-            }
+            let mut wake = WakeList::default();
+            let permit = self.permit(&mut shared, &mut wake);
             drop(shared);
-            return Admission::Go(Permit::new(self.clone()));
+            wake.wake_all();
+            return Admission::Go(permit);
         }
         let demand = shared.in_flight + shared.waiters.len() + 1;
         if let Some(g) = shared.adaptive.as_mut() {
@@ -139,32 +147,104 @@ impl LimiterState {
         shared.next_id += 1;
         shared.waiters.push_back(Waiter { id, waker: None });
         drop(shared);
-        Admission::Wait(Ticket { state: self.clone(), id, active: true })
+        Admission::Wait(Ticket {
+            state: self.clone(),
+            id,
+            active: true,
+        })
     }
 
-    /// Gives a permit back, feeds the adaptive limit, and hands freed permits to waiters.
-    fn release(&self, shared: &mut Shared, started: Instant, outcome: Outcome) {
-        shared.in_flight -= 1;
+    /// A permit for a request already counted in `in_flight`.
+    fn permit(self: &Arc<Self>, shared: &mut Shared, wake: &mut WakeList) -> Permit {
+        let started = Instant::now();
         let in_flight = shared.in_flight;
-        if let Some(g) = shared.adaptive.as_mut() {
-            if outcome != Outcome::Ignore {
-                g.on_complete(started, outcome, Instant::now(), in_flight);
-            }
-            let limit = g.current();
+        let tag = shared
+            .adaptive
+            .as_mut()
+            .and_then(|g| g.on_admit(started, in_flight));
+        self.sync_limit(shared, wake);
+        Permit {
+            state: self.clone(),
+            started,
+            tag,
+            outcome: Outcome::Ignore,
+        }
+    }
+
+    /// Copies the adaptive limit into `shared.limit` and the gauge; a higher limit lets waiters
+    /// in.
+    fn sync_limit(&self, shared: &mut Shared, wake: &mut WakeList) {
+        if let Some(limit) = shared.adaptive.as_ref().map(GradientLimit::current) {
             if limit != shared.limit {
                 shared.limit = limit;
                 self.limit_gauge.set(limit as i64);
+                shared.grant_waiters(wake);
             }
         }
-        while shared.in_flight < shared.limit {
-            let Some(waiter) = shared.waiters.pop_front() else { break };
-            shared.in_flight += 1;
-            shared.granted.push(waiter.id);
-            // Waking only queues the task; it takes this lock again when it runs.
+    }
+
+    /// Gives a permit back, feeds the adaptive limit, and hands freed permits to waiters.
+    fn release(&self, permit: &Permit) {
+        let mut wake = WakeList::default();
+        let mut shared = self.lock();
+        shared.in_flight -= 1;
+        let in_flight = shared.in_flight;
+        if let Some(g) = shared.adaptive.as_mut() {
+            g.on_complete(
+                permit.tag,
+                permit.started,
+                permit.outcome,
+                Instant::now(),
+                in_flight,
+            );
+        }
+        self.sync_limit(&mut shared, &mut wake);
+        shared.grant_waiters(&mut wake);
+        drop(shared);
+        wake.wake_all();
+    }
+}
+
+impl Shared {
+    /// Hands free permits to the oldest waiters; their wakers go to `wake`.
+    fn grant_waiters(&mut self, wake: &mut WakeList) {
+        while self.in_flight < self.limit {
+            let Some(waiter) = self.waiters.pop_front() else {
+                break;
+            };
+            self.in_flight += 1;
+            self.granted.push(waiter.id);
             if let Some(waker) = waiter.waker {
-                waker.wake();
+                wake.push(waker);
             }
         }
+    }
+}
+
+/// Wakers collected under the lock and woken after it is released: a waker may run arbitrary
+/// code (a runtime shutting down drops the task it wakes, which would take this lock again).
+#[derive(Default)]
+struct WakeList {
+    /// Almost always the only one: a release frees one permit.
+    first: Option<Waker>,
+    /// More when the adaptive limit rises; allocates only then.
+    rest: Vec<Waker>,
+}
+
+impl WakeList {
+    fn push(&mut self, waker: Waker) {
+        if self.first.is_none() {
+            self.first = Some(waker);
+        } else {
+            self.rest.push(waker);
+        }
+    }
+
+    fn wake_all(self) {
+        self.first
+            .into_iter()
+            .chain(self.rest)
+            .for_each(Waker::wake);
     }
 }
 
@@ -173,19 +253,14 @@ impl LimiterState {
 struct Permit {
     state: Arc<LimiterState>,
     started: Instant,
+    /// The adaptive limit's measurement this request belongs to, if any.
+    tag: Option<u64>,
     outcome: Outcome,
-}
-
-impl Permit {
-    fn new(state: Arc<LimiterState>) -> Self {
-        Permit { state, started: Instant::now(), outcome: Outcome::Ignore }
-    }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        let mut shared = self.state.lock();
-        self.state.release(&mut shared, self.started, self.outcome);
+        self.state.release(self);
     }
 }
 
@@ -203,9 +278,12 @@ impl Ticket {
     fn poll_grant(&mut self, cx: &mut Context<'_>) -> Poll<Permit> {
         let mut shared = self.state.lock();
         if take_grant(&mut shared, self.id) {
-            drop(shared);
             self.active = false;
-            return Poll::Ready(Permit::new(self.state.clone()));
+            let mut wake = WakeList::default();
+            let permit = self.state.permit(&mut shared, &mut wake);
+            drop(shared);
+            wake.wake_all();
+            return Poll::Ready(permit);
         }
         if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
             let slot = &mut shared.waiters[pos].waker;
@@ -222,8 +300,11 @@ impl Ticket {
         let mut shared = self.state.lock();
         self.active = false;
         if take_grant(&mut shared, self.id) {
+            let mut wake = WakeList::default();
+            let permit = self.state.permit(&mut shared, &mut wake);
             drop(shared);
-            return Some(Permit::new(self.state.clone()));
+            wake.wake_all();
+            return Some(permit);
         }
         if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
             shared.waiters.remove(pos);
@@ -237,13 +318,17 @@ impl Drop for Ticket {
         if !self.active {
             return;
         }
+        let mut wake = WakeList::default();
         let mut shared = self.state.lock();
         if take_grant(&mut shared, self.id) {
             // Handed a permit it will never use: pass it on.
-            self.state.release(&mut shared, Instant::now(), Outcome::Ignore);
+            shared.in_flight -= 1;
+            shared.grant_waiters(&mut wake);
         } else if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
             shared.waiters.remove(pos);
         }
+        drop(shared);
+        wake.wake_all();
     }
 }
 
@@ -274,7 +359,10 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
     type Service = ConcurrencyLimit<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ConcurrencyLimit { inner, state: self.state.clone() }
+        ConcurrencyLimit {
+            inner,
+            state: self.state.clone(),
+        }
     }
 }
 
@@ -304,9 +392,16 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let state = match self.state.admit() {
             Admission::Refused => {
-                let error =
-                    ProxyError::Shed { reason: ShedReason::ConcurrencyLimit, retry_after: self.state.retry_after };
-                return ResponseFuture { state: State::Refused { error }, service: None, request: None, permit: None };
+                let error = ProxyError::Shed {
+                    reason: ShedReason::ConcurrencyLimit,
+                    retry_after: self.state.retry_after,
+                };
+                return ResponseFuture {
+                    state: State::Refused { error },
+                    service: None,
+                    request: None,
+                    permit: None,
+                };
             }
             Admission::Go(permit) => {
                 return ResponseFuture {
@@ -316,11 +411,17 @@ where
                     permit: Some(permit),
                 };
             }
-            Admission::Wait(ticket) => {
-                State::Queued { deadline: tokio::time::sleep(self.state.queue_timeout), ticket }
-            }
+            Admission::Wait(ticket) => State::Queued {
+                deadline: tokio::time::sleep(self.state.queue_timeout),
+                ticket,
+            },
         };
-        ResponseFuture { state, service: Some(self.inner.clone()), request: Some(req), permit: None }
+        ResponseFuture {
+            state,
+            service: Some(self.inner.clone()),
+            request: Some(req),
+            permit: None,
+        }
     }
 }
 
@@ -413,9 +514,9 @@ where
 fn classify<T>(result: &Result<T, ProxyError>) -> Outcome {
     match result {
         Ok(_) => Outcome::Success,
-        Err(ProxyError::Upstream(UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout)) => {
-            Outcome::Congestion
-        }
+        Err(ProxyError::Upstream(
+            UpstreamError::ResponseTimeout | UpstreamError::ConnectTimeout,
+        )) => Outcome::Congestion,
         // Refused connections, DNS, TLS, sheds further in: fast failures that would otherwise
         // read as "low latency" and raise the limit.
         Err(_) => Outcome::Ignore,
@@ -425,7 +526,9 @@ fn classify<T>(result: &Result<T, ProxyError>) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::test_support::{quantile, request, request_with_id, CapacityApp, CountingService, Manual, Reply};
+    use crate::policy::test_support::{
+        quantile, request, request_with_id, CapacityApp, CountingService, Manual, Reply,
+    };
     use tower::ServiceExt;
 
     const RETRY_AFTER: Duration = Duration::from_secs(7);
@@ -436,12 +539,19 @@ mod tests {
     }
 
     fn state(limit: LimitSettings, queue: u32, queue_timeout: Duration) -> Arc<LimiterState> {
-        let settings = ConcurrencySettings { limit, queue, queue_timeout };
+        let settings = ConcurrencySettings {
+            limit,
+            queue,
+            queue_timeout,
+        };
         Arc::new(LimiterState::new(&settings, RETRY_AFTER, gauge()))
     }
 
     fn shed(reason: ShedReason) -> ProxyError {
-        ProxyError::Shed { reason, retry_after: RETRY_AFTER }
+        ProxyError::Shed {
+            reason,
+            retry_after: RETRY_AFTER,
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -449,7 +559,9 @@ mod tests {
         let inner = CountingService::new(Reply::ok_after(100 * MS));
         let limiter = state(LimitSettings::Fixed(5), 0, 100 * MS);
         let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
-        let mut calls: Vec<_> = (0..8).map(|i| Manual::new(svc.clone().oneshot(request_with_id(i)))).collect();
+        let mut calls: Vec<_> = (0..8)
+            .map(|i| Manual::new(svc.clone().oneshot(request_with_id(i))))
+            .collect();
         let mut sheds = 0;
         for call in &mut calls {
             match call.poll_once() {
@@ -478,12 +590,17 @@ mod tests {
         let inner = CountingService::new(Reply::ok_after(10 * MS));
         let limiter = state(LimitSettings::Fixed(1), 3, Duration::from_secs(1));
         let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
-        let mut calls: Vec<_> = (0..5).map(|i| Manual::new(svc.clone().oneshot(request_with_id(i)))).collect();
+        let mut calls: Vec<_> = (0..5)
+            .map(|i| Manual::new(svc.clone().oneshot(request_with_id(i))))
+            .collect();
         for call in calls.iter_mut().take(4) {
             assert!(call.poll_once().is_none());
         }
         // The queue holds three: the fifth is refused at once.
-        assert_eq!(calls[4].poll_once().unwrap().unwrap_err(), shed(ShedReason::ConcurrencyLimit));
+        assert_eq!(
+            calls[4].poll_once().unwrap().unwrap_err(),
+            shed(ShedReason::ConcurrencyLimit)
+        );
         assert_eq!(limiter.queued(), 3);
 
         let mut done = Vec::new();
@@ -519,7 +636,10 @@ mod tests {
         tokio::time::advance(49 * MS).await;
         assert!(second.poll_once().is_none());
         tokio::time::advance(MS).await;
-        assert_eq!(second.poll_once().unwrap().unwrap_err(), shed(ShedReason::QueueTimeout));
+        assert_eq!(
+            second.poll_once().unwrap().unwrap_err(),
+            shed(ShedReason::QueueTimeout)
+        );
         assert_eq!((limiter.in_flight(), limiter.queued()), (1, 0));
         assert_eq!(inner.calls(), 1);
     }
@@ -600,7 +720,10 @@ mod tests {
     /// Open-loop load (`per_ms` arrivals every millisecond) for `duration`.
     async fn drive<S>(svc: S, limiter: &LimiterState, per_ms: usize, duration: Duration) -> Run
     where
-        S: Service<Request<String>, Response = Response<String>, Error = ProxyError> + Clone + Send + 'static,
+        S: Service<Request<String>, Response = Response<String>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
         S::Future: Send,
     {
         use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
@@ -630,7 +753,11 @@ mod tests {
         }
         // Let the requests sent last finish (or be refused) before counting.
         tokio::time::sleep(Duration::from_millis(500)).await;
-        Run { limits, answered: answered.load(Relaxed), shed: shed.load(Relaxed) }
+        Run {
+            limits,
+            answered: answered.load(Relaxed),
+            shed: shed.load(Relaxed),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -643,10 +770,17 @@ mod tests {
         // 2000 requests/s against 32 workers × 20 ms = 1600/s. 40 s includes at least one probe.
         let Run { limits, .. } = drive(svc.clone(), &limiter, 2, Duration::from_secs(3)).await;
         assert!(limits.iter().all(|&l| (1..=500).contains(&l)));
-        assert!(*limits.last().unwrap() >= 32, "rises under low latency: {limits:?}");
+        assert!(
+            *limits.last().unwrap() >= 32,
+            "rises under low latency: {limits:?}"
+        );
         app.take_latencies();
 
-        let Run { limits, answered, shed } = drive(svc.clone(), &limiter, 2, Duration::from_secs(37)).await;
+        let Run {
+            limits,
+            answered,
+            shed,
+        } = drive(svc.clone(), &limiter, 2, Duration::from_secs(37)).await;
         assert_eq!(answered + shed, 2 * 37_000);
         let mut latencies = app.take_latencies();
         let p99 = quantile(&mut latencies, 0.99);
@@ -655,17 +789,29 @@ mod tests {
             l.sort();
             l[l.len() / 2]
         };
-        assert!((32..=42).contains(&median_limit), "converges near 32: {limits:?}");
-        assert!(limits.iter().all(|&l| (24..=48).contains(&l)), "stays near 32: {limits:?}");
+        assert!(
+            (32..=42).contains(&median_limit),
+            "converges near 32: {limits:?}"
+        );
+        assert!(
+            limits.iter().all(|&l| (24..=48).contains(&l)),
+            "stays near 32: {limits:?}"
+        );
         assert!(p99 <= 40 * MS, "p99 {p99:?} above twice the unloaded 20 ms");
         // Throughput close to the app's 1600/s.
-        assert!(answered as f64 >= 0.95 * 1600.0 * 37.0, "answered {answered}");
+        assert!(
+            answered as f64 >= 0.95 * 1600.0 * 37.0,
+            "answered {answered}"
+        );
 
         // The app loses three quarters of its workers: latency inflates, the limit follows.
         let _lost_workers = app.workers.clone().acquire_many_owned(24).await.unwrap();
         let Run { limits, .. } = drive(svc.clone(), &limiter, 2, Duration::from_secs(10)).await;
         let settled = &limits[30..];
-        assert!(settled.iter().all(|&l| (6..=14).contains(&l)), "follows capacity down to 8: {limits:?}");
+        assert!(
+            settled.iter().all(|&l| (6..=14).contains(&l)),
+            "follows capacity down to 8: {limits:?}"
+        );
         let mut latencies = app.take_latencies();
         let half = latencies.len() / 2;
         let p99 = quantile(&mut latencies[half..], 0.99);
@@ -680,11 +826,79 @@ mod tests {
         drive(svc.clone(), &limiter, 1, Duration::from_secs(3)).await;
         app.take_latencies();
         // 1000/s: about 20 in flight, well below the 32 workers. 35 s includes a probe.
-        let Run { limits, answered, shed } = drive(svc.clone(), &limiter, 1, Duration::from_secs(35)).await;
-        assert!(limits.iter().all(|&l| l >= 25), "must not collapse under healthy load: {limits:?}");
+        let Run {
+            limits,
+            answered,
+            shed,
+        } = drive(svc.clone(), &limiter, 1, Duration::from_secs(35)).await;
+        assert!(
+            limits.iter().all(|&l| l >= 25),
+            "must not collapse under healthy load: {limits:?}"
+        );
         assert_eq!((answered, shed), (35_000, 0));
         let mut latencies = app.take_latencies();
-        assert_eq!(quantile(&mut latencies, 1.0), 20 * MS, "no request queued at the app");
+        assert_eq!(
+            quantile(&mut latencies, 1.0),
+            20 * MS,
+            "no request queued at the app"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limit_with_noisy_latency_keeps_p99_within_twice_unloaded() {
+        // 32 workers, 10 to 30 ms per request.
+        let app = CapacityApp::new(32, 20 * MS).with_spread(0.5);
+        let limiter = state(LimitSettings::Adaptive { min: 1, max: 500 }, 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        // Unloaded: 200/s, about 4 in flight.
+        let warm = drive(svc.clone(), &limiter, 1, Duration::from_millis(200)).await;
+        assert!(warm.answered > 0);
+        app.take_latencies();
+        let mut unloaded = Vec::new();
+        for _ in 0..2000 {
+            svc.clone().oneshot(request("GET", "")).await.unwrap();
+        }
+        unloaded.extend(app.take_latencies());
+        let unloaded_p99 = quantile(&mut unloaded, 0.99);
+
+        drive(svc.clone(), &limiter, 2, Duration::from_secs(3)).await;
+        app.take_latencies();
+        let Run {
+            limits, answered, ..
+        } = drive(svc.clone(), &limiter, 2, Duration::from_secs(30)).await;
+        let mut latencies = app.take_latencies();
+        let p99 = quantile(&mut latencies, 0.99);
+        assert!(
+            p99 <= unloaded_p99 * 2,
+            "p99 {p99:?}, unloaded {unloaded_p99:?}"
+        );
+        let mut sorted = limits.clone();
+        sorted.sort();
+        assert!((32..=44).contains(&sorted[sorted.len() / 2]), "{limits:?}");
+        assert!(limits.iter().all(|&l| (20..=56).contains(&l)), "{limits:?}");
+        assert!(
+            answered as f64 >= 0.95 * 1600.0 * 30.0,
+            "answered {answered}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn adaptive_limit_recovers_when_the_app_itself_gets_slower() {
+        let app = CapacityApp::new(32, 20 * MS);
+        let limiter = state(LimitSettings::Adaptive { min: 1, max: 500 }, 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        drive(svc.clone(), &limiter, 2, Duration::from_secs(3)).await;
+        // A slower deploy: every request takes three times as long, with the same 32 workers.
+        // Latency triples whatever the limit, which cutting cannot fix: the limit must relearn
+        // its baseline instead of sliding to `min`.
+        app.set_service_time(60 * MS);
+        let Run { limits, .. } = drive(svc.clone(), &limiter, 1, Duration::from_secs(10)).await;
+        assert!(limits.iter().all(|&l| l >= 4), "collapsed: {limits:?}");
+        assert!(
+            limits[30..].iter().all(|&l| (32..=42).contains(&l)),
+            "{limits:?}"
+        );
+        assert_eq!(limiter.baseline_latency().map(|b| b.as_millis()), Some(60));
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,7 +24,10 @@ pub struct MaintenanceLayer {
 impl MaintenanceLayer {
     /// A layer that sheds everything when `settings.enabled`, and is transparent otherwise.
     pub fn new(settings: &MaintenanceSettings) -> Self {
-        MaintenanceLayer { enabled: settings.enabled, retry_after: settings.retry_after }
+        MaintenanceLayer {
+            enabled: settings.enabled,
+            retry_after: settings.retry_after,
+        }
     }
 }
 
@@ -32,7 +35,11 @@ impl<S> Layer<S> for MaintenanceLayer {
     type Service = Maintenance<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Maintenance { inner, enabled: self.enabled, retry_after: self.retry_after }
+        Maintenance {
+            inner,
+            enabled: self.enabled,
+            retry_after: self.retry_after,
+        }
     }
 }
 
@@ -64,10 +71,19 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         if self.enabled {
-            let error = ProxyError::Shed { reason: ShedReason::Maintenance, retry_after: self.retry_after };
-            ResponseFuture { state: State::Shed { error } }
+            let error = ProxyError::Shed {
+                reason: ShedReason::Maintenance,
+                retry_after: self.retry_after,
+            };
+            ResponseFuture {
+                state: State::Shed { error },
+            }
         } else {
-            ResponseFuture { state: State::Inner { future: self.inner.call(req) } }
+            ResponseFuture {
+                state: State::Inner {
+                    future: self.inner.call(req),
+                },
+            }
         }
     }
 }
@@ -111,7 +127,10 @@ mod tests {
     use tower::ServiceExt;
 
     fn settings(enabled: bool) -> MaintenanceSettings {
-        MaintenanceSettings { enabled, retry_after: Duration::from_secs(120) }
+        MaintenanceSettings {
+            enabled,
+            retry_after: Duration::from_secs(120),
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -121,7 +140,10 @@ mod tests {
         let err = svc.oneshot(request("GET", "")).await.unwrap_err();
         assert_eq!(
             err,
-            ProxyError::Shed { reason: ShedReason::Maintenance, retry_after: Duration::from_secs(120) }
+            ProxyError::Shed {
+                reason: ShedReason::Maintenance,
+                retry_after: Duration::from_secs(120)
+            }
         );
         assert_eq!(inner.calls(), 0);
     }

@@ -15,12 +15,20 @@ use crate::error::{ProxyError, UpstreamError};
 
 /// A request with the given method and body (the body decides whether it can be replayed).
 pub(crate) fn request(method: &str, body: &str) -> Request<String> {
-    Request::builder().method(method).uri("http://app.test/x").body(body.to_owned()).unwrap()
+    Request::builder()
+        .method(method)
+        .uri("http://app.test/x")
+        .body(body.to_owned())
+        .unwrap()
 }
 
 /// A GET carrying `x-id: id`, so a mock can tell requests apart.
 pub(crate) fn request_with_id(id: usize) -> Request<String> {
-    Request::builder().uri("http://app.test/x").header("x-id", id.to_string()).body(String::new()).unwrap()
+    Request::builder()
+        .uri("http://app.test/x")
+        .header("x-id", id.to_string())
+        .body(String::new())
+        .unwrap()
 }
 
 /// One scripted answer of [`CountingService`].
@@ -35,19 +43,31 @@ pub(crate) struct Reply {
 impl Reply {
     /// An immediate response with `status`.
     pub(crate) fn status(status: u16) -> Self {
-        Reply { delay: Some(Duration::ZERO), outcome: Ok(status) }
+        Reply {
+            delay: Some(Duration::ZERO),
+            outcome: Ok(status),
+        }
     }
     /// An immediate error.
     pub(crate) fn error(e: UpstreamError) -> Self {
-        Reply { delay: Some(Duration::ZERO), outcome: Err(e) }
+        Reply {
+            delay: Some(Duration::ZERO),
+            outcome: Err(e),
+        }
     }
     /// A 200 after `delay`.
     pub(crate) fn ok_after(delay: Duration) -> Self {
-        Reply { delay: Some(delay), outcome: Ok(200) }
+        Reply {
+            delay: Some(delay),
+            outcome: Ok(200),
+        }
     }
     /// Never answers.
     pub(crate) fn hang() -> Self {
-        Reply { delay: None, outcome: Ok(200) }
+        Reply {
+            delay: None,
+            outcome: Ok(200),
+        }
     }
 }
 
@@ -96,17 +116,30 @@ impl CountingService {
 
     /// `x-id` headers of the calls so far, in call order.
     pub(crate) fn seen_ids(&self) -> Vec<String> {
-        self.script.seen.lock().unwrap().iter().map(|(_, id)| id.clone()).collect()
+        self.script
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, id)| id.clone())
+            .collect()
     }
 
     /// Methods of the calls so far, in call order.
     pub(crate) fn seen_methods(&self) -> Vec<String> {
-        self.script.seen.lock().unwrap().iter().map(|(m, _)| m.clone()).collect()
+        self.script
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(m, _)| m.clone())
+            .collect()
     }
 }
 
 /// The boxed future every mock returns.
-pub(crate) type MockFuture = Pin<Box<dyn Future<Output = Result<Response<String>, ProxyError>> + Send>>;
+pub(crate) type MockFuture =
+    Pin<Box<dyn Future<Output = Result<Response<String>, ProxyError>> + Send>>;
 
 impl Service<Request<String>> for CountingService {
     type Response = Response<String>;
@@ -119,9 +152,23 @@ impl Service<Request<String>> for CountingService {
 
     fn call(&mut self, req: Request<String>) -> Self::Future {
         self.script.calls.fetch_add(1, Ordering::SeqCst);
-        let id = req.headers().get("x-id").map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default();
-        self.script.seen.lock().unwrap().push((req.method().to_string(), id));
-        let reply = self.script.replies.lock().unwrap().pop_front().unwrap_or(self.script.default);
+        let id = req
+            .headers()
+            .get("x-id")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        self.script
+            .seen
+            .lock()
+            .unwrap()
+            .push((req.method().to_string(), id));
+        let reply = self
+            .script
+            .replies
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(self.script.default);
         Box::pin(async move {
             match reply.delay {
                 Some(d) if !d.is_zero() => tokio::time::sleep(d).await,
@@ -148,6 +195,10 @@ pub(crate) struct CapacityApp {
     /// The app's workers; a test takes some away by acquiring and holding them.
     pub(crate) workers: Arc<tokio::sync::Semaphore>,
     service_time: Arc<Mutex<Duration>>,
+    /// Each request takes `service_time × (1 ± spread)`, uniformly, from a seeded generator so
+    /// that runs repeat.
+    spread: f64,
+    rng: Arc<Mutex<u64>>,
     latencies: Arc<Mutex<Vec<Duration>>>,
 }
 
@@ -157,8 +208,30 @@ impl CapacityApp {
         CapacityApp {
             workers: Arc::new(tokio::sync::Semaphore::new(workers)),
             service_time: Arc::new(Mutex::new(service_time)),
+            spread: 0.0,
+            rng: Arc::new(Mutex::new(0x9E37_79B9_7F4A_7C15)),
             latencies: Arc::new(Mutex::new(Vec::new())),
         }
+    }
+
+    /// Makes service times vary uniformly by `±spread` (0.5: from half to one and a half).
+    pub(crate) fn with_spread(mut self, spread: f64) -> Self {
+        self.spread = spread;
+        self
+    }
+
+    fn service_time(&self) -> Duration {
+        let base = *self.service_time.lock().unwrap();
+        if self.spread == 0.0 {
+            return base;
+        }
+        // xorshift64*: plenty for spreading test latencies, and seeded.
+        let mut state = self.rng.lock().unwrap();
+        *state ^= *state >> 12;
+        *state ^= *state << 25;
+        *state ^= *state >> 27;
+        let unit = (state.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 11) as f64 / (1u64 << 53) as f64;
+        base.mul_f64(1.0 - self.spread + 2.0 * self.spread * unit)
     }
 
     /// Changes how long each request takes from now on.
@@ -186,7 +259,7 @@ impl Service<Request<String>> for CapacityApp {
         Box::pin(async move {
             let start = tokio::time::Instant::now();
             let _worker = app.workers.acquire().await.unwrap();
-            let d = *app.service_time.lock().unwrap();
+            let d = app.service_time();
             tokio::time::sleep(d).await;
             app.latencies.lock().unwrap().push(start.elapsed());
             Ok(Response::new(String::new()))

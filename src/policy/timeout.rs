@@ -29,7 +29,10 @@ impl<S> Layer<S> for TimeoutLayer {
     type Service = Timeout<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Timeout { inner, timeout: self.timeout }
+        Timeout {
+            inner,
+            timeout: self.timeout,
+        }
     }
 }
 
@@ -55,7 +58,9 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        ResponseFuture { inner: tokio::time::timeout(self.timeout, self.inner.call(req)) }
+        ResponseFuture {
+            inner: tokio::time::timeout(self.timeout, self.inner.call(req)),
+        }
     }
 }
 
@@ -78,7 +83,9 @@ where
         match self.project().inner.poll(cx) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Ok(result)) => Poll::Ready(result),
-            Poll::Ready(Err(_elapsed)) => Poll::Ready(Err(ProxyError::Upstream(UpstreamError::ResponseTimeout))),
+            Poll::Ready(Err(_elapsed)) => {
+                Poll::Ready(Err(ProxyError::Upstream(UpstreamError::ResponseTimeout)))
+            }
         }
     }
 }
@@ -102,7 +109,9 @@ mod tests {
         assert!(call.poll_once().is_none(), "fired before the deadline");
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(
-            call.poll_once().expect("did not fire at the deadline").unwrap_err(),
+            call.poll_once()
+                .expect("did not fire at the deadline")
+                .unwrap_err(),
             ProxyError::Upstream(UpstreamError::ResponseTimeout)
         );
         assert_eq!(inner.calls(), 1);

@@ -39,7 +39,11 @@ impl SlidingWindow {
     pub(crate) fn new(window: Duration) -> Self {
         // A zero window would divide by zero; one nanosecond per bucket means "only now".
         let width_nanos = (window.as_nanos() / u128::from(BUCKETS)).max(1);
-        SlidingWindow { origin: Instant::now(), width_nanos, slots: [Slot::default(); BUCKETS as usize] }
+        SlidingWindow {
+            origin: Instant::now(),
+            width_nanos,
+            slots: [Slot::default(); BUCKETS as usize],
+        }
     }
 
     fn period(&self, now: Instant) -> u64 {
@@ -53,7 +57,10 @@ impl SlidingWindow {
         let slot = &mut self.slots[(period % BUCKETS) as usize];
         if slot.period != period {
             // The slot still holds a bucket that has slid out of the window.
-            *slot = Slot { period, counts: Counts::default() };
+            *slot = Slot {
+                period,
+                counts: Counts::default(),
+            };
         }
         slot.counts.total += total;
         slot.counts.marked += marked;
@@ -88,14 +95,32 @@ mod tests {
         let t0 = Instant::now();
         w.add(t0, 1, 1);
         w.add(t0 + Duration::from_millis(4500), 2, 0);
-        assert_eq!(w.counts(t0 + Duration::from_millis(4500)), Counts { total: 3, marked: 1 });
+        assert_eq!(
+            w.counts(t0 + Duration::from_millis(4500)),
+            Counts {
+                total: 3,
+                marked: 1
+            }
+        );
         // The first bucket covers [0 s, 1 s): it is still in at 9.999 s, gone at 10 s.
         assert_eq!(w.counts(t0 + Duration::from_millis(9999)).total, 3);
-        assert_eq!(w.counts(t0 + Duration::from_secs(10)), Counts { total: 2, marked: 0 });
+        assert_eq!(
+            w.counts(t0 + Duration::from_secs(10)),
+            Counts {
+                total: 2,
+                marked: 0
+            }
+        );
         assert_eq!(w.counts(t0 + Duration::from_secs(15)), Counts::default());
         // A slot reused for a later period starts from zero.
         w.add(t0 + Duration::from_secs(20), 1, 0);
-        assert_eq!(w.counts(t0 + Duration::from_secs(20)), Counts { total: 1, marked: 0 });
+        assert_eq!(
+            w.counts(t0 + Duration::from_secs(20)),
+            Counts {
+                total: 1,
+                marked: 0
+            }
+        );
         w.reset();
         assert_eq!(w.counts(t0 + Duration::from_secs(20)), Counts::default());
     }
