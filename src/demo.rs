@@ -44,6 +44,8 @@ pub async fn run(path: &Path, embedded: &str) -> ExitCode {
              curl -i http://{p}/broken                # 502, Proxy-Status: ...; error=connection_refused\n  \
              curl -i 'http://{p}/slow?ms=3000'        # 504, Proxy-Status: ...; error=http_response_timeout\n  \
              curl -i 'http://{p}/flaky?p=0.5'         # the app fails half the time\n  \
+             for i in 1 2 3 4 5 6; do curl -s -o /dev/null -w '%{{http_code}} ' 'http://{p}/slow?ms=500' & done; wait; echo\n  \
+                                                     # 4 x 200, 2 x 503 (concurrency limit 4, Retry-After: 5)\n  \
              curl -N http://{p}/stream                # a streamed body\n  \
              curl -s http://{admin}/metrics | grep ^spillway_requests_total\n\
              Ctrl-C stops both.\n",
