@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{self, ConfigError, ConfigErrors, Settings};
 use crate::proxy::Runtime;
+use crate::server::tls::PreparedCertificates;
 use crate::server::Shared;
 
 /// Quiet time after the last file event before reloading: editors and `kubectl` write in
@@ -60,13 +61,23 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<Reloaded, ConfigErrors> {
         tracing::warn!("{}: {w}", path.display());
     }
     let current = shared.runtime.load_full();
+    restart_needed(&current.settings, &loaded.settings)?;
+    let certificates = reread_certificates(shared, &loaded.settings)?;
     if loaded.version == current.version {
+        certificates.commit(&current);
         return Ok(Reloaded { version: loaded.version, changed: false });
     }
-    restart_needed(&current.settings, &loaded.settings)?;
-    let next = Runtime::build(&loaded, &shared.metrics, Some(&current));
-    shared.runtime.store(Arc::new(next));
+    let next = Arc::new(Runtime::build(&loaded, &shared.metrics, Some(&current)));
+    shared.runtime.store(next.clone());
+    certificates.commit(&next);
     Ok(Reloaded { version: loaded.version, changed: true })
+}
+
+/// Certificates, keys and CA bundles are re-read on every reload, also when the config text is
+/// unchanged (replace the files, then SIGHUP). All are read before anything is applied: one
+/// that does not load refuses the reload whole, and the previous ones keep serving.
+fn reread_certificates(shared: &Shared, settings: &Settings) -> Result<PreparedCertificates, ConfigErrors> {
+    shared.certificates.prepare(settings)
 }
 
 /// Listener and admin addresses are bound once at start; changing them needs a restart, and a

@@ -9,6 +9,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
@@ -90,6 +92,9 @@ pub enum Outcome {
     UpstreamAborted,
     /// The client went away before the body ended.
     ClientGone,
+    /// An upgraded connection (WebSocket) ended because one side failed (a reset), or the
+    /// upgrade itself could not be completed.
+    TunnelAborted,
 }
 
 impl Outcome {
@@ -98,6 +103,7 @@ impl Outcome {
             Outcome::Complete => "complete",
             Outcome::UpstreamAborted => "upstream_aborted",
             Outcome::ClientGone => "client_gone",
+            Outcome::TunnelAborted => "tunnel_aborted",
         }
     }
 }
@@ -191,6 +197,39 @@ impl ResponseBody {
     /// A short generated body.
     pub fn full(data: &'static str, exchange: Option<Exchange>) -> Self {
         ResponseBody { source: SourceBody::Full { data: Some(Bytes::from_static(data.as_bytes())) }, exchange }
+    }
+
+    /// No body at all: the end of the stream is known up front, so HTTP/2 ends the stream on
+    /// the HEADERS frame (what a gRPC "Trailers-Only" response needs).
+    pub fn empty(exchange: Option<Exchange>) -> Self {
+        ResponseBody { source: SourceBody::Full { data: None }, exchange }
+    }
+}
+
+/// Runs an upgraded connection (e.g. a WebSocket) once both sides have switched protocols:
+/// bytes are copied both ways until each side has closed its direction (a close on one side is
+/// passed on to the other as a close of that direction), or until either side fails, which
+/// closes both. `exchange` is held for the tunnel's life, so the request stays in flight while
+/// it is open and is counted (status 101, its whole duration) when it ends.
+pub async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
+    let (down, up) = match tokio::try_join!(downstream, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(request_id = exchange.request_id.to_str().unwrap_or("-"), error = %e, "upgrade not completed");
+            exchange.finish(Outcome::TunnelAborted);
+            return;
+        }
+    };
+    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((sent, received)) => {
+            tracing::debug!(request_id = exchange.request_id.to_str().unwrap_or("-"), sent, received, "tunnel closed");
+            exchange.finish(Outcome::Complete);
+        }
+        Err(e) => {
+            tracing::debug!(request_id = exchange.request_id.to_str().unwrap_or("-"), error = %e, "tunnel aborted");
+            exchange.finish(Outcome::TunnelAborted);
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA};
-use http::HeaderMap;
+use http::{HeaderMap, Version};
 
 /// Which layer answered: every response carries it, upstream responses get `, <server_id>`
 /// appended to whatever the app set.
@@ -116,6 +116,47 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks to switch to (its `Upgrade` value, e.g. `websocket`),
+/// when its `Connection` header lists `upgrade`; `None` otherwise. HTTP/2 has no Upgrade
+/// (RFC 9113 §8.6), and without the `Connection` token the `Upgrade` header is just a
+/// hop-by-hop header to strip.
+pub fn upgrade_request(version: Version, headers: &HeaderMap) -> Option<HeaderValue> {
+    if version != Version::HTTP_11 || !lists_token(headers, &CONNECTION, "upgrade") {
+        return None;
+    }
+    let mut lines = headers.get_all(UPGRADE).iter();
+    let first = lines.next()?.clone();
+    // Several lines are one list (RFC 9110 §5.3): fold them so none is lost.
+    let rest: Vec<&HeaderValue> = lines.collect();
+    if rest.is_empty() {
+        return Some(first);
+    }
+    let mut b = BytesMut::from(first.as_bytes());
+    for more in rest {
+        b.put_slice(b", ");
+        b.put_slice(more.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(b.freeze()).ok()
+}
+
+/// Puts `Connection: upgrade` and `Upgrade: <protocol>` back after the hop-by-hop strip: an
+/// upgrade is negotiated hop by hop, and spillway takes part by asking its own hop for the same
+/// protocol (on the request) and confirming it (on the 101 response).
+pub fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
+}
+
+/// Whether a comma-separated header lists `token` (case-insensitive), on any of its lines.
+fn lists_token(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
 /// What the upstream is told about the original request.
 pub struct Forwarded<'a> {
     /// The client's IP address, already formatted.
@@ -211,6 +252,31 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-keep"], "yes");
+    }
+
+    #[test]
+    fn upgrade_needs_http11_the_connection_token_and_an_upgrade_header() {
+        let mut h = HeaderMap::new();
+        h.insert(UPGRADE, hv("websocket"));
+        assert_eq!(upgrade_request(Version::HTTP_11, &h), None, "no Connection: upgrade");
+        h.insert(CONNECTION, hv("keep-alive, Upgrade"));
+        assert_eq!(upgrade_request(Version::HTTP_11, &h), Some(hv("websocket")));
+        assert_eq!(upgrade_request(Version::HTTP_2, &h), None);
+        assert_eq!(upgrade_request(Version::HTTP_10, &h), None);
+        h.append(UPGRADE, hv("foo/2"));
+        assert_eq!(upgrade_request(Version::HTTP_11, &h), Some(hv("websocket, foo/2")));
+        h.remove(UPGRADE);
+        assert_eq!(upgrade_request(Version::HTTP_11, &h), None, "no Upgrade header");
+
+        let mut fwd = HeaderMap::new();
+        fwd.insert(CONNECTION, hv("upgrade, x-secret"));
+        fwd.insert(UPGRADE, hv("websocket"));
+        fwd.insert("x-secret", hv("1"));
+        strip_hop_by_hop(&mut fwd);
+        set_upgrade(&mut fwd, hv("websocket"));
+        assert_eq!(fwd[CONNECTION], "upgrade");
+        assert_eq!(fwd[UPGRADE], "websocket");
+        assert!(!fwd.contains_key("x-secret"));
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! the route, runs the route's stack, and turns every outcome into a response: upstream
 //! responses are passed through and stamped, errors are presented in exactly one place
 //! ([`rescue`]). Its error type is `Infallible`: nothing escapes to hyper unanswered.
+//!
+//! Two protocols get special care here. HTTP/1.1 Upgrade requests (WebSocket) are forwarded
+//! with their upgrade intact and, on a 101, tunnelled both ways. gRPC requests get the errors
+//! spillway generates as gRPC statuses (see [`grpc_status`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,18 +13,24 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Request, Response};
+use http::header::{CONTENT_TYPE, RETRY_AFTER, TE, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 use tower::ServiceExt;
 
-use super::body::{Exchange, RequestBody, ResponseBody};
+use super::body::{self, Exchange, RequestBody, ResponseBody};
 use super::headers::{self, Forwarded, Stamps, PROXY_STATUS, X_REQUEST_ID, X_SERVED_BY};
 use super::runtime::Runtime;
 use super::upstream::EndpointHint;
-use crate::error::{retry_after_secs, ProxyError};
+use crate::config::UpstreamProtocol;
+use crate::error::{retry_after_secs, ProxyError, UpstreamError};
 use crate::metrics::Source;
+
+/// `grpc-status`: the gRPC status code of a response.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+/// `grpc-message`: the percent-encoded text that goes with a non-zero `grpc-status`.
+pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// The ingress service of one downstream connection.
 #[derive(Clone)]
@@ -32,9 +42,18 @@ pub struct ProxyService {
 
 impl ProxyService {
     /// A service for a connection from `client` (`proto` is `http` or `https`).
-    pub fn new(runtime: Arc<ArcSwap<Runtime>>, client: std::net::SocketAddr, proto: &'static str) -> Self {
-        let client_ip = HeaderValue::from_str(&client.ip().to_string()).unwrap_or(HeaderValue::from_static("unknown"));
-        ProxyService { runtime, client_ip, proto }
+    pub fn new(
+        runtime: Arc<ArcSwap<Runtime>>,
+        client: std::net::SocketAddr,
+        proto: &'static str,
+    ) -> Self {
+        let client_ip = HeaderValue::from_str(&client.ip().to_string())
+            .unwrap_or(HeaderValue::from_static("unknown"));
+        ProxyService {
+            runtime,
+            client_ip,
+            proto,
+        }
     }
 }
 
@@ -52,35 +71,144 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     }
 }
 
-async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, client_ip: HeaderValue, proto: &'static str) -> Response<ResponseBody> {
+/// How the errors spillway generates are expressed to the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// An HTTP status and a short plain-text body.
+    Http,
+    /// For gRPC clients (the request's `content-type` is `application/grpc…`): HTTP 200 with
+    /// `grpc-status` and `grpc-message` and no body (a "Trailers-Only" response), answered with
+    /// this `content-type`.
+    Grpc {
+        /// `application/grpc`, or the gRPC-Web variant the request used.
+        content_type: &'static str,
+    },
+}
+
+impl ErrorStyle {
+    /// The style the request's `content-type` calls for.
+    pub fn of(headers: &HeaderMap) -> ErrorStyle {
+        let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+            return ErrorStyle::Http;
+        };
+        let ct = ct.trim_start().as_bytes();
+        let starts =
+            |p: &str| ct.len() >= p.len() && ct[..p.len()].eq_ignore_ascii_case(p.as_bytes());
+        // Longest prefix first: `application/grpc` is a prefix of the gRPC-Web types.
+        if starts("application/grpc-web-text") {
+            ErrorStyle::Grpc {
+                content_type: "application/grpc-web-text",
+            }
+        } else if starts("application/grpc-web") {
+            ErrorStyle::Grpc {
+                content_type: "application/grpc-web",
+            }
+        } else if starts("application/grpc") {
+            ErrorStyle::Grpc {
+                content_type: "application/grpc",
+            }
+        } else {
+            ErrorStyle::Http
+        }
+    }
+
+    fn is_grpc(self) -> bool {
+        matches!(self, ErrorStyle::Grpc { .. })
+    }
+}
+
+async fn handle(
+    rt: Arc<Runtime>,
+    mut req: Request<Incoming>,
+    client_ip: HeaderValue,
+    proto: &'static str,
+) -> Response<ResponseBody> {
     let start = Instant::now();
     let request_id = headers::request_id(req.headers());
+    let style = ErrorStyle::of(req.headers());
     let route = rt.find_route(req.method(), req.uri(), req.headers());
     let metrics = route.map_or_else(|| rt.unmatched.clone(), |r| r.metrics.clone());
-    let mut exchange = Exchange::start(metrics, start, req.method().clone(), req.uri().clone(), request_id.clone());
+    let mut exchange = Exchange::start(
+        metrics,
+        start,
+        req.method().clone(),
+        req.uri().clone(),
+        request_id.clone(),
+    );
 
     if rt.stamps.is_loop(req.headers()) {
-        return rescue(&rt.stamps, ProxyError::LoopDetected, exchange);
+        return rescue(&rt.stamps, ProxyError::LoopDetected, exchange, style);
     }
     let Some(route) = route else {
-        return rescue(&rt.stamps, ProxyError::NoRoute, exchange);
+        return rescue(&rt.stamps, ProxyError::NoRoute, exchange, style);
     };
+
+    // An upgrade is only passed on to an HTTP/1.1 upstream; towards HTTP/2 it is stripped like
+    // any hop-by-hop header and the upstream answers the plain request.
+    let upstream_h1 = rt
+        .upstreams
+        .get(&route.settings.upstream)
+        .is_some_and(|u| u.settings.protocol == UpstreamProtocol::Http1);
+    let upgrade = headers::upgrade_request(req.version(), req.headers()).filter(|_| upstream_h1);
+    // Taken out before the request is forwarded: it resolves once hyper has sent our 101.
+    let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    // gRPC servers may check `te: trailers` to detect proxies that drop trailers; spillway
+    // passes trailers through, so it forwards that promise.
+    let te_trailers = style.is_grpc()
+        && req
+            .headers()
+            .get_all(TE)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
 
     let (mut parts, body) = req.into_parts();
     headers::rewrite_request(
         &mut parts.headers,
         parts.uri.authority(),
         &rt.stamps,
-        &Forwarded { client_ip: &client_ip, proto },
+        &Forwarded {
+            client_ip: &client_ip,
+            proto,
+        },
         &request_id,
     );
+    if let Some(protocol) = &upgrade {
+        headers::set_upgrade(&mut parts.headers, protocol.clone());
+    }
+    if te_trailers {
+        parts
+            .headers
+            .insert(TE, HeaderValue::from_static("trailers"));
+    }
     if route.spread_retries {
         parts.extensions.insert(EndpointHint::default());
     }
     let upstream_req = Request::from_parts(parts, RequestBody::from_incoming(body));
 
     match route.service.clone().oneshot(upstream_req).await {
-        Ok(resp) => {
+        Ok(mut resp) => {
+            if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                let (Some(requested), Some(downstream)) = (upgrade, downstream_upgrade) else {
+                    // Switching protocols nobody asked for: not a response we can pass on.
+                    return rescue(
+                        &rt.stamps,
+                        UpstreamError::ProtocolError.into(),
+                        exchange,
+                        style,
+                    );
+                };
+                let upstream = hyper::upgrade::on(&mut resp);
+                let (mut parts, _) = resp.into_parts();
+                let protocol = parts.headers.get(UPGRADE).cloned().unwrap_or(requested);
+                headers::strip_hop_by_hop(&mut parts.headers);
+                headers::set_upgrade(&mut parts.headers, protocol);
+                rt.stamps.stamp_upstream(&mut parts.headers);
+                parts.headers.insert(X_REQUEST_ID, request_id);
+                exchange.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+                exchange.source = Source::Upstream;
+                tokio::spawn(body::tunnel(downstream, upstream, exchange));
+                return Response::from_parts(parts, ResponseBody::empty(None));
+            }
             let (mut parts, body) = resp.into_parts();
             headers::strip_hop_by_hop(&mut parts.headers);
             rt.stamps.stamp_upstream(&mut parts.headers);
@@ -89,13 +217,22 @@ async fn handle(rt: Arc<Runtime>, req: Request<Incoming>, client_ip: HeaderValue
             exchange.source = Source::Upstream;
             Response::from_parts(parts, ResponseBody::upstream(body, exchange))
         }
-        Err(e) => rescue(&rt.stamps, e, exchange),
+        Err(e) => rescue(&rt.stamps, e, exchange, style),
     }
 }
 
 /// The only place an error becomes a response: status, `Proxy-Status`, `Retry-After`, a short
 /// body, and the error's metrics. Nothing internal (addresses, OS errors) reaches the client.
-pub fn rescue(stamps: &Stamps, err: ProxyError, mut exchange: Exchange) -> Response<ResponseBody> {
+///
+/// For gRPC requests (`style`), the same error is a gRPC status instead: HTTP 200,
+/// `grpc-status` ([`grpc_status`]) and `grpc-message` (the body's text), no body. The other
+/// headers stay, and metrics and the access log still record spillway's own status (e.g. 503).
+pub fn rescue(
+    stamps: &Stamps,
+    err: ProxyError,
+    mut exchange: Exchange,
+    style: ErrorStyle,
+) -> Response<ResponseBody> {
     let p = err.presentation();
     match err {
         ProxyError::Upstream(e) => exchange.metrics.upstream_error(e),
@@ -106,10 +243,28 @@ pub fn rescue(stamps: &Stamps, err: ProxyError, mut exchange: Exchange) -> Respo
     exchange.source = Source::Proxy;
     exchange.error = Some(err.log_kind());
     let request_id = exchange.request_id.clone();
-    let mut resp = Response::new(ResponseBody::full(p.body, Some(exchange)));
-    *resp.status_mut() = p.status;
+    let mut resp = match style {
+        ErrorStyle::Http => {
+            let mut resp = Response::new(ResponseBody::full(p.body, Some(exchange)));
+            *resp.status_mut() = p.status;
+            resp.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            resp
+        }
+        ErrorStyle::Grpc { content_type } => {
+            let mut resp = Response::new(ResponseBody::empty(Some(exchange)));
+            let h = resp.headers_mut();
+            h.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            h.insert(GRPC_STATUS, HeaderValue::from(u16::from(grpc_status(&err))));
+            if let Ok(m) = HeaderValue::from_str(&grpc_message(p.body.trim_end())) {
+                h.insert(GRPC_MESSAGE, m);
+            }
+            resp
+        }
+    };
     let h = resp.headers_mut();
-    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     h.insert(X_SERVED_BY, stamps.served_by.clone());
     if let Some(t) = p.proxy_status {
         h.insert(PROXY_STATUS, stamps.proxy_status(t));
@@ -119,4 +274,190 @@ pub fn rescue(stamps: &Stamps, err: ProxyError, mut exchange: Exchange) -> Respo
     }
     h.insert(X_REQUEST_ID, request_id);
     resp
+}
+
+/// The gRPC status a generated error is presented as, following gRPC's HTTP-to-gRPC mapping
+/// with two refinements that tell a client more:
+///
+/// | spillway error | HTTP | gRPC status |
+/// |---|---|---|
+/// | upstream connect failures, terminated connection, bad response, TLS (502) | 502 | 14 `UNAVAILABLE` |
+/// | connect timeout (504): the request never reached the app, safe to retry | 504 | 14 `UNAVAILABLE` |
+/// | response timeout (504): the app may still be working on it | 504 | 4 `DEADLINE_EXCEEDED` |
+/// | shed: concurrency limit, queue timeout, open breaker, maintenance | 503 | 14 `UNAVAILABLE` |
+/// | no route | 404 | 12 `UNIMPLEMENTED` |
+/// | routing loop (a misconfiguration; retrying cannot help) | 508 | 13 `INTERNAL` |
+/// | unusable request | 400 | 13 `INTERNAL` |
+pub fn grpc_status(err: &ProxyError) -> u8 {
+    match err {
+        ProxyError::Upstream(UpstreamError::ResponseTimeout) => 4,
+        ProxyError::Upstream(_) | ProxyError::Shed { .. } => 14,
+        ProxyError::NoRoute => 12,
+        ProxyError::LoopDetected | ProxyError::BadRequest => 13,
+    }
+}
+
+/// `grpc-message` encoding: percent-encodes everything outside printable ASCII, and `%`.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ShedReason;
+    use crate::metrics::Metrics;
+    use std::time::Duration;
+
+    fn exchange(metrics: &Metrics) -> Exchange {
+        Exchange::start(
+            metrics.route("r"),
+            Instant::now(),
+            http::Method::POST,
+            "/pkg.Svc/Call".parse().unwrap(),
+            HeaderValue::from_static("id-1"),
+        )
+    }
+
+    #[test]
+    fn grpc_requests_are_recognised_by_content_type() {
+        let style = |ct: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_TYPE, HeaderValue::from_str(ct).unwrap());
+            ErrorStyle::of(&h)
+        };
+        assert_eq!(
+            style("application/grpc"),
+            ErrorStyle::Grpc {
+                content_type: "application/grpc"
+            }
+        );
+        assert_eq!(
+            style("application/grpc+proto"),
+            ErrorStyle::Grpc {
+                content_type: "application/grpc"
+            }
+        );
+        assert_eq!(
+            style("Application/GRPC"),
+            ErrorStyle::Grpc {
+                content_type: "application/grpc"
+            }
+        );
+        assert_eq!(
+            style("application/grpc-web+proto"),
+            ErrorStyle::Grpc {
+                content_type: "application/grpc-web"
+            }
+        );
+        assert_eq!(
+            style("application/grpc-web-text"),
+            ErrorStyle::Grpc {
+                content_type: "application/grpc-web-text"
+            }
+        );
+        assert_eq!(style("application/json"), ErrorStyle::Http);
+        assert_eq!(ErrorStyle::of(&HeaderMap::new()), ErrorStyle::Http);
+    }
+
+    #[test]
+    fn every_error_has_a_grpc_status() {
+        use UpstreamError::*;
+        let shed = |reason| ProxyError::Shed {
+            reason,
+            retry_after: Duration::from_secs(1),
+        };
+        let table: &[(ProxyError, u8)] = &[
+            (ConnectRefused.into(), 14),
+            (Unreachable.into(), 14),
+            (Dns.into(), 14),
+            (ConnectTimeout.into(), 14),
+            (ConnectionTerminated.into(), 14),
+            (ProtocolError.into(), 14),
+            (ResponseTimeout.into(), 4),
+            (TlsProtocol.into(), 14),
+            (TlsCertificate.into(), 14),
+            (shed(ShedReason::ConcurrencyLimit), 14),
+            (shed(ShedReason::QueueTimeout), 14),
+            (shed(ShedReason::CircuitOpen), 14),
+            (shed(ShedReason::Maintenance), 14),
+            (ProxyError::LoopDetected, 13),
+            (ProxyError::NoRoute, 12),
+            (ProxyError::BadRequest, 13),
+        ];
+        for (err, code) in table {
+            assert_eq!(grpc_status(err), *code, "{err:?}");
+        }
+        assert_eq!(
+            table.len(),
+            UpstreamError::ALL.len() + ShedReason::ALL.len() + 3
+        );
+    }
+
+    #[test]
+    fn grpc_rescue_is_a_trailers_only_200_that_keeps_the_proxy_headers() {
+        let metrics = Metrics::new();
+        let stamps = Stamps::new("edge-1");
+        let err = ProxyError::Shed {
+            reason: ShedReason::Maintenance,
+            retry_after: Duration::from_secs(30),
+        };
+        let resp = rescue(
+            &stamps,
+            err,
+            exchange(&metrics),
+            ErrorStyle::Grpc {
+                content_type: "application/grpc",
+            },
+        );
+        assert_eq!(resp.status(), StatusCode::OK);
+        let h = resp.headers();
+        assert_eq!(h[CONTENT_TYPE], "application/grpc");
+        assert_eq!(h[GRPC_STATUS], "14");
+        assert_eq!(h[GRPC_MESSAGE], "down for maintenance, retry later");
+        assert_eq!(h[X_SERVED_BY], "edge-1");
+        assert_eq!(h[PROXY_STATUS], "edge-1; error=proxy_internal_response");
+        assert_eq!(h[RETRY_AFTER], "30");
+        assert_eq!(h[X_REQUEST_ID], "id-1");
+        assert!(
+            http_body::Body::is_end_stream(resp.body()),
+            "no body: the stream ends with the headers"
+        );
+        drop(resp);
+        // Metrics keep spillway's own status.
+        assert!(metrics.render().contains(
+            r#"spillway_requests_total{code="503",method="POST",route="r",source="proxy"} 1"#
+        ));
+    }
+
+    #[test]
+    fn plain_rescue_is_unchanged() {
+        let metrics = Metrics::new();
+        let resp = rescue(
+            &Stamps::new("s"),
+            UpstreamError::ConnectRefused.into(),
+            exchange(&metrics),
+            ErrorStyle::Http,
+        );
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(resp.headers()[CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert!(!resp.headers().contains_key(GRPC_STATUS));
+    }
+
+    #[test]
+    fn grpc_message_is_percent_encoded() {
+        assert_eq!(
+            grpc_message("upstream refused the connection"),
+            "upstream refused the connection"
+        );
+        assert_eq!(grpc_message("100% sure\n"), "100%25 sure%0A");
+    }
 }

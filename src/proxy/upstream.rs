@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Method, Request, Response, Uri, Version};
 use http::Extensions;
+use http::{Method, Request, Response, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -19,7 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 
 use super::body::RequestBody;
-use super::connector::{ConnectError, Connector, Established};
+use super::connector::{
+    classify_tls, ConnectError, Connector, Established, TlsClient, UpstreamTls,
+};
 use crate::config::{UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, UpstreamError};
 
@@ -32,6 +34,10 @@ pub struct Upstream {
     endpoints: Box<[Authority]>,
     next: AtomicUsize,
     version: Version,
+    /// `https` when the upstream speaks TLS (HTTP/2 sends it as `:scheme`), else `http`.
+    scheme: Scheme,
+    /// TLS setup shared by both clients' connectors, when the upstream speaks TLS.
+    tls: Option<UpstreamTls>,
     /// Keep-alive pool.
     pooled: HttpClient,
     /// Never reuses a connection: for the one resend after a stale pooled connection failed.
@@ -43,6 +49,10 @@ pub struct Upstream {
 impl Upstream {
     /// Builds the clients (no connection is opened until the first request).
     pub fn new(name: &str, settings: &UpstreamSettings) -> Self {
+        let tls = settings
+            .tls
+            .as_ref()
+            .map(|_| UpstreamTls::load(name, settings));
         let build = |max_idle: usize| {
             let mut b = Client::builder(TokioExecutor::new());
             b.pool_timer(TokioTimer::new())
@@ -50,7 +60,7 @@ impl Upstream {
                 .pool_idle_timeout(settings.idle_timeout)
                 .pool_max_idle_per_host(max_idle)
                 .http2_only(settings.protocol == UpstreamProtocol::Http2);
-            b.build(Connector::new(settings.connect_timeout))
+            b.build(Connector::new(settings.connect_timeout, tls.clone()))
         };
         let endpoints = settings
             .endpoints
@@ -65,8 +75,14 @@ impl Upstream {
                 UpstreamProtocol::Http1 => Version::HTTP_11,
                 UpstreamProtocol::Http2 => Version::HTTP_2,
             },
+            scheme: if tls.is_some() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            },
             pooled: build(usize::MAX),
             fresh: build(0),
+            tls,
             settings: settings.clone(),
         }
     }
@@ -74,6 +90,14 @@ impl Upstream {
     /// The upstream's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Uses `client` for new TLS connections (a reload re-read the CA or client certificate);
+    /// pooled connections stay as they are. Ignored for a plain-HTTP upstream.
+    pub fn set_tls(&self, client: TlsClient) {
+        if let Some(tls) = &self.tls {
+            tls.set(client);
+        }
     }
 
     /// How many endpoints it has.
@@ -88,7 +112,11 @@ impl Upstream {
         let i = match hint {
             Some(h) => {
                 let prev = h.0.load(Ordering::Relaxed);
-                let i = if prev == usize::MAX { self.next.fetch_add(1, Ordering::Relaxed) % n } else { (prev + 1) % n };
+                let i = if prev == usize::MAX {
+                    self.next.fetch_add(1, Ordering::Relaxed) % n
+                } else {
+                    (prev + 1) % n
+                };
                 h.0.store(i, Ordering::Relaxed);
                 i
             }
@@ -139,9 +167,13 @@ impl tower::Service<Request<RequestBody>> for Forward {
                 return Err(UpstreamError::Dns.into());
             }
             let authority = up.pick(req.extensions().get::<EndpointHint>()).clone();
-            let path = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let path = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
             *req.uri_mut() = Uri::builder()
-                .scheme(Scheme::HTTP)
+                .scheme(up.scheme.clone())
                 .authority(authority)
                 .path_and_query(path)
                 .build()
@@ -149,7 +181,12 @@ impl tower::Service<Request<RequestBody>> for Forward {
             *req.version_mut() = up.version;
             // Kept for the one resend on a fresh connection (bodyless idempotent requests only).
             let resend = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
-                (req.method().clone(), req.uri().clone(), req.headers().clone(), req.extensions().clone())
+                (
+                    req.method().clone(),
+                    req.uri().clone(),
+                    req.headers().clone(),
+                    req.extensions().clone(),
+                )
             });
             let sent_at = Instant::now();
             match up.pooled.request(req).await {
@@ -168,7 +205,11 @@ impl tower::Service<Request<RequestBody>> for Forward {
                             *again.version_mut() = up.version;
                             *again.headers_mut() = headers;
                             *again.extensions_mut() = extensions;
-                            return up.fresh.request(again).await.map_err(|e| classify(&e).into());
+                            return up
+                                .fresh
+                                .request(again)
+                                .await
+                                .map_err(|e| classify(&e).into());
                         }
                     }
                     Err(kind.into())
@@ -179,12 +220,17 @@ impl tower::Service<Request<RequestBody>> for Forward {
 }
 
 fn is_idempotent(m: &Method) -> bool {
-    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Whether the failed request went out on a connection that existed before it was sent.
 fn was_reused(err: &hyper_util::client::legacy::Error, sent_at: Instant) -> bool {
-    let Some(info) = err.connect_info() else { return false };
+    let Some(info) = err.connect_info() else {
+        return false;
+    };
     let mut ext = Extensions::new();
     info.get_extras(&mut ext);
     ext.get::<Established>().is_some_and(|e| e.0 < sent_at)
@@ -205,7 +251,18 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
                 return UpstreamError::ConnectionTerminated;
             }
         }
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return classify_tls(tls);
+        }
         if let Some(io) = e.downcast_ref::<io::Error>() {
+            // TLS 1.3 completes the client's side of the handshake before the upstream checks
+            // our client certificate: its rejection arrives as an alert on the first read.
+            if let Some(tls) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            {
+                return classify_tls(tls);
+            }
             return match io.kind() {
                 io::ErrorKind::ConnectionRefused => UpstreamError::ConnectRefused,
                 io::ErrorKind::InvalidData => UpstreamError::ProtocolError,
@@ -220,4 +277,3 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
         UpstreamError::ConnectionTerminated
     }
 }
-

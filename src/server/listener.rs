@@ -1,5 +1,10 @@
-//! One proxy listener: accept, serve each connection with HTTP/1.1 or HTTP/2 (h2c prior
-//! knowledge), and hand the open connections to the drain on shutdown.
+//! One proxy listener: accept, terminate TLS when configured, serve each connection with
+//! HTTP/1.1 or HTTP/2, and hand the open connections to the drain on shutdown.
+//!
+//! The protocol is picked by the connection's first bytes (the HTTP/2 preface or not). On a
+//! TLS listener that agrees with ALPN for every conforming client: `h2` clients send the
+//! preface, `http/1.1` clients a request line. On a plain listener it gives HTTP/1.1 and h2c
+//! with prior knowledge.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,10 +14,11 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::tls::ListenerTls;
 use crate::proxy::{ProxyService, Runtime};
 
 /// How long a client may take to send a request head: slow-loris protection.
@@ -22,7 +28,11 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Binds with SO_REUSEADDR (quick restarts) and a deep backlog (bursts of new connections).
 pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
@@ -47,11 +57,16 @@ impl Drained {
     }
 }
 
+type ConnBuilder = auto::Builder<TokioExecutor>;
+
 /// Accepts and serves until `stop` fires, then returns the open connections for draining.
+/// With `tls`, every connection does the TLS handshake first (in its own task, so a slow
+/// client never holds up the accept loop).
 pub async fn serve(
     listener: TcpListener,
     name: String,
     runtime: Arc<ArcSwap<Runtime>>,
+    tls: Option<Arc<ListenerTls>>,
     stop: CancellationToken,
 ) -> Drained {
     let graceful = GracefulShutdown::new();
@@ -63,6 +78,9 @@ pub async fn serve(
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    // X-Forwarded-Proto: what the client spoke to us.
+    let proto = if tls.is_some() { "https" } else { "http" };
     loop {
         let accepted = tokio::select! {
             biased;
@@ -78,18 +96,40 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let svc = ProxyService::new(runtime.clone(), peer, "http");
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn.into_owned());
-        let live = live.clone();
+        let svc = ProxyService::new(runtime.clone(), peer, proto);
+        // Watched from accept on, so a connection still in its TLS handshake counts for the
+        // drain too.
+        let watcher = graceful.watcher();
+        let (live, builder, tls) = (live.clone(), builder.clone(), tls.clone());
         live.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            match tls {
+                None => serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await,
+                Some(tls) => {
+                    if let Some(stream) = tls.accept(stream, peer).await {
+                        serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await;
+                    }
+                }
             }
             live.fetch_sub(1, Ordering::SeqCst);
         });
     }
     drop(listener);
     Drained { graceful, live }
+}
+
+/// Serves one connection (plain or TLS) until it closes, is upgraded away, or is drained.
+async fn serve_io<I>(
+    builder: &ConnBuilder,
+    io: I,
+    svc: ProxyService,
+    watcher: Watcher,
+    peer: SocketAddr,
+) where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }

@@ -7,6 +7,7 @@
 //! GOAWAY) and whatever is left after `drain_timeout` is cut.
 
 mod listener;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,8 @@ pub struct Shared {
     pub reload_lock: Mutex<()>,
     /// Hash of the config file's bytes at the last watch-triggered attempt.
     pub last_seen_file: Mutex<Option<u64>>,
+    /// TLS listeners' certificates (re-read on reload and when their files change).
+    pub certificates: tls::Certificates,
 }
 
 /// A running spillway: its bound addresses and the handle to stop it.
@@ -88,6 +91,10 @@ impl Server {
     }
 
     async fn start_inner(loaded: &Loaded, metrics: Metrics, config_path: Option<PathBuf>) -> std::io::Result<Server> {
+        // Certificate, key and CA files are read first: a config whose files are broken does
+        // not start.
+        let certificates = tls::Certificates::load(&loaded.settings, &metrics)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let runtime = Runtime::build(loaded, &metrics, None);
         let last_seen_file =
             config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).map(|t| reload::file_hash(&t));
@@ -98,6 +105,7 @@ impl Server {
             config_path,
             reload_lock: Mutex::new(()),
             last_seen_file: Mutex::new(last_seen_file),
+            certificates,
         });
         let stop_accepting = CancellationToken::new();
         let mut listen_addrs = Vec::new();
@@ -113,6 +121,7 @@ impl Server {
                 bound,
                 l.name.clone(),
                 shared.runtime.clone(),
+                shared.certificates.listener(&l.name),
                 stop_accepting.clone(),
             )));
         }

@@ -35,8 +35,14 @@ impl TestProxy {
     /// and admin should use port 0.
     pub async fn start(yaml: &str) -> TestProxy {
         let loaded = config::load_str(yaml).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        let server = Server::start(&loaded, Metrics::new()).await.expect("server starts");
-        TestProxy { addr: server.listen_addrs[0], admin: server.admin_addr.expect("admin configured"), server }
+        let server = Server::start(&loaded, Metrics::new())
+            .await
+            .expect("server starts");
+        TestProxy {
+            addr: server.listen_addrs[0],
+            admin: server.admin_addr.expect("admin configured"),
+            server,
+        }
     }
 
     /// A minimal config: one route `default` for `/` to upstream `app` at `upstream`, plus
@@ -73,7 +79,10 @@ impl TestProxy {
 /// Reads one series from exposition text; 0 when absent.
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
         .map(|v| v.trim().parse().expect("numeric sample"))
         .unwrap_or(0.0)
 }
@@ -92,7 +101,10 @@ pub struct Resp {
 impl Resp {
     /// One header as text ("" when absent).
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).map(|v| v.to_str().unwrap()).unwrap_or("")
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
     }
     /// The body as text.
     pub fn text(&self) -> String {
@@ -107,9 +119,15 @@ pub async fn send(req: Request<Full<Bytes>>) -> Resp {
         let resp = client.request(req).await.expect("request sent");
         let (parts, body) = resp.into_parts();
         let body = body.collect().await.expect("body read").to_bytes();
-        Resp { status: parts.status, headers: parts.headers, body }
+        Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        }
     };
-    tokio::time::timeout(STEP, fut).await.expect("response within the step bound")
+    tokio::time::timeout(STEP, fut)
+        .await
+        .expect("response within the step bound")
 }
 
 /// `GET url`.
@@ -163,7 +181,9 @@ impl RawUpstream {
         let counter = accepted.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((mut sock, _)) = listener.accept().await else { return };
+                let Ok((mut sock, _)) = listener.accept().await else {
+                    return;
+                };
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let b = behaviour.clone();
                 tokio::spawn(async move {
@@ -205,7 +225,11 @@ impl RawUpstream {
                 });
             }
         });
-        RawUpstream { addr, accepted, task }
+        RawUpstream {
+            addr,
+            accepted,
+            task,
+        }
     }
 
     /// Connections accepted so far.
@@ -789,4 +813,249 @@ async fn gated_answer(
     let mut resp = http::Response::new(Full::new(Bytes::from(format!("upstream {status}\n"))));
     *resp.status_mut() = StatusCode::from_u16(status).unwrap();
     Ok(resp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS and protocol support (tests/tls.rs, tests/protocols.rs): certificates made at test time,
+// TLS clients, and TLS upstreams.
+// ---------------------------------------------------------------------------------------------
+
+/// A private CA in a scratch directory (removed on drop) that issues leaf certificates.
+pub struct TestPki {
+    /// The scratch directory.
+    pub dir: std::path::PathBuf,
+    /// The CA certificate, PEM.
+    pub ca_pem: String,
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A leaf certificate and its key.
+pub struct Leaf {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// Certificate, DER: what a client sees as the peer certificate.
+    pub der: Vec<u8>,
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl TestPki {
+    /// A new CA named `name`, in a fresh scratch directory.
+    pub fn new(name: &str) -> TestPki {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "spillway-pki-{}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        TestPki { dir, ca_pem: ca.pem(), ca }
+    }
+
+    /// A leaf for `localhost` and `127.0.0.1` (plus `names`), common name `cn`, signed by the CA.
+    pub fn leaf(&self, cn: &str, names: &[&str]) -> Leaf {
+        let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+        sans.extend(names.iter().map(|s| s.to_string()));
+        let mut params = rcgen::CertificateParams::new(sans).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.ca).unwrap();
+        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+    }
+
+    /// Writes `contents` to `name` in the scratch directory; returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> std::path::PathBuf {
+        let path = self.dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    /// Writes the CA certificate as `ca.pem`; returns its path.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.write("ca.pem", &self.ca_pem.clone())
+    }
+
+    /// A rustls client config trusting only this CA, offering `alpn`, optionally presenting a
+    /// client certificate.
+    pub fn client_config(&self, alpn: &[&str], client_cert: Option<&Leaf>) -> std::sync::Arc<rustls::ClientConfig> {
+        use rustls_pki_types::pem::PemObject;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match client_cert {
+            Some(leaf) => builder
+                .with_client_auth_cert(
+                    rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+                        .map(|c| c.unwrap())
+                        .collect(),
+                    rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        std::sync::Arc::new(config)
+    }
+}
+
+/// A TLS client connection to `addr`, verifying the name `localhost` (bounded by [`STEP`]).
+pub async fn tls_connect(
+    addr: SocketAddr,
+    config: std::sync::Arc<rustls::ClientConfig>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let fut = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+    };
+    tokio::time::timeout(STEP, fut).await.expect("TLS handshake within the step bound")
+}
+
+/// The end-entity certificate (DER) a TLS client connection sees.
+pub fn peer_cert(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u8> {
+    tls.get_ref().1.peer_certificates().expect("server sent a certificate")[0].to_vec()
+}
+
+/// The ALPN protocol negotiated on a TLS client connection ("" for none).
+pub fn alpn_of(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> String {
+    String::from_utf8_lossy(tls.get_ref().1.alpn_protocol().unwrap_or_default()).into_owned()
+}
+
+/// Sends one request over an established connection with HTTP/1.1 (`h2 == false`) or HTTP/2
+/// and reads the whole response, trailers included (bounded by [`STEP`]).
+pub async fn send_over<I>(io: I, h2: bool, req: Request<Full<Bytes>>) -> (Resp, Option<HeaderMap>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let io = hyper_util::rt::TokioIo::new(io);
+    let fut = async move {
+        let resp = if h2 {
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.expect("request sent")
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.expect("request sent")
+        };
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.expect("body read");
+        let trailers = collected.trailers().cloned();
+        (Resp { status: parts.status, headers: parts.headers, body: collected.to_bytes() }, trailers)
+    };
+    tokio::time::timeout(STEP, fut).await.expect("response within the step bound")
+}
+
+/// An HTTPS upstream (HTTP/1.1 or HTTP/2 by ALPN or preface) answering every request with 200
+/// and body `tls ok`. With `client_ca`, it requires a client certificate issued by that CA.
+/// Every answer says in `x-client-cert` whether the client presented one.
+pub struct TlsUpstream {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for TlsUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsUpstream {
+    /// Starts it on an ephemeral loopback port with `leaf` as its certificate.
+    pub async fn start(leaf: &Leaf, client_ca: Option<&TestPki>) -> TlsUpstream {
+        use rustls_pki_types::pem::PemObject;
+        use std::sync::Arc;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match client_ca {
+            Some(pki) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
+                    roots.add(c.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(
+                rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).map(|c| c.unwrap()).collect(),
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                while conns.try_join_next().is_some() {}
+                let acceptor = acceptor.clone();
+                conns.spawn(async move {
+                    let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await else { return };
+                    let presented = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
+                        let version = format!("{:?}", req.version());
+                        let _ = req.into_body().collect().await;
+                        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"tls ok")));
+                        let h = resp.headers_mut();
+                        h.insert("x-client-cert", http::HeaderValue::from_static(if presented { "yes" } else { "no" }));
+                        h.insert("x-upstream-version", http::HeaderValue::from_str(&version).unwrap());
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        TlsUpstream { addr, task }
+    }
+}
+
+/// Waits (bounded by [`STEP`]) until `check` holds, polling every 20 ms; returns whether it did.
+pub async fn eventually<F, Fut>(mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
