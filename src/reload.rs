@@ -120,7 +120,9 @@ pub fn spawn_watcher(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken
     };
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        // Reads (ours included: every reload opens the file) are not changes; reacting to
+        // them would re-read the file forever.
+        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             // A full channel already means "something changed": dropping the extra is fine.
             let _ = tx.try_send(());
         }

@@ -42,6 +42,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 pub struct Drained {
     graceful: GracefulShutdown,
     live: Arc<AtomicUsize>,
+    /// Fired when the drain timeout passes: every connection task still running drops its
+    /// connection (closing the socket) and ends.
+    cut: CancellationToken,
 }
 
 impl Drained {
@@ -52,7 +55,11 @@ impl Drained {
         }
         match tokio::time::timeout_at(deadline, self.graceful.shutdown()).await {
             Ok(()) => 0,
-            Err(_) => self.live.load(Ordering::SeqCst),
+            Err(_) => {
+                let cut = self.live.load(Ordering::SeqCst);
+                self.cut.cancel();
+                cut
+            }
         }
     }
 }
@@ -71,6 +78,7 @@ pub async fn serve(
 ) -> Drained {
     let graceful = GracefulShutdown::new();
     let live = Arc::new(AtomicUsize::new(0));
+    let cut = CancellationToken::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -100,22 +108,28 @@ pub async fn serve(
         // Watched from accept on, so a connection still in its TLS handshake counts for the
         // drain too.
         let watcher = graceful.watcher();
-        let (live, builder, tls) = (live.clone(), builder.clone(), tls.clone());
+        let (live, builder, tls, cut) = (live.clone(), builder.clone(), tls.clone(), cut.clone());
         live.fetch_add(1, Ordering::SeqCst);
         tokio::spawn(async move {
-            match tls {
-                None => serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await,
-                Some(tls) => {
-                    if let Some(stream) = tls.accept(stream, peer).await {
-                        serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await;
+            let serve = async {
+                match tls {
+                    None => serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await,
+                    Some(tls) => {
+                        if let Some(stream) = tls.accept(stream, peer).await {
+                            serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await;
+                        }
                     }
                 }
+            };
+            tokio::select! {
+                _ = serve => {}
+                _ = cut.cancelled() => {}
             }
             live.fetch_sub(1, Ordering::SeqCst);
         });
     }
     drop(listener);
-    Drained { graceful, live }
+    Drained { graceful, live, cut }
 }
 
 /// Serves one connection (plain or TLS) until it closes, is upgraded away, or is drained.
