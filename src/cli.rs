@@ -121,7 +121,12 @@ fn load(path: &Path) -> Result<Loaded, ExitCode> {
 }
 
 fn check(path: &Path) -> ExitCode {
-    match config::load_file(path) {
+    // The files a config names (certificates, keys, CA bundles) are read too: `run` would
+    // refuse to start without them, so `check` must not say the config is fine.
+    let checked = config::load_file(path).and_then(|loaded| {
+        crate::server::tls::Certificates::load(&loaded.settings, &Metrics::new()).map(|_| loaded)
+    });
+    match checked {
         Ok(loaded) => {
             print!("{}", config::summary(&loaded));
             ExitCode::SUCCESS
