@@ -149,6 +149,7 @@ pub async fn run(
     path: Option<PathBuf>,
     started: Option<tokio::sync::oneshot::Sender<Addrs>>,
 ) -> ExitCode {
+    let mut signals = StopSignals::install();
     let started_server = match &path {
         Some(p) => Server::start_with_file(p, &loaded, Metrics::new()).await,
         None => Server::start(&loaded, Metrics::new()).await,
@@ -169,11 +170,11 @@ pub async fn run(
     if let Some(tx) = started {
         let _ = tx.send(Addrs { listeners: server.listen_addrs.clone(), admin: server.admin_addr });
     }
-    let signal = wait_for_signal().await;
+    let signal = signals.next().await;
     tracing::info!(signal, "shutting down");
     let report = tokio::select! {
         r = server.shutdown() => r,
-        s = wait_for_signal() => {
+        s = signals.next() => {
             tracing::warn!(signal = s, "second signal: exiting at once");
             return ExitCode::SUCCESS;
         }
@@ -191,22 +192,56 @@ pub struct Addrs {
     pub admin: Option<std::net::SocketAddr>,
 }
 
-#[cfg(unix)]
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        // Without signal handlers the process can only be killed; keep serving.
-        std::future::pending::<()>().await;
-        unreachable!()
-    };
-    tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    }
+/// The stop signals, listened to from before the server starts: a signal that arrives while it
+/// is still starting is then a request to drain, not the default "terminate now".
+struct StopSignals {
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    _hup: Option<tokio::signal::unix::Signal>,
 }
 
-#[cfg(not(unix))]
-async fn wait_for_signal() -> &'static str {
-    let _ = tokio::signal::ctrl_c().await;
-    "ctrl-c"
+impl StopSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            StopSignals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
+                // Installed here only so an early SIGHUP cannot kill the process; the reload
+                // listener is set up once the server runs.
+                _hup: signal(SignalKind::hangup()).ok(),
+            }
+        }
+        #[cfg(not(unix))]
+        StopSignals {}
+    }
+
+    /// The next SIGTERM or SIGINT (Ctrl-C).
+    async fn next(&mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    // No handler could be installed: only SIGKILL stops us; keep serving.
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                _ = recv(&mut self.term) => "SIGTERM",
+                _ = recv(&mut self.int) => "SIGINT",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "ctrl-c"
+        }
+    }
 }
