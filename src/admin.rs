@@ -1,4 +1,5 @@
-//! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/config`.
+//! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/config`, `/reload`, and the status
+//! page (`/` and `/status.json`, see [`crate::status`]).
 //!
 //! Served on its own listener (never on the proxy ports), HTTP/1.1 only.
 
@@ -59,6 +60,19 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     const PLAIN: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/") => {
+            let mut r = text(StatusCode::OK, "text/html; charset=utf-8", crate::status::page(&crate::status::snapshot(shared)));
+            let h = r.headers_mut();
+            h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+            h.insert(http::header::CONTENT_SECURITY_POLICY, http::HeaderValue::from_static(crate::status::PAGE_CSP));
+            h.insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+            r
+        }
+        (&Method::GET, "/status.json") => {
+            let mut r = text(StatusCode::OK, JSON, serde_json::to_vec(&crate::status::snapshot(shared)).unwrap_or_default());
+            r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+            r
+        }
         (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render()),
         (&Method::GET, "/healthz") => text(StatusCode::OK, PLAIN, "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -103,7 +117,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
                 None => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, "reload task failed\n"),
             }
         }
-        (_, "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n"),
+        (_, "/" | "/status.json" | "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n"),
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! The folders follow a request's path: [`server`] accepts it, [`proxy`] routes it and runs the
 //! route's [`policy`] stack before forwarding it; every failure is one [`error::ProxyError`],
-//! presented in exactly one place; [`metrics`] counts it; [`admin`] shows it.
+//! presented in exactly one place; [`metrics`] counts it; [`admin`] shows it, and [`status`] draws
+//! it as a page.
 #![warn(missing_docs)]
 
 pub mod config;
@@ -16,3 +17,4 @@ pub mod server;
 pub mod cli;
 pub mod demo;
 pub mod reload;
+pub mod status;

