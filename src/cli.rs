@@ -79,7 +79,18 @@ pub fn main() -> ExitCode {
 }
 
 fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // A sidecar is usually given one CPU. With one CPU to run on, the single-threaded
+    // scheduler does the same work with less cross-thread bookkeeping than a one-worker
+    // multi-threaded runtime; with more, requests are spread over a worker per CPU
+    // (TOKIO_WORKER_THREADS overrides the count).
+    let one_cpu = std::env::var_os("TOKIO_WORKER_THREADS").is_none()
+        && std::thread::available_parallelism().map_or(false, |n| n.get() == 1);
+    let runtime = if one_cpu {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    };
+    match runtime {
         Ok(rt) => rt.block_on(f),
         Err(e) => {
             eprintln!("spillway: cannot start the async runtime: {e}");
