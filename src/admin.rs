@@ -39,7 +39,8 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(&shared, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -49,10 +50,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
     }
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CONTENT_TYPE, http::HeaderValue::from_static(content_type));
     r
 }
 
@@ -61,19 +67,43 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     const JSON: &str = "application/json";
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => {
-            let mut r = text(StatusCode::OK, "text/html; charset=utf-8", crate::status::page(&crate::status::snapshot(shared)));
+            let mut r = text(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                crate::status::page(&crate::status::snapshot(shared)),
+            );
             let h = r.headers_mut();
-            h.insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
-            h.insert(http::header::CONTENT_SECURITY_POLICY, http::HeaderValue::from_static(crate::status::PAGE_CSP));
-            h.insert(http::header::X_CONTENT_TYPE_OPTIONS, http::HeaderValue::from_static("nosniff"));
+            h.insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
+            h.insert(
+                http::header::CONTENT_SECURITY_POLICY,
+                http::HeaderValue::from_static(crate::status::PAGE_CSP),
+            );
+            h.insert(
+                http::header::X_CONTENT_TYPE_OPTIONS,
+                http::HeaderValue::from_static("nosniff"),
+            );
             r
         }
         (&Method::GET, "/status.json") => {
-            let mut r = text(StatusCode::OK, JSON, serde_json::to_vec(&crate::status::snapshot(shared)).unwrap_or_default());
-            r.headers_mut().insert(http::header::CACHE_CONTROL, http::HeaderValue::from_static("no-store"));
+            let mut r = text(
+                StatusCode::OK,
+                JSON,
+                serde_json::to_vec(&crate::status::snapshot(shared)).unwrap_or_default(),
+            );
+            r.headers_mut().insert(
+                http::header::CACHE_CONTROL,
+                http::HeaderValue::from_static("no-store"),
+            );
             r
         }
-        (&Method::GET, "/metrics") => text(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", shared.metrics.render()),
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            shared.metrics.render(),
+        ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, PLAIN, "ok\n"),
         (&Method::GET, "/readyz") => {
             if shared.ready.load(Ordering::SeqCst) {
@@ -89,14 +119,20 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
                 "loaded_at": humantime::format_rfc3339_seconds(rt.loaded_at).to_string(),
                 "config": rt.settings,
             });
-            text(StatusCode::OK, JSON, serde_json::to_vec_pretty(&body).unwrap_or_default())
+            text(
+                StatusCode::OK,
+                JSON,
+                serde_json::to_vec_pretty(&body).unwrap_or_default(),
+            )
         }
         (&Method::POST, "/reload") => {
             let outcome = match shared.config_path {
                 // Reading and validating is blocking work: keep it off the async threads.
                 Some(_) => {
                     let shared = shared.clone();
-                    tokio::task::spawn_blocking(move || crate::reload::reload(&shared)).await.ok()
+                    tokio::task::spawn_blocking(move || crate::reload::reload(&shared))
+                        .await
+                        .ok()
                 }
                 None => Some(crate::reload::reload(shared)),
             };
@@ -104,7 +140,10 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
                 Some(Ok(r)) => text(
                     StatusCode::OK,
                     JSON,
-                    serde_json::to_vec(&serde_json::json!({"version": r.version, "changed": r.changed})).unwrap_or_default(),
+                    serde_json::to_vec(
+                        &serde_json::json!({"version": r.version, "changed": r.changed}),
+                    )
+                    .unwrap_or_default(),
                 ),
                 Some(Err(errors)) => {
                     let list: Vec<_> = errors
@@ -112,12 +151,27 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
                         .iter()
                         .map(|e| serde_json::json!({"path": e.path, "message": e.message, "line": e.line, "column": e.column}))
                         .collect();
-                    text(StatusCode::UNPROCESSABLE_ENTITY, JSON, serde_json::to_vec_pretty(&serde_json::json!({"errors": list})).unwrap_or_default())
+                    text(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        JSON,
+                        serde_json::to_vec_pretty(&serde_json::json!({"errors": list}))
+                            .unwrap_or_default(),
+                    )
                 }
-                None => text(StatusCode::INTERNAL_SERVER_ERROR, PLAIN, "reload task failed\n"),
+                None => text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    PLAIN,
+                    "reload task failed\n",
+                ),
             }
         }
-        (_, "/" | "/status.json" | "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, PLAIN, "method not allowed\n"),
+        (_, "/" | "/status.json" | "/metrics" | "/healthz" | "/readyz" | "/config" | "/reload") => {
+            text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                PLAIN,
+                "method not allowed\n",
+            )
+        }
         _ => text(StatusCode::NOT_FOUND, PLAIN, "not found\n"),
     }
 }

@@ -84,11 +84,15 @@ fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
     // multi-threaded runtime; with more, requests are spread over a worker per CPU
     // (TOKIO_WORKER_THREADS overrides the count).
     let one_cpu = std::env::var_os("TOKIO_WORKER_THREADS").is_none()
-        && std::thread::available_parallelism().map_or(false, |n| n.get() == 1);
+        && std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
     let runtime = if one_cpu {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
     };
     match runtime {
         Ok(rt) => rt.block_on(f),
@@ -104,7 +108,9 @@ fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuar
     // Logging must never stall the request path: lines go through a background writer.
     let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.with_ansi(false).init(),
@@ -179,7 +185,10 @@ pub async fn run(
         }
     };
     if let Some(tx) = started {
-        let _ = tx.send(Addrs { listeners: server.listen_addrs.clone(), admin: server.admin_addr });
+        let _ = tx.send(Addrs {
+            listeners: server.listen_addrs.clone(),
+            admin: server.admin_addr,
+        });
     }
     let signal = signals.next().await;
     tracing::info!(signal, "shutting down");

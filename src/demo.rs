@@ -20,9 +20,17 @@ pub async fn run(path: &Path, embedded: &str) -> ExitCode {
     // ours reads the environment.
     std::env::set_var("SPILLWAY_DEMO_APP", app.local_addr().to_string());
     let (source, file, loaded) = if path.exists() {
-        (path.display().to_string(), Some(path.to_path_buf()), config::load_file(path))
+        (
+            path.display().to_string(),
+            Some(path.to_path_buf()),
+            config::load_file(path),
+        )
     } else {
-        ("built-in demo config".to_string(), None, config::load_str(embedded))
+        (
+            "built-in demo config".to_string(),
+            None,
+            config::load_str(embedded),
+        )
     };
     let loaded = match loaded {
         Ok(l) => l,
@@ -34,7 +42,11 @@ pub async fn run(path: &Path, embedded: &str) -> ExitCode {
     let (tx, rx) = tokio::sync::oneshot::channel();
     let serving = tokio::spawn(crate::cli::run(loaded, file, Some(tx)));
     if let Ok(addrs) = rx.await {
-        let p = addrs.listeners.first().map(|a| a.to_string()).unwrap_or_default();
+        let p = addrs
+            .listeners
+            .first()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let admin = addrs.admin.map(|a| a.to_string()).unwrap_or_default();
         println!(
             "\nspillway demo: sample app on {app}, spillway on http://{p}, admin on http://{admin} ({source})\n\

@@ -119,15 +119,51 @@ impl ProxyError {
         use UpstreamError::*;
         let (status, proxy_status, body) = match self {
             ProxyError::Upstream(e) => match e {
-                ConnectRefused => (StatusCode::BAD_GATEWAY, "connection_refused", "upstream refused the connection\n"),
-                Unreachable => (StatusCode::BAD_GATEWAY, "destination_unavailable", "upstream is unreachable\n"),
-                Dns => (StatusCode::BAD_GATEWAY, "dns_error", "upstream name did not resolve\n"),
-                ConnectTimeout => (StatusCode::GATEWAY_TIMEOUT, "connection_timeout", "upstream connect timed out\n"),
-                ConnectionTerminated => (StatusCode::BAD_GATEWAY, "connection_terminated", "upstream closed the connection before responding\n"),
-                ProtocolError => (StatusCode::BAD_GATEWAY, "http_protocol_error", "upstream sent a malformed response\n"),
-                ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, "http_response_timeout", "upstream did not respond in time\n"),
-                TlsProtocol => (StatusCode::BAD_GATEWAY, "tls_protocol_error", "TLS handshake with upstream failed\n"),
-                TlsCertificate => (StatusCode::BAD_GATEWAY, "tls_certificate_error", "upstream certificate rejected\n"),
+                ConnectRefused => (
+                    StatusCode::BAD_GATEWAY,
+                    "connection_refused",
+                    "upstream refused the connection\n",
+                ),
+                Unreachable => (
+                    StatusCode::BAD_GATEWAY,
+                    "destination_unavailable",
+                    "upstream is unreachable\n",
+                ),
+                Dns => (
+                    StatusCode::BAD_GATEWAY,
+                    "dns_error",
+                    "upstream name did not resolve\n",
+                ),
+                ConnectTimeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "connection_timeout",
+                    "upstream connect timed out\n",
+                ),
+                ConnectionTerminated => (
+                    StatusCode::BAD_GATEWAY,
+                    "connection_terminated",
+                    "upstream closed the connection before responding\n",
+                ),
+                ProtocolError => (
+                    StatusCode::BAD_GATEWAY,
+                    "http_protocol_error",
+                    "upstream sent a malformed response\n",
+                ),
+                ResponseTimeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "http_response_timeout",
+                    "upstream did not respond in time\n",
+                ),
+                TlsProtocol => (
+                    StatusCode::BAD_GATEWAY,
+                    "tls_protocol_error",
+                    "TLS handshake with upstream failed\n",
+                ),
+                TlsCertificate => (
+                    StatusCode::BAD_GATEWAY,
+                    "tls_certificate_error",
+                    "upstream certificate rejected\n",
+                ),
             },
             ProxyError::Shed { reason, .. } => match reason {
                 ShedReason::ConcurrencyLimit | ShedReason::QueueTimeout => (
@@ -146,11 +182,31 @@ impl ProxyError {
                     "down for maintenance, retry later\n",
                 ),
             },
-            ProxyError::LoopDetected => (StatusCode::LOOP_DETECTED, "proxy_loop_detected", "routing loop detected\n"),
-            ProxyError::NoRoute => return Presentation { status: StatusCode::NOT_FOUND, proxy_status: None, body: "no route\n" },
-            ProxyError::BadRequest => return Presentation { status: StatusCode::BAD_REQUEST, proxy_status: None, body: "bad request\n" },
+            ProxyError::LoopDetected => (
+                StatusCode::LOOP_DETECTED,
+                "proxy_loop_detected",
+                "routing loop detected\n",
+            ),
+            ProxyError::NoRoute => {
+                return Presentation {
+                    status: StatusCode::NOT_FOUND,
+                    proxy_status: None,
+                    body: "no route\n",
+                }
+            }
+            ProxyError::BadRequest => {
+                return Presentation {
+                    status: StatusCode::BAD_REQUEST,
+                    proxy_status: None,
+                    body: "bad request\n",
+                }
+            }
         };
-        Presentation { status, proxy_status: Some(proxy_status), body }
+        Presentation {
+            status,
+            proxy_status: Some(proxy_status),
+            body,
+        }
     }
 
     /// The `kind` label of `spillway_upstream_errors_total`, for upstream failures only.
@@ -231,21 +287,44 @@ mod tests {
     #[test]
     fn every_error_maps_to_exactly_one_presentation() {
         use UpstreamError::*;
-        let s = |reason| ProxyError::Shed { reason, retry_after: Duration::from_secs(5) };
+        let s = |reason| ProxyError::Shed {
+            reason,
+            retry_after: Duration::from_secs(5),
+        };
         let table: &[(ProxyError, u16, Option<&str>)] = &[
             (ConnectRefused.into(), 502, Some("connection_refused")),
             (Unreachable.into(), 502, Some("destination_unavailable")),
             (Dns.into(), 502, Some("dns_error")),
             (ConnectTimeout.into(), 504, Some("connection_timeout")),
-            (ConnectionTerminated.into(), 502, Some("connection_terminated")),
+            (
+                ConnectionTerminated.into(),
+                502,
+                Some("connection_terminated"),
+            ),
             (ProtocolError.into(), 502, Some("http_protocol_error")),
             (ResponseTimeout.into(), 504, Some("http_response_timeout")),
             (TlsProtocol.into(), 502, Some("tls_protocol_error")),
             (TlsCertificate.into(), 502, Some("tls_certificate_error")),
-            (s(ShedReason::ConcurrencyLimit), 503, Some("connection_limit_reached")),
-            (s(ShedReason::QueueTimeout), 503, Some("connection_limit_reached")),
-            (s(ShedReason::CircuitOpen), 503, Some("destination_unavailable")),
-            (s(ShedReason::Maintenance), 503, Some("proxy_internal_response")),
+            (
+                s(ShedReason::ConcurrencyLimit),
+                503,
+                Some("connection_limit_reached"),
+            ),
+            (
+                s(ShedReason::QueueTimeout),
+                503,
+                Some("connection_limit_reached"),
+            ),
+            (
+                s(ShedReason::CircuitOpen),
+                503,
+                Some("destination_unavailable"),
+            ),
+            (
+                s(ShedReason::Maintenance),
+                503,
+                Some("proxy_internal_response"),
+            ),
             (ProxyError::LoopDetected, 508, Some("proxy_loop_detected")),
             (ProxyError::NoRoute, 404, None),
             (ProxyError::BadRequest, 400, None),
@@ -256,7 +335,10 @@ mod tests {
             assert_eq!(p.proxy_status, *ps, "{err:?}");
             assert!(!p.body.is_empty());
         }
-        assert_eq!(table.len(), UpstreamError::ALL.len() + ShedReason::ALL.len() + 3);
+        assert_eq!(
+            table.len(),
+            UpstreamError::ALL.len() + ShedReason::ALL.len() + 3
+        );
     }
 
     #[test]

@@ -6,15 +6,15 @@
 //! it as a page.
 #![warn(missing_docs)]
 
+pub mod admin;
+pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod demo_app;
 pub mod error;
-pub mod policy;
 pub mod metrics;
+pub mod policy;
 pub mod proxy;
-pub mod admin;
-pub mod server;
-pub mod cli;
-pub mod demo;
 pub mod reload;
+pub mod server;
 pub mod status;

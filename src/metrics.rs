@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 
 use http::Method;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 use crate::error::{ShedReason, UpstreamError};
@@ -108,14 +108,21 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> C {
-            r.register(Box::new(c.clone())).expect("metric names are unique");
+            r.register(Box::new(c.clone()))
+                .expect("metric names are unique");
             c
         }
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid"))
+            reg(
+                &registry,
+                IntCounterVec::new(Opts::new(name, help), labels).expect("valid"),
+            )
         };
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            reg(&registry, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid"))
+            reg(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid"),
+            )
         };
         let requests = counter(
             REQUESTS_TOTAL,
@@ -140,22 +147,46 @@ impl Metrics {
             &["route", "kind"],
         );
         let in_flight = gauge(IN_FLIGHT, "Requests in flight, by route.", &["route"]);
-        let build_info = gauge(BUILD_INFO, "Always 1; labelled with the spillway version.", &["version"]);
-        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        let shed = counter(SHED_TOTAL, "Requests refused on purpose, by route and reason.", &["route", "reason"]);
-        let concurrency_limit =
-            gauge(CONCURRENCY_LIMIT, "Current concurrency limit, by route.", &["route"]);
+        let build_info = gauge(
+            BUILD_INFO,
+            "Always 1; labelled with the spillway version.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let shed = counter(
+            SHED_TOTAL,
+            "Requests refused on purpose, by route and reason.",
+            &["route", "reason"],
+        );
+        let concurrency_limit = gauge(
+            CONCURRENCY_LIMIT,
+            "Current concurrency limit, by route.",
+            &["route"],
+        );
         let breaker_state = gauge(
             BREAKER_STATE,
             "Circuit breaker state by route: 0 closed, 1 half-open, 2 open.",
             &["route"],
         );
-        let retries = counter(RETRIES_TOTAL, "Retries sent to the upstream, by route.", &["route"]);
-        let reloads = counter(CONFIG_RELOADS_TOTAL, "Config reloads by result.", &["result"]);
+        let retries = counter(
+            RETRIES_TOTAL,
+            "Retries sent to the upstream, by route.",
+            &["route"],
+        );
+        let reloads = counter(
+            CONFIG_RELOADS_TOTAL,
+            "Config reloads by result.",
+            &["result"],
+        );
         let last_reload_successful = reg(
             &registry,
-            IntGauge::new(CONFIG_LAST_RELOAD_SUCCESSFUL, "1 if the last config reload succeeded, else 0.")
-                .expect("valid"),
+            IntGauge::new(
+                CONFIG_LAST_RELOAD_SUCCESSFUL,
+                "1 if the last config reload succeeded, else 0.",
+            )
+            .expect("valid"),
         );
         last_reload_successful.set(1);
         for result in ["success", "failure"] {
@@ -247,7 +278,9 @@ struct CodeTable<T> {
 
 impl<T> Default for CodeTable<T> {
     fn default() -> Self {
-        CodeTable { slots: OnceLock::new() }
+        CodeTable {
+            slots: OnceLock::new(),
+        }
     }
 }
 
@@ -305,7 +338,9 @@ impl RouteMetrics {
             .inc();
         self.duration
             .get(code, || {
-                self.families.duration.with_label_values(&[&self.name, code_str])
+                self.families
+                    .duration
+                    .with_label_values(&[&self.name, code_str])
             })
             .observe(seconds);
     }
@@ -318,7 +353,10 @@ impl RouteMetrics {
 
     /// Counts one shed request.
     pub fn shed(&self, reason: ShedReason) {
-        let i = ShedReason::ALL.iter().position(|k| *k == reason).unwrap_or(0);
+        let i = ShedReason::ALL
+            .iter()
+            .position(|k| *k == reason)
+            .unwrap_or(0);
         self.shed[i].inc();
     }
 }
@@ -329,7 +367,11 @@ struct CodeText([u8; 3]);
 impl CodeText {
     fn new(code: u16) -> Self {
         let c = code.min(999);
-        CodeText([b'0' + (c / 100) as u8, b'0' + (c / 10 % 10) as u8, b'0' + (c % 10) as u8])
+        CodeText([
+            b'0' + (c / 100) as u8,
+            b'0' + (c / 10 % 10) as u8,
+            b'0' + (c % 10) as u8,
+        ])
     }
 
     fn as_str(&self) -> &str {
@@ -347,7 +389,12 @@ mod tests {
         let r = m.route("api");
         r.response(&Method::GET, 200, Source::Upstream, 0.01);
         r.response(&Method::GET, 200, Source::Upstream, 0.01);
-        r.response(&Method::from_bytes(b"BREW").unwrap(), 502, Source::Proxy, 0.01);
+        r.response(
+            &Method::from_bytes(b"BREW").unwrap(),
+            502,
+            Source::Proxy,
+            0.01,
+        );
         let text = m.render();
         assert!(text.contains(
             r#"spillway_requests_total{code="200",method="GET",route="api",source="upstream"} 2"#
@@ -355,15 +402,19 @@ mod tests {
         assert!(text.contains(
             r#"spillway_requests_total{code="502",method="OTHER",route="api",source="proxy"} 1"#
         ));
-        assert!(text.contains(r#"spillway_request_duration_seconds_count{code="200",route="api"} 2"#));
+        assert!(
+            text.contains(r#"spillway_request_duration_seconds_count{code="200",route="api"} 2"#)
+        );
         assert!(text.contains(r#"spillway_build_info{version=""#));
     }
 
     #[test]
     fn same_route_name_shares_series_across_rebuilds() {
         let m = Metrics::new();
-        m.route("a").response(&Method::GET, 204, Source::Upstream, 0.0);
-        m.route("a").response(&Method::GET, 204, Source::Upstream, 0.0);
+        m.route("a")
+            .response(&Method::GET, 204, Source::Upstream, 0.0);
+        m.route("a")
+            .response(&Method::GET, 204, Source::Upstream, 0.0);
         assert!(m.render().contains(
             r#"spillway_requests_total{code="204",method="GET",route="a",source="upstream"} 2"#
         ));

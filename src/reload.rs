@@ -34,7 +34,9 @@ pub struct Reloaded {
 /// Reloads the config file now. Serialized: concurrent triggers run one after another.
 pub fn reload(shared: &Shared) -> Result<Reloaded, ConfigErrors> {
     let Some(path) = shared.config_path.as_deref() else {
-        return Err(single("spillway was started without a config file; nothing to reload"));
+        return Err(single(
+            "spillway was started without a config file; nothing to reload",
+        ));
     };
     let _one_at_a_time = shared.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
     let result = try_reload(shared, path);
@@ -65,25 +67,39 @@ fn try_reload(shared: &Shared, path: &Path) -> Result<Reloaded, ConfigErrors> {
     let certificates = reread_certificates(shared, &loaded.settings)?;
     if loaded.version == current.version {
         certificates.commit(&current);
-        return Ok(Reloaded { version: loaded.version, changed: false });
+        return Ok(Reloaded {
+            version: loaded.version,
+            changed: false,
+        });
     }
     let next = Arc::new(Runtime::build(&loaded, &shared.metrics, Some(&current)));
     shared.runtime.store(next.clone());
     certificates.commit(&next);
-    Ok(Reloaded { version: loaded.version, changed: true })
+    Ok(Reloaded {
+        version: loaded.version,
+        changed: true,
+    })
 }
 
 /// Certificates, keys and CA bundles are re-read on every reload, also when the config text is
 /// unchanged (replace the files, then SIGHUP). All are read before anything is applied: one
 /// that does not load refuses the reload whole, and the previous ones keep serving.
-fn reread_certificates(shared: &Shared, settings: &Settings) -> Result<PreparedCertificates, ConfigErrors> {
+fn reread_certificates(
+    shared: &Shared,
+    settings: &Settings,
+) -> Result<PreparedCertificates, ConfigErrors> {
     shared.certificates.prepare(settings)
 }
 
 /// Listener and admin addresses are bound once at start; changing them needs a restart, and a
 /// reload that asks for it is refused whole rather than half-applied.
 fn restart_needed(old: &Settings, new: &Settings) -> Result<(), ConfigErrors> {
-    let addrs = |s: &Settings| s.listeners.iter().map(|l| (l.name.clone(), l.address, l.tls.is_some())).collect::<Vec<_>>();
+    let addrs = |s: &Settings| {
+        s.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.address, l.tls.is_some()))
+            .collect::<Vec<_>>()
+    };
     let mut errors = Vec::new();
     if addrs(old) != addrs(new) {
         errors.push(ConfigError {
@@ -109,11 +125,20 @@ fn restart_needed(old: &Settings, new: &Settings) -> Result<(), ConfigErrors> {
 }
 
 fn single(message: &str) -> ConfigErrors {
-    ConfigErrors(vec![ConfigError { path: String::new(), message: message.into(), line: None, column: None }])
+    ConfigErrors(vec![ConfigError {
+        path: String::new(),
+        message: message.into(),
+        line: None,
+        column: None,
+    }])
 }
 
 /// Watches the config file's directory and reloads when the file's content changes.
-pub fn spawn_watcher(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken) -> notify::Result<()> {
+pub fn spawn_watcher(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    stop: CancellationToken,
+) -> notify::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -154,7 +179,9 @@ pub fn spawn_watcher(shared: Arc<Shared>, path: PathBuf, stop: CancellationToken
 /// A file event fired: reload if the file's bytes changed since the last attempt. Events for
 /// other files in the directory read the same bytes and do nothing.
 fn reload_if_changed(shared: &Shared) {
-    let Some(path) = shared.config_path.as_deref() else { return };
+    let Some(path) = shared.config_path.as_deref() else {
+        return;
+    };
     let Ok(text) = std::fs::read_to_string(path) else {
         // Mid-swap or deleted: count it only if it stays that way (the next event retries).
         if !path.exists() {
@@ -165,7 +192,10 @@ fn reload_if_changed(shared: &Shared) {
     // Only a change of the file's bytes since the last attempt (good or bad) is worth a reload.
     let hash = file_hash(&text);
     {
-        let mut last = shared.last_seen_file.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = shared
+            .last_seen_file
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if *last == Some(hash) {
             return;
         }

@@ -50,7 +50,10 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
             RequestBody::Stream { inner } => Pin::new(inner).poll_frame(cx),
@@ -131,16 +134,37 @@ pub struct Exchange {
 
 impl Exchange {
     /// Starts accounting: counts the request in flight.
-    pub fn start(metrics: Arc<RouteMetrics>, start: Instant, method: Method, uri: http::Uri, request_id: HeaderValue) -> Self {
+    pub fn start(
+        metrics: Arc<RouteMetrics>,
+        start: Instant,
+        method: Method,
+        uri: http::Uri,
+        request_id: HeaderValue,
+    ) -> Self {
         metrics.in_flight.inc();
-        Exchange { metrics, start, method, uri, request_id, status: 0, source: Source::Proxy, error: None }
+        Exchange {
+            metrics,
+            start,
+            method,
+            uri,
+            request_id,
+            status: 0,
+            source: Source::Proxy,
+            error: None,
+        }
     }
 
     fn finish(&self, outcome: Outcome) {
         let elapsed = self.start.elapsed();
-        self.metrics.response(&self.method, self.status, self.source, elapsed.as_secs_f64());
+        self.metrics.response(
+            &self.method,
+            self.status,
+            self.source,
+            elapsed.as_secs_f64(),
+        );
         if outcome == Outcome::UpstreamAborted {
-            self.metrics.upstream_error(UpstreamError::ConnectionTerminated);
+            self.metrics
+                .upstream_error(UpstreamError::ConnectionTerminated);
         }
         tracing::info!(
             target: "spillway::access",
@@ -191,18 +215,29 @@ pin_project! {
 impl ResponseBody {
     /// Streams the upstream's body.
     pub fn upstream(inner: Incoming, exchange: Exchange) -> Self {
-        ResponseBody { source: SourceBody::Upstream { inner }, exchange: Some(exchange) }
+        ResponseBody {
+            source: SourceBody::Upstream { inner },
+            exchange: Some(exchange),
+        }
     }
 
     /// A short generated body.
     pub fn full(data: &'static str, exchange: Option<Exchange>) -> Self {
-        ResponseBody { source: SourceBody::Full { data: Some(Bytes::from_static(data.as_bytes())) }, exchange }
+        ResponseBody {
+            source: SourceBody::Full {
+                data: Some(Bytes::from_static(data.as_bytes())),
+            },
+            exchange,
+        }
     }
 
     /// No body at all: the end of the stream is known up front, so HTTP/2 ends the stream on
     /// the HEADERS frame (what a gRPC "Trailers-Only" response needs).
     pub fn empty(exchange: Option<Exchange>) -> Self {
-        ResponseBody { source: SourceBody::Full { data: None }, exchange }
+        ResponseBody {
+            source: SourceBody::Full { data: None },
+            exchange,
+        }
     }
 }
 
@@ -223,7 +258,12 @@ pub async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade, exchange: Exchan
     let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
     match tokio::io::copy_bidirectional(&mut down, &mut up).await {
         Ok((sent, received)) => {
-            tracing::debug!(request_id = exchange.request_id.to_str().unwrap_or("-"), sent, received, "tunnel closed");
+            tracing::debug!(
+                request_id = exchange.request_id.to_str().unwrap_or("-"),
+                sent,
+                received,
+                "tunnel closed"
+            );
             exchange.finish(Outcome::Complete);
         }
         Err(e) => {
@@ -237,7 +277,10 @@ impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let polled = match this.source.project() {
             SourceBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
@@ -272,7 +315,9 @@ impl Body for ResponseBody {
     fn size_hint(&self) -> SizeHint {
         match &self.source {
             SourceBody::Upstream { inner } => inner.size_hint(),
-            SourceBody::Full { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            SourceBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Header rules, declared once: what is stripped, what is stamped, and why.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA};
+use http::header::{
+    HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA,
+};
 use http::{HeaderMap, Version};
 
 /// Which layer answered: every response carries it, upstream responses get `, <server_id>`
@@ -37,11 +39,13 @@ pub struct Stamps {
 impl Stamps {
     /// Precomputes every stamp. `server_id` is validated by config (visible ASCII, no commas).
     pub fn new(server_id: &str) -> Self {
-        let served_by = HeaderValue::from_str(server_id).unwrap_or(HeaderValue::from_static("spillway"));
+        let served_by =
+            HeaderValue::from_str(server_id).unwrap_or(HeaderValue::from_static("spillway"));
         Stamps {
             server_id: server_id.into(),
             served_by,
-            via: HeaderValue::from_str(&format!("1.1 {server_id}")).unwrap_or(HeaderValue::from_static("1.1 spillway")),
+            via: HeaderValue::from_str(&format!("1.1 {server_id}"))
+                .unwrap_or(HeaderValue::from_static("1.1 spillway")),
             proxy_status_id: sf_item(server_id).into(),
         }
     }
@@ -74,10 +78,13 @@ impl Stamps {
 /// RFC 8941 item for a server id: a token when it is one, else a quoted string.
 fn sf_item(id: &str) -> String {
     let mut chars = id.chars();
-    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '*');
-    let rest_ok = id.chars().skip(1).all(|c| {
-        c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~:/".contains(c)
-    });
+    let first_ok = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '*');
+    let rest_ok = id
+        .chars()
+        .skip(1)
+        .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~:/".contains(c));
     if first_ok && rest_ok {
         id.to_string()
     } else {
@@ -111,7 +118,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         }
         headers.remove(CONNECTION);
     }
-    for h in [KEEP_ALIVE, PROXY_CONNECTION, TE, TRAILER, TRANSFER_ENCODING, UPGRADE] {
+    for h in [
+        KEEP_ALIVE,
+        PROXY_CONNECTION,
+        TE,
+        TRAILER,
+        TRANSFER_ENCODING,
+        UPGRADE,
+    ] {
         headers.remove(h);
     }
 }
@@ -258,15 +272,26 @@ mod tests {
     fn upgrade_needs_http11_the_connection_token_and_an_upgrade_header() {
         let mut h = HeaderMap::new();
         h.insert(UPGRADE, hv("websocket"));
-        assert_eq!(upgrade_request(Version::HTTP_11, &h), None, "no Connection: upgrade");
+        assert_eq!(
+            upgrade_request(Version::HTTP_11, &h),
+            None,
+            "no Connection: upgrade"
+        );
         h.insert(CONNECTION, hv("keep-alive, Upgrade"));
         assert_eq!(upgrade_request(Version::HTTP_11, &h), Some(hv("websocket")));
         assert_eq!(upgrade_request(Version::HTTP_2, &h), None);
         assert_eq!(upgrade_request(Version::HTTP_10, &h), None);
         h.append(UPGRADE, hv("foo/2"));
-        assert_eq!(upgrade_request(Version::HTTP_11, &h), Some(hv("websocket, foo/2")));
+        assert_eq!(
+            upgrade_request(Version::HTTP_11, &h),
+            Some(hv("websocket, foo/2"))
+        );
         h.remove(UPGRADE);
-        assert_eq!(upgrade_request(Version::HTTP_11, &h), None, "no Upgrade header");
+        assert_eq!(
+            upgrade_request(Version::HTTP_11, &h),
+            None,
+            "no Upgrade header"
+        );
 
         let mut fwd = HeaderMap::new();
         fwd.insert(CONNECTION, hv("upgrade, x-secret"));
@@ -289,7 +314,16 @@ mod tests {
         h.insert(HOST, hv("shop.example.com"));
         let ip = hv("127.0.0.1");
         let id = hv("abc");
-        rewrite_request(&mut h, None, &stamps, &Forwarded { client_ip: &ip, proto: "http" }, &id);
+        rewrite_request(
+            &mut h,
+            None,
+            &stamps,
+            &Forwarded {
+                client_ip: &ip,
+                proto: "http",
+            },
+            &id,
+        );
         assert_eq!(h[VIA], "1.1 lb, 1.1 edge-1");
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
@@ -303,7 +337,16 @@ mod tests {
         let mut h = HeaderMap::new();
         let ip = hv("::1");
         let a: http::uri::Authority = "api.example.com:8443".parse().unwrap();
-        rewrite_request(&mut h, Some(&a), &stamps, &Forwarded { client_ip: &ip, proto: "https" }, &hv("x"));
+        rewrite_request(
+            &mut h,
+            Some(&a),
+            &stamps,
+            &Forwarded {
+                client_ip: &ip,
+                proto: "https",
+            },
+            &hv("x"),
+        );
         assert_eq!(h[HOST], "api.example.com:8443");
         assert_eq!(h[X_FORWARDED_HOST], "api.example.com:8443");
     }
@@ -315,7 +358,16 @@ mod tests {
         h.append(X_FORWARDED_FOR, hv("10.0.0.1"));
         h.append(X_FORWARDED_FOR, hv("10.0.0.2"));
         let ip = hv("127.0.0.1");
-        rewrite_request(&mut h, None, &s, &Forwarded { client_ip: &ip, proto: "http" }, &hv("x"));
+        rewrite_request(
+            &mut h,
+            None,
+            &s,
+            &Forwarded {
+                client_ip: &ip,
+                proto: "http",
+            },
+            &hv("x"),
+        );
         assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
         let mut r = HeaderMap::new();
@@ -351,8 +403,14 @@ mod tests {
 
     #[test]
     fn proxy_status_quotes_non_tokens() {
-        assert_eq!(Stamps::new("spillway-1").proxy_status("dns_error"), "spillway-1; error=dns_error");
-        assert_eq!(Stamps::new("10.0.0.1").proxy_status("x"), "\"10.0.0.1\"; error=x");
+        assert_eq!(
+            Stamps::new("spillway-1").proxy_status("dns_error"),
+            "spillway-1; error=dns_error"
+        );
+        assert_eq!(
+            Stamps::new("10.0.0.1").proxy_status("x"),
+            "\"10.0.0.1\"; error=x"
+        );
     }
 
     #[test]

@@ -48,7 +48,8 @@ impl Matcher {
             (Some(HostMatch::Exact(want)), Some(h)) => want.eq_ignore_ascii_case(h),
             (Some(HostMatch::Suffix(suffix)), Some(h)) => {
                 h.len() > suffix.len()
-                    && h.as_bytes()[h.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+                    && h.as_bytes()[h.len() - suffix.len()..]
+                        .eq_ignore_ascii_case(suffix.as_bytes())
             }
         }
     }
@@ -61,7 +62,10 @@ impl Matcher {
 /// The request's host for matching: the `Host` header (HTTP/1) or the URI authority (HTTP/2),
 /// without the port. IPv6 literals keep their brackets.
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a http::HeaderMap) -> Option<&'a str> {
-    let raw = match headers.get(http::header::HOST).and_then(|v| v.to_str().ok()) {
+    let raw = match headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(h) => h,
         None => uri.authority()?.as_str(),
     };
@@ -138,6 +142,9 @@ mod tests {
         h.insert(http::header::HOST, "[::1]:8080".parse().unwrap());
         assert_eq!(request_host(&uri, &h), Some("[::1]"));
         let uri: http::Uri = "https://h2.example.com:443/x".parse().unwrap();
-        assert_eq!(request_host(&uri, &http::HeaderMap::new()), Some("h2.example.com"));
+        assert_eq!(
+            request_host(&uri, &http::HeaderMap::new()),
+            Some("h2.example.com")
+        );
     }
 }

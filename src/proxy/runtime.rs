@@ -61,7 +61,10 @@ impl Runtime {
                     .and_then(|p| p.upstreams.get(name))
                     .filter(|u| u.settings == *s)
                     .cloned();
-                (name.clone(), kept.unwrap_or_else(|| Arc::new(Upstream::new(name, s))))
+                (
+                    name.clone(),
+                    kept.unwrap_or_else(|| Arc::new(Upstream::new(name, s))),
+                )
             })
             .collect();
         let routes = settings
@@ -99,7 +102,8 @@ impl Runtime {
     pub fn find_route(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Route> {
         let host = request_host(uri, headers);
         let path = uri.path();
-        self.routes.iter().find(|r| r.matcher.matches(host, path, method))
+        self.routes
+            .iter()
+            .find(|r| r.matcher.matches(host, path, method))
     }
 }
-

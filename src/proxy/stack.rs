@@ -9,8 +9,9 @@ use super::upstream::{Forward, Upstream};
 use crate::config::{PolicySettings, RouteSettings};
 use crate::metrics::RouteMetrics;
 use crate::policy::{
-    BreakerState, CircuitBreaker, CircuitBreakerLayer, ConcurrencyLimit, ConcurrencyLimitLayer, LimiterState,
-    Maintenance, MaintenanceLayer, Retry, RetryLayer, RetryState, Timeout, TimeoutLayer,
+    BreakerState, CircuitBreaker, CircuitBreakerLayer, ConcurrencyLimit, ConcurrencyLimitLayer,
+    LimiterState, Maintenance, MaintenanceLayer, Retry, RetryLayer, RetryState, Timeout,
+    TimeoutLayer,
 };
 
 /// A route's composed service (a concrete type: no boxing on the request path).
@@ -32,25 +33,45 @@ pub struct PolicyState {
 impl PolicyState {
     /// State for `route`, reusing parts of `previous` (the same route's state before a reload)
     /// whose settings did not change.
-    pub fn new(route: &RouteSettings, metrics: &RouteMetrics, previous: Option<&PolicyState>) -> Self {
+    pub fn new(
+        route: &RouteSettings,
+        metrics: &RouteMetrics,
+        previous: Option<&PolicyState>,
+    ) -> Self {
         let p = &route.policy;
         let limiter = previous
-            .filter(|old| old.settings.concurrency == p.concurrency && old.settings.retry_after == p.retry_after)
+            .filter(|old| {
+                old.settings.concurrency == p.concurrency
+                    && old.settings.retry_after == p.retry_after
+            })
             .map(|old| old.limiter.clone())
             .unwrap_or_else(|| {
-                Arc::new(LimiterState::new(&p.concurrency, p.retry_after, metrics.concurrency_limit.clone()))
+                Arc::new(LimiterState::new(
+                    &p.concurrency,
+                    p.retry_after,
+                    metrics.concurrency_limit.clone(),
+                ))
             });
         let breaker = previous
             .filter(|old| old.settings.circuit_breaker == p.circuit_breaker)
             .map(|old| old.breaker.clone())
             .unwrap_or_else(|| {
-                Arc::new(BreakerState::new(&route.name, &p.circuit_breaker, metrics.breaker_state.clone()))
+                Arc::new(BreakerState::new(
+                    &route.name,
+                    &p.circuit_breaker,
+                    metrics.breaker_state.clone(),
+                ))
             });
         let retry = previous
             .filter(|old| old.settings.retries == p.retries)
             .map(|old| old.retry.clone())
             .unwrap_or_else(|| Arc::new(RetryState::new(&p.retries, metrics.retries.clone())));
-        PolicyState { settings: p.clone(), limiter, breaker, retry }
+        PolicyState {
+            settings: p.clone(),
+            limiter,
+            breaker,
+            retry,
+        }
     }
 }
 

@@ -129,7 +129,11 @@ pub async fn serve(
         });
     }
     drop(listener);
-    Drained { graceful, live, cut }
+    Drained {
+        graceful,
+        live,
+        cut,
+    }
 }
 
 /// Serves one connection (plain or TLS) until it closes, is upgraded away, or is drained.

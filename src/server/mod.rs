@@ -10,8 +10,8 @@ mod listener;
 pub mod tls;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -19,10 +19,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
-use crate::reload;
 use crate::config::Loaded;
 use crate::metrics::Metrics;
 use crate::proxy::Runtime;
+use crate::reload;
 
 /// State shared by the proxy listeners and the admin endpoint.
 pub struct Shared {
@@ -73,13 +73,19 @@ impl Server {
 
     /// Starts serving the config loaded from `path`; `POST /reload` re-reads it. Add
     /// [`Server::watch_file`] and [`Server::reload_on_sighup`] for the other triggers.
-    pub async fn start_with_file(path: &Path, loaded: &Loaded, metrics: Metrics) -> std::io::Result<Server> {
+    pub async fn start_with_file(
+        path: &Path,
+        loaded: &Loaded,
+        metrics: Metrics,
+    ) -> std::io::Result<Server> {
         Self::start_inner(loaded, metrics, Some(path.to_path_buf())).await
     }
 
     /// Reloads when the config file changes (in place, by rename, or by a ConfigMap swap).
     pub fn watch_file(&self) {
-        let Some(path) = self.shared.config_path.clone() else { return };
+        let Some(path) = self.shared.config_path.clone() else {
+            return;
+        };
         if let Err(e) = reload::spawn_watcher(self.shared.clone(), path, self.background.clone()) {
             tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
         }
@@ -90,14 +96,20 @@ impl Server {
         reload::spawn_sighup(self.shared.clone(), self.background.clone());
     }
 
-    async fn start_inner(loaded: &Loaded, metrics: Metrics, config_path: Option<PathBuf>) -> std::io::Result<Server> {
+    async fn start_inner(
+        loaded: &Loaded,
+        metrics: Metrics,
+        config_path: Option<PathBuf>,
+    ) -> std::io::Result<Server> {
         // Certificate, key and CA files are read first: a config whose files are broken does
         // not start.
         let certificates = tls::Certificates::load(&loaded.settings, &metrics)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let runtime = Runtime::build(loaded, &metrics, None);
-        let last_seen_file =
-            config_path.as_deref().and_then(|p| std::fs::read_to_string(p).ok()).map(|t| reload::file_hash(&t));
+        let last_seen_file = config_path
+            .as_deref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| reload::file_hash(&t));
         let shared = Arc::new(Shared {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             metrics,
@@ -112,7 +124,10 @@ impl Server {
         let mut tasks = Vec::new();
         for l in &loaded.settings.listeners {
             let bound = listener::bind(l.address).map_err(|e| {
-                std::io::Error::new(e.kind(), format!("listener {} on {}: {e}", l.name, l.address))
+                std::io::Error::new(
+                    e.kind(),
+                    format!("listener {} on {}: {e}", l.name, l.address),
+                )
             })?;
             let addr = bound.local_addr()?;
             listen_addrs.push(addr);
@@ -128,9 +143,8 @@ impl Server {
         let admin_stop = CancellationToken::new();
         let (admin_addr, admin_task) = match loaded.settings.admin {
             Some(addr) => {
-                let bound = listener::bind(addr).map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("admin on {addr}: {e}"))
-                })?;
+                let bound = listener::bind(addr)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("admin on {addr}: {e}")))?;
                 let addr = bound.local_addr()?;
                 tracing::info!(%addr, "admin listening");
                 let task = tokio::spawn(admin::serve(bound, shared.clone(), admin_stop.clone()));
@@ -181,6 +195,8 @@ impl Server {
         if let Some(t) = self.admin_task {
             let _ = t.await;
         }
-        ShutdownReport { cut_connections: cut }
+        ShutdownReport {
+            cut_connections: cut,
+        }
     }
 }

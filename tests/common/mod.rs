@@ -858,14 +858,21 @@ impl TestPki {
         std::fs::create_dir_all(&dir).unwrap();
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
         params.key_usages = vec![
             rcgen::KeyUsagePurpose::KeyCertSign,
             rcgen::KeyUsagePurpose::CrlSign,
             rcgen::KeyUsagePurpose::DigitalSignature,
         ];
-        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-        TestPki { dir, ca_pem: ca.pem(), ca }
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        TestPki {
+            dir,
+            ca_pem: ca.pem(),
+            ca,
+        }
     }
 
     /// A leaf for `localhost` and `127.0.0.1` (plus `names`), common name `cn`, signed by the CA.
@@ -873,10 +880,16 @@ impl TestPki {
         let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
         sans.extend(names.iter().map(|s| s.to_string()));
         let mut params = rcgen::CertificateParams::new(sans).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.ca).unwrap();
-        Leaf { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+        Leaf {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
     }
 
     /// Writes `contents` to `name` in the scratch directory; returns its path.
@@ -893,23 +906,30 @@ impl TestPki {
 
     /// A rustls client config trusting only this CA, offering `alpn`, optionally presenting a
     /// client certificate.
-    pub fn client_config(&self, alpn: &[&str], client_cert: Option<&Leaf>) -> std::sync::Arc<rustls::ClientConfig> {
+    pub fn client_config(
+        &self,
+        alpn: &[&str],
+        client_cert: Option<&Leaf>,
+    ) -> std::sync::Arc<rustls::ClientConfig> {
         use rustls_pki_types::pem::PemObject;
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pki_types::CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
             roots.add(c.unwrap()).unwrap();
         }
-        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots);
+        let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
         let mut config = match client_cert {
             Some(leaf) => builder
                 .with_client_auth_cert(
                     rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
                         .map(|c| c.unwrap())
                         .collect(),
-                    rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
+                    rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes())
+                        .unwrap(),
                 )
                 .unwrap(),
             None => builder.with_no_client_auth(),
@@ -927,14 +947,22 @@ pub async fn tls_connect(
     let fut = async {
         let tcp = TcpStream::connect(addr).await?;
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
-        tokio_rustls::TlsConnector::from(config).connect(name, tcp).await
+        tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
     };
-    tokio::time::timeout(STEP, fut).await.expect("TLS handshake within the step bound")
+    tokio::time::timeout(STEP, fut)
+        .await
+        .expect("TLS handshake within the step bound")
 }
 
 /// The end-entity certificate (DER) a TLS client connection sees.
 pub fn peer_cert(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<u8> {
-    tls.get_ref().1.peer_certificates().expect("server sent a certificate")[0].to_vec()
+    tls.get_ref()
+        .1
+        .peer_certificates()
+        .expect("server sent a certificate")[0]
+        .to_vec()
 }
 
 /// The ALPN protocol negotiated on a TLS client connection ("" for none).
@@ -951,7 +979,10 @@ where
     let io = hyper_util::rt::TokioIo::new(io);
     let fut = async move {
         let resp = if h2 {
-            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
             tokio::spawn(conn);
             sender.send_request(req).await.expect("request sent")
         } else {
@@ -962,9 +993,18 @@ where
         let (parts, body) = resp.into_parts();
         let collected = body.collect().await.expect("body read");
         let trailers = collected.trailers().cloned();
-        (Resp { status: parts.status, headers: parts.headers, body: collected.to_bytes() }, trailers)
+        (
+            Resp {
+                status: parts.status,
+                headers: parts.headers,
+                body: collected.to_bytes(),
+            },
+            trailers,
+        )
     };
-    tokio::time::timeout(STEP, fut).await.expect("response within the step bound")
+    tokio::time::timeout(STEP, fut)
+        .await
+        .expect("response within the step bound")
 }
 
 /// An HTTPS upstream (HTTP/1.1 or HTTP/2 by ALPN or preface) answering every request with 200
@@ -997,16 +1037,21 @@ impl TlsUpstream {
                 for c in rustls_pki_types::CertificateDer::pem_slice_iter(pki.ca_pem.as_bytes()) {
                     roots.add(c.unwrap()).unwrap();
                 }
-                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                    .build()
-                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
         };
         let mut config = builder
             .with_single_cert(
-                rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes()).map(|c| c.unwrap()).collect(),
+                rustls_pki_types::CertificateDer::pem_slice_iter(leaf.cert_pem.as_bytes())
+                    .map(|c| c.unwrap())
+                    .collect(),
                 rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap(),
             )
             .unwrap();
@@ -1017,21 +1062,43 @@ impl TlsUpstream {
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 while conns.try_join_next().is_some() {}
                 let acceptor = acceptor.clone();
                 conns.spawn(async move {
-                    let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await else { return };
-                    let presented = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
-                    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
-                        let version = format!("{:?}", req.version());
-                        let _ = req.into_body().collect().await;
-                        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"tls ok")));
-                        let h = resp.headers_mut();
-                        h.insert("x-client-cert", http::HeaderValue::from_static(if presented { "yes" } else { "no" }));
-                        h.insert("x-upstream-version", http::HeaderValue::from_str(&version).unwrap());
-                        Ok::<_, std::convert::Infallible>(resp)
-                    });
+                    let Ok(Ok(tls)) = tokio::time::timeout(STEP, acceptor.accept(stream)).await
+                    else {
+                        return;
+                    };
+                    let presented = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty());
+                    let svc = hyper::service::service_fn(
+                        move |req: Request<hyper::body::Incoming>| async move {
+                            let version = format!("{:?}", req.version());
+                            let _ = req.into_body().collect().await;
+                            let mut resp =
+                                http::Response::new(Full::new(Bytes::from_static(b"tls ok")));
+                            let h = resp.headers_mut();
+                            h.insert(
+                                "x-client-cert",
+                                http::HeaderValue::from_static(if presented {
+                                    "yes"
+                                } else {
+                                    "no"
+                                }),
+                            );
+                            h.insert(
+                                "x-upstream-version",
+                                http::HeaderValue::from_str(&version).unwrap(),
+                            );
+                            Ok::<_, std::convert::Infallible>(resp)
+                        },
+                    );
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
                         .await;
