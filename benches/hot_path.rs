@@ -21,27 +21,42 @@ fn matchers() -> Vec<Matcher> {
             })
         })
         .collect();
-    v.push(Matcher::new(&MatchSettings { path_prefix: "/static".into(), host: None, methods: vec![] }));
-    v.push(Matcher::new(&MatchSettings { path_prefix: "/".into(), host: None, methods: vec![] }));
+    v.push(Matcher::new(&MatchSettings {
+        path_prefix: "/static".into(),
+        host: None,
+        methods: vec![],
+    }));
+    v.push(Matcher::new(&MatchSettings {
+        path_prefix: "/".into(),
+        host: None,
+        methods: vec![],
+    }));
     v
 }
 
 fn bench_route_match(c: &mut Criterion) {
     let routes = matchers();
     let mut h = HeaderMap::new();
-    h.insert(http::header::HOST, HeaderValue::from_static("shop.example.com:8080"));
+    h.insert(
+        http::header::HOST,
+        HeaderValue::from_static("shop.example.com:8080"),
+    );
     let hit_last: Uri = "/checkout/cart?id=7".parse().unwrap();
     let hit_first: Uri = "/api/v0/orders/42".parse().unwrap();
     c.bench_function("route_match/10_routes_catch_all", |b| {
         b.iter(|| {
             let host = request_host(black_box(&hit_last), &h);
-            routes.iter().position(|r| r.matches(host, hit_last.path(), &Method::GET))
+            routes
+                .iter()
+                .position(|r| r.matches(host, hit_last.path(), &Method::GET))
         })
     });
     c.bench_function("route_match/10_routes_first", |b| {
         b.iter(|| {
             let host = request_host(black_box(&hit_first), &h);
-            routes.iter().position(|r| r.matches(host, hit_first.path(), &Method::GET))
+            routes
+                .iter()
+                .position(|r| r.matches(host, hit_first.path(), &Method::GET))
         })
     });
 }
@@ -50,23 +65,44 @@ fn bench_headers(c: &mut Criterion) {
     let stamps = Stamps::new("spillway-1");
     let ip = HeaderValue::from_static("10.1.2.3");
     let mut base = HeaderMap::new();
-    base.insert(http::header::HOST, HeaderValue::from_static("shop.example.com"));
-    base.insert(http::header::USER_AGENT, HeaderValue::from_static("curl/8.0"));
+    base.insert(
+        http::header::HOST,
+        HeaderValue::from_static("shop.example.com"),
+    );
+    base.insert(
+        http::header::USER_AGENT,
+        HeaderValue::from_static("curl/8.0"),
+    );
     base.insert(http::header::ACCEPT, HeaderValue::from_static("*/*"));
-    base.insert(http::header::CONNECTION, HeaderValue::from_static("keep-alive"));
+    base.insert(
+        http::header::CONNECTION,
+        HeaderValue::from_static("keep-alive"),
+    );
     let id = HeaderValue::from_static("0123456789abcdef0123456789abcdef");
     c.bench_function("headers/rewrite_request", |b| {
         b.iter_batched(
             || base.clone(),
             |mut h| {
-                headers::rewrite_request(&mut h, None, &stamps, &Forwarded { client_ip: &ip, proto: "http" }, &id);
+                headers::rewrite_request(
+                    &mut h,
+                    None,
+                    &stamps,
+                    &Forwarded {
+                        client_ip: &ip,
+                        proto: "http",
+                    },
+                    &id,
+                );
                 h
             },
             criterion::BatchSize::SmallInput,
         )
     });
     let mut resp = HeaderMap::new();
-    resp.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
     resp.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("64"));
     c.bench_function("headers/response_strip_and_stamp", |b| {
         b.iter_batched(
@@ -79,14 +115,23 @@ fn bench_headers(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
-    c.bench_function("headers/generate_request_id", |b| b.iter(|| headers::request_id(black_box(&resp))));
+    c.bench_function("headers/generate_request_id", |b| {
+        b.iter(|| headers::request_id(black_box(&resp)))
+    });
 }
 
 fn bench_metrics(c: &mut Criterion) {
     let m = Metrics::new();
     let r = m.route("default");
     c.bench_function("metrics/record_response", |b| {
-        b.iter(|| r.response(black_box(&Method::GET), black_box(200), Source::Upstream, 0.000_5))
+        b.iter(|| {
+            r.response(
+                black_box(&Method::GET),
+                black_box(200),
+                Source::Upstream,
+                0.000_5,
+            )
+        })
     });
 }
 
