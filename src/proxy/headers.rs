@@ -104,15 +104,24 @@ fn sf_item(id: &str) -> String {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
 /// plus the fixed set. Used in both directions.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too; collect before removing (rare path).
+    // Headers named in Connection are hop-by-hop too. Almost always it only says `keep-alive`
+    // or `close`, which name nothing extra to remove: skip those without allocating.
     if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
+        let mut named: Vec<HeaderName> = Vec::new();
+        for v in headers.get_all(CONNECTION) {
+            for token in v.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case("close")
+                    || token.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
+                    named.push(n);
+                }
+            }
+        }
         for n in named {
             headers.remove(n);
         }
@@ -189,6 +198,8 @@ pub fn rewrite_request(
     fwd: &Forwarded<'_>,
     request_id: &HeaderValue,
 ) {
+    // Room for what is added below, so the map grows (and rehashes) once at most.
+    headers.reserve(6);
     strip_hop_by_hop(headers);
     append_list(headers, VIA, &stamps.via);
     append_list(headers, X_FORWARDED_FOR, fwd.client_ip);
