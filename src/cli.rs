@@ -106,7 +106,13 @@ fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     // Logging must never stall the request path: lines go through a background writer.
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    // The writer thread drains whatever lines are queued into one buffer and flushes when the
+    // queue is empty: one write per burst instead of one per line under load, and nothing
+    // waits in the buffer once things are quiet.
+    let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::with_capacity(
+        64 * 1024,
+        std::io::stderr(),
+    ));
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
