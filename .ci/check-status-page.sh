@@ -32,21 +32,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-for attempt in 1 2 3; do
-  proxy=$(free_port); admin=$(free_port)
-  sed -e "s/127.0.0.1:8080/127.0.0.1:$proxy/" -e "s/127.0.0.1:9901/127.0.0.1:$admin/" \
-      -e 's/drain_delay: .*/drain_delay: 0s/' config/demo.yaml > "$work/spillway.yaml"
-  RUST_LOG=warn timeout 300 "$bin" demo --config "$work/spillway.yaml" >"$work/out.log" 2>&1 &
-  pid=$!
-  for _ in $(seq 1 50); do
-    curl -fsS "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-  if curl -fsS "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1; then break; fi
-  kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; pid=
-  [ "$attempt" = 3 ] && { echo "spillway demo did not start:"; cat "$work/out.log"; exit 1; }
-done
+source .ci/demo-lib.sh
+start_demo "$bin" "$work" || exit 1
+pid=$demo_pid
 
 # A bounded mix of answers from every layer: app 2xx/4xx/5xx, proxy 502 (/broken), proxy 504
 # (/slow beyond the route timeout), unmatched methods. Runs on while the page samples.
