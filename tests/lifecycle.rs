@@ -1469,45 +1469,30 @@ impl CountingUpstream {
         let addr = listener.local_addr().unwrap();
         let served = Arc::new(AtomicUsize::new(0));
         let count = served.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                while conns.try_join_next().is_some() {}
-                let count = count.clone();
-                let svc =
-                    hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let parts = futures_util::stream::unfold(0u8, |step| async move {
-                            let (first, second) = TWO_PART_BODY.split_at(12);
-                            match step {
-                                0 => Some((
-                                    Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(
-                                        first,
-                                    ))),
-                                    1,
-                                )),
-                                1 => {
-                                    tokio::time::sleep(Duration::from_millis(20)).await;
-                                    Some((Ok(Frame::data(Bytes::from(second))), 2))
-                                }
-                                _ => None,
-                            }
-                        });
-                        async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::StreamBody::new(parts),
-                            ))
+        let task = common::spawn_http1(listener, move || {
+            let count = count.clone();
+            hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
+                count.fetch_add(1, Ordering::SeqCst);
+                let parts = futures_util::stream::unfold(0u8, |step| async move {
+                    let (first, second) = TWO_PART_BODY.split_at(12);
+                    match step {
+                        0 => Some((
+                            Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from(first))),
+                            1,
+                        )),
+                        1 => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Some((Ok(Frame::data(Bytes::from(second))), 2))
                         }
-                    });
-                conns.spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                        _ => None,
+                    }
                 });
-            }
+                async move {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::StreamBody::new(parts),
+                    ))
+                }
+            })
         });
         CountingUpstream { addr, served, task }
     }

@@ -256,6 +256,37 @@ async fn read_head(sock: &mut TcpStream) -> bool {
     }
 }
 
+/// Serves HTTP/1.1 on `listener` until the returned task is aborted; `make` is called once per
+/// accepted connection (a place to count connections) and returns that connection's service.
+pub fn spawn_http1<F, S, B>(listener: TcpListener, make: F) -> JoinHandle<()>
+where
+    F: Fn() -> S + Send + 'static,
+    S: hyper::service::Service<Request<hyper::body::Incoming>, Response = http::Response<B>>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            while conns.try_join_next().is_some() {}
+            let svc = make();
+            conns.spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+}
+
 /// A loopback address where nothing listens (bound, then released).
 pub async fn refusing_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -339,39 +370,27 @@ impl EchoUpstream {
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let connections = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let (seen2, connections2) = (seen.clone(), connections.clone());
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                while conns.try_join_next().is_some() {}
-                connections2.fetch_add(1, Ordering::SeqCst);
-                let (seen, extra) = (seen2.clone(), extra.clone());
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let (seen, extra) = (seen.clone(), extra.clone());
-                    async move {
-                        let (parts, body) = req.into_parts();
-                        // The lock is taken and released here, never held across an await.
-                        seen.lock().unwrap().push(SeenRequest {
-                            method: parts.method,
-                            uri: parts.uri,
-                            version: parts.version,
-                            headers: parts.headers,
-                        });
-                        let mut resp = http::Response::new(body);
-                        for (k, v) in extra.iter() {
-                            resp.headers_mut().append(k.clone(), v.clone());
-                        }
-                        Ok::<_, std::convert::Infallible>(resp)
+        let task = spawn_http1(listener, move || {
+            connections2.fetch_add(1, Ordering::SeqCst);
+            let (seen, extra) = (seen2.clone(), extra.clone());
+            hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let (seen, extra) = (seen.clone(), extra.clone());
+                async move {
+                    let (parts, body) = req.into_parts();
+                    // The lock is taken and released here, never held across an await.
+                    seen.lock().unwrap().push(SeenRequest {
+                        method: parts.method,
+                        uri: parts.uri,
+                        version: parts.version,
+                        headers: parts.headers,
+                    });
+                    let mut resp = http::Response::new(body);
+                    for (k, v) in extra.iter() {
+                        resp.headers_mut().append(k.clone(), v.clone());
                     }
-                });
-                conns.spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            })
         });
         EchoUpstream {
             addr,
@@ -696,23 +715,11 @@ impl GatedUpstream {
             gate: tokio::sync::Semaphore::new(0),
         });
         let shared = state.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                while conns.try_join_next().is_some() {}
-                let state = shared.clone();
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    gated_answer(state.clone(), req)
-                });
-                conns.spawn(async move {
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = spawn_http1(listener, move || {
+            let state = shared.clone();
+            hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                gated_answer(state.clone(), req)
+            })
         });
         GatedUpstream { addr, state, task }
     }
