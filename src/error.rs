@@ -217,6 +217,23 @@ impl ProxyError {
         }
     }
 
+    /// One instance of every kind of error (sheds with a placeholder `retry_after`), e.g. to
+    /// precompute what each one is presented as.
+    pub fn every_kind() -> impl Iterator<Item = ProxyError> {
+        UpstreamError::ALL
+            .into_iter()
+            .map(ProxyError::Upstream)
+            .chain(ShedReason::ALL.into_iter().map(|reason| ProxyError::Shed {
+                reason,
+                retry_after: Duration::ZERO,
+            }))
+            .chain([
+                ProxyError::LoopDetected,
+                ProxyError::NoRoute,
+                ProxyError::BadRequest,
+            ])
+    }
+
     /// `Retry-After` for responses that carry one (all sheds).
     pub fn retry_after(&self) -> Option<Duration> {
         match self {

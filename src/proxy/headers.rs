@@ -34,6 +34,9 @@ pub struct Stamps {
     via: HeaderValue,
     /// `<server_id>` as an RFC 8941 token or quoted sf-string, for `Proxy-Status`.
     proxy_status_id: Box<str>,
+    /// `Proxy-Status` of every error spillway can generate, built once: a shed 503 should
+    /// cost as little as possible.
+    proxy_statuses: Box<[(&'static str, HeaderValue)]>,
 }
 
 impl Stamps {
@@ -41,17 +44,34 @@ impl Stamps {
     pub fn new(server_id: &str) -> Self {
         let served_by =
             HeaderValue::from_str(server_id).unwrap_or(HeaderValue::from_static("spillway"));
-        Stamps {
+        let mut stamps = Stamps {
             server_id: server_id.into(),
             served_by,
             via: HeaderValue::from_str(&format!("1.1 {server_id}"))
                 .unwrap_or(HeaderValue::from_static("1.1 spillway")),
             proxy_status_id: sf_item(server_id).into(),
-        }
+            proxy_statuses: Box::new([]),
+        };
+        let mut types: Vec<&'static str> = crate::error::ProxyError::every_kind()
+            .filter_map(|e| e.presentation().proxy_status)
+            .collect();
+        types.dedup();
+        stamps.proxy_statuses = types
+            .into_iter()
+            .map(|t| (t, stamps.format_proxy_status(t)))
+            .collect();
+        stamps
     }
 
     /// The `Proxy-Status` value for a generated response: `<id>; error=<type>`.
     pub fn proxy_status(&self, error_type: &str) -> HeaderValue {
+        if let Some((_, v)) = self.proxy_statuses.iter().find(|(t, _)| *t == error_type) {
+            return v.clone();
+        }
+        self.format_proxy_status(error_type)
+    }
+
+    fn format_proxy_status(&self, error_type: &str) -> HeaderValue {
         let s = format!("{}; error={error_type}", self.proxy_status_id);
         HeaderValue::from_str(&s).unwrap_or(HeaderValue::from_static("spillway"))
     }
@@ -425,6 +445,17 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(VIA, hv("1.1 spillway-10"));
         assert!(!s.is_loop(&h));
+    }
+
+    #[test]
+    fn proxy_status_is_precomputed_for_every_generated_error() {
+        let s = Stamps::new("edge");
+        for e in crate::error::ProxyError::every_kind() {
+            if let Some(t) = e.presentation().proxy_status {
+                assert!(s.proxy_statuses.iter().any(|(k, _)| *k == t), "{t}");
+                assert_eq!(s.proxy_status(t), format!("edge; error={t}"));
+            }
+        }
     }
 
     #[test]
