@@ -206,7 +206,11 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        self.state.deposit();
+        // With retries off there is no budget to keep: skip the window's lock entirely. (A
+        // reload that turns retries on builds a fresh state, whose window starts empty.)
+        if self.state.attempts > 0 {
+            self.state.deposit();
+        }
         let replayable =
             self.state.attempts > 0 && is_idempotent(req.method()) && req.body().is_end_stream();
         if !replayable {
