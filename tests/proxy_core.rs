@@ -684,6 +684,21 @@ async fn sequential_requests_share_one_pooled_upstream_connection() {
 }
 
 #[tokio::test]
+async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
+    // HTTP/1.1 requires Host; an HTTP/1.0 client may send none. The upstream gets the
+    // endpoint's authority, and no X-Forwarded-Host is invented.
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&TestProxy::simple_config(up.addr, "")).await;
+    let out = raw_exchange(p.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("host"), up.addr.to_string());
+    assert_eq!(seen[0].header("x-forwarded-host"), "");
+}
+
+#[tokio::test]
 async fn keep_alive_race_is_resent_on_a_fresh_connection() {
     // The app closes connections idle for 1 s; spillway keeps them for 10 s, so it reuses
     // connections the app has closed: only the resend on a fresh connection avoids a 502.

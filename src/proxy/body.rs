@@ -14,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use super::pool::UpstreamBody;
 use crate::error::UpstreamError;
 use crate::metrics::{RouteMetrics, Source};
 use std::sync::Arc;
@@ -80,7 +81,7 @@ pin_project! {
     #[project = SourceBodyProj]
     enum SourceBody {
         /// The upstream's body, passed through frame by frame (trailers included).
-        Upstream { #[pin] inner: Incoming },
+        Upstream { #[pin] inner: UpstreamBody },
         /// A short body spillway generated.
         Full { data: Option<Bytes> },
     }
@@ -214,7 +215,7 @@ pin_project! {
 
 impl ResponseBody {
     /// Streams the upstream's body.
-    pub fn upstream(inner: Incoming, exchange: Exchange) -> Self {
+    pub fn upstream(inner: UpstreamBody, exchange: Exchange) -> Self {
         ResponseBody {
             source: SourceBody::Upstream { inner },
             exchange: Some(exchange),

@@ -1,10 +1,13 @@
 //! Header rules, declared once: what is stripped, what is stamped, and why.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use http::header::Entry;
 use http::header::{
     HeaderName, HeaderValue, CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE, VIA,
 };
 use http::{HeaderMap, Version};
+use rand::rngs::SmallRng;
+use rand::{Rng as _, SeedableRng as _};
 
 /// Which layer answered: every response carries it, upstream responses get `, <server_id>`
 /// appended to whatever the app set.
@@ -239,12 +242,17 @@ pub fn rewrite_request(
     append_list(headers, VIA, &stamps.via);
     append_list(headers, X_FORWARDED_FOR, fwd.client_ip);
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
-    if !headers.contains_key(HOST) {
-        if let Some(a) = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()) {
-            headers.insert(HOST, a);
+    let host = match headers.get(HOST) {
+        Some(h) => Some(h.clone()),
+        None => {
+            let filled = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            if let Some(h) = &filled {
+                headers.insert(HOST, h.clone());
+            }
+            filled
         }
-    }
-    if let Some(host) = headers.get(HOST).cloned() {
+    };
+    if let Some(host) = host {
         headers.insert(X_FORWARDED_HOST, host);
     }
     // Always the id the client is told: an unusable client id was replaced by `request_id`.
@@ -255,21 +263,25 @@ pub fn rewrite_request(
 /// folded into one first, so the new entry really is last: an app that trusts the right-most
 /// `X-Forwarded-For` entry must get ours, not one a client sent on a second line.
 fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
-    let mut existing = headers.get_all(&name).iter();
-    let Some(first) = existing.next() else {
-        headers.insert(name, value.clone());
-        return;
+    // One hash of the name whether or not the header is there.
+    let mut entry = match headers.entry(name) {
+        Entry::Vacant(v) => {
+            v.insert(value.clone());
+            return;
+        }
+        Entry::Occupied(o) => o,
     };
-    let mut b = BytesMut::with_capacity(first.len() + 2 + value.len());
-    b.put_slice(first.as_bytes());
-    for more in existing {
-        b.put_slice(b", ");
-        b.put_slice(more.as_bytes());
+    let mut b = BytesMut::new();
+    for (i, line) in entry.iter().enumerate() {
+        if i > 0 {
+            b.put_slice(b", ");
+        }
+        b.put_slice(line.as_bytes());
     }
     b.put_slice(b", ");
     b.put_slice(value.as_bytes());
     if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
-        headers.insert(name, v);
+        entry.insert(v);
     }
 }
 
@@ -280,13 +292,19 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
-    let n: u128 = rand::random();
-    let mut buf = BytesMut::with_capacity(32);
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for i in (0..32).rev() {
-        buf.put_u8(HEX[((n >> (i * 4)) & 0xf) as usize]);
+    // Ids need to be unique, not unpredictable: a small fast generator per thread, seeded from
+    // the OS, instead of the cryptographic thread RNG.
+    thread_local! {
+        static IDS: std::cell::RefCell<SmallRng> = std::cell::RefCell::new(SmallRng::from_os_rng());
     }
-    HeaderValue::from_maybe_shared(Bytes::from(buf)).expect("hex is a valid header value")
+    let n: u128 = IDS.with(|r| r.borrow_mut().random());
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((n >> ((31 - i) * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_maybe_shared(Bytes::copy_from_slice(&buf))
+        .expect("hex is a valid header value")
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use super::headers::Stamps;
 use super::route::{request_host, Matcher};
 use super::stack::{self, PolicyState, RouteService};
 use super::upstream::Upstream;
-use crate::config::{Loaded, RouteSettings, Settings};
+use crate::config::{Loaded, RouteSettings, Settings, UpstreamProtocol};
 use crate::metrics::{Metrics, RouteMetrics, UNMATCHED_ROUTE};
 
 /// One route, ready to serve.
@@ -28,6 +28,8 @@ pub struct Route {
     /// Whether requests need an [`EndpointHint`](super::upstream::EndpointHint): the route
     /// retries and its upstream has several endpoints.
     pub spread_retries: bool,
+    /// Whether its upstream speaks HTTP/1.1 (the only one an Upgrade is passed on to).
+    pub upstream_http1: bool,
 }
 
 /// Everything that serves, as one immutable snapshot.
@@ -46,6 +48,8 @@ pub struct Runtime {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Handles for requests that matched no route.
     pub unmatched: Arc<RouteMetrics>,
+    /// Whether any route matches on host: if none does, the host is never looked at.
+    match_host: bool,
 }
 
 impl Runtime {
@@ -79,6 +83,7 @@ impl Runtime {
                 let upstream = upstreams[&r.upstream].clone();
                 Route {
                     spread_retries: r.policy.retries.attempts > 0 && upstream.endpoint_count() > 1,
+                    upstream_http1: upstream.settings.protocol == UpstreamProtocol::Http1,
                     settings: r.clone(),
                     matcher: Matcher::new(&r.matcher),
                     service: stack::route_service(&policy, upstream),
@@ -86,8 +91,9 @@ impl Runtime {
                     policy,
                 }
             })
-            .collect();
+            .collect::<Vec<Route>>();
         Runtime {
+            match_host: settings.routes.iter().any(|r| r.matcher.host.is_some()),
             stamps: Stamps::new(&settings.server_id),
             settings,
             version: loaded.version.clone(),
@@ -100,7 +106,11 @@ impl Runtime {
 
     /// The first route that matches, in file order.
     pub fn find_route(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> Option<&Route> {
-        let host = request_host(uri, headers);
+        let host = if self.match_host {
+            request_host(uri, headers)
+        } else {
+            None
+        };
         let path = uri.path();
         self.routes
             .iter()

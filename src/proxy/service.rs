@@ -23,7 +23,6 @@ use super::body::{self, Exchange, RequestBody, ResponseBody};
 use super::headers::{self, Forwarded, Stamps, PROXY_STATUS, X_REQUEST_ID, X_SERVED_BY};
 use super::runtime::Runtime;
 use super::upstream::EndpointHint;
-use crate::config::UpstreamProtocol;
 use crate::error::{retry_after_secs, ProxyError, UpstreamError};
 use crate::metrics::Source;
 
@@ -145,11 +144,8 @@ async fn handle(
 
     // An upgrade is only passed on to an HTTP/1.1 upstream; towards HTTP/2 it is stripped like
     // any hop-by-hop header and the upstream answers the plain request.
-    let upstream_h1 = rt
-        .upstreams
-        .get(&route.settings.upstream)
-        .is_some_and(|u| u.settings.protocol == UpstreamProtocol::Http1);
-    let upgrade = headers::upgrade_request(req.version(), req.headers()).filter(|_| upstream_h1);
+    let upgrade =
+        headers::upgrade_request(req.version(), req.headers()).filter(|_| route.upstream_http1);
     // Taken out before the request is forwarded: it resolves once hyper has sent our 101.
     let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
     // gRPC servers may check `te: trailers` to detect proxies that drop trailers; spillway
@@ -198,7 +194,8 @@ async fn handle(
                     );
                 };
                 let upstream = hyper::upgrade::on(&mut resp);
-                let (mut parts, _) = resp.into_parts();
+                let (mut parts, mut body) = resp.into_parts();
+                body.detach();
                 let protocol = parts.headers.get(UPGRADE).cloned().unwrap_or(requested);
                 headers::strip_hop_by_hop(&mut parts.headers);
                 headers::set_upgrade(&mut parts.headers, protocol);

@@ -1,5 +1,6 @@
-//! Upstreams: pooled keep-alive clients per upstream, endpoint selection, and the forward
-//! service at the bottom of every route's stack.
+//! Upstreams: endpoints, endpoint selection, the two transports (HTTP/1.1 over spillway's own
+//! per-endpoint pools, HTTP/2 over hyper-util's multiplexing client), the keep-alive race
+//! resend, and the forward service at the bottom of every route's stack.
 
 use std::error::Error as StdError;
 use std::future::Future;
@@ -9,80 +10,128 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Extensions;
-use http::{Method, Request, Response, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
+use tower::Service as _;
 
 use super::body::RequestBody;
 use super::connector::{
     classify_tls, ConnectError, Connector, Established, TlsClient, UpstreamTls,
 };
+use super::pool::{Http1Pool, Sender, UpstreamBody};
 use crate::config::{UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, UpstreamError};
 
 type HttpClient = Client<Connector, RequestBody>;
 
-/// One upstream: its endpoints and connection pool. Shared by every route that uses it and
+/// One endpoint of an upstream.
+struct Endpoint {
+    /// `host:port`, for HTTP/2 request URIs.
+    authority: Authority,
+    /// What the connector dials.
+    connect_uri: Uri,
+    /// `Host` for a request that came without one (an HTTP/1.0 client).
+    host: HeaderValue,
+    /// Idle HTTP/1.1 connections (unused for HTTP/2 upstreams).
+    pool: Arc<Http1Pool>,
+}
+
+/// How requests travel to an upstream.
+enum Transport {
+    /// HTTP/1.1: one request per connection at a time, connections kept in a pool per endpoint.
+    Http1 { connector: Connector },
+    /// HTTP/2: hyper-util's client, which multiplexes requests over one connection per
+    /// endpoint and coalesces concurrent connection attempts.
+    Http2(Box<Http2Clients>),
+}
+
+/// The HTTP/2 transport's clients.
+struct Http2Clients {
+    /// Keep-alive pool.
+    pooled: HttpClient,
+    /// Never reuses a connection: for the one resend after a stale connection failed.
+    fresh: HttpClient,
+}
+
+/// One upstream: its endpoints and connection pools. Shared by every route that uses it and
 /// carried over a reload when its settings are unchanged, so pooled connections survive.
 pub struct Upstream {
     name: Box<str>,
-    endpoints: Box<[Authority]>,
+    endpoints: Box<[Endpoint]>,
     next: AtomicUsize,
-    version: Version,
     /// `https` when the upstream speaks TLS (HTTP/2 sends it as `:scheme`), else `http`.
     scheme: Scheme,
-    /// TLS setup shared by both clients' connectors, when the upstream speaks TLS.
+    /// TLS setup shared by the connectors, when the upstream speaks TLS.
     tls: Option<UpstreamTls>,
-    /// Keep-alive pool.
-    pooled: HttpClient,
-    /// Never reuses a connection: for the one resend after a stale pooled connection failed.
-    fresh: HttpClient,
+    transport: Transport,
     /// The settings it was built from.
     pub settings: UpstreamSettings,
 }
 
 impl Upstream {
-    /// Builds the clients (no connection is opened until the first request).
+    /// Builds the pools and clients (no connection is opened until the first request).
     pub fn new(name: &str, settings: &UpstreamSettings) -> Self {
         let tls = settings
             .tls
             .as_ref()
             .map(|_| UpstreamTls::load(name, settings));
-        let build = |max_idle: usize| {
-            let mut b = Client::builder(TokioExecutor::new());
-            b.pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(settings.idle_timeout)
-                .pool_max_idle_per_host(max_idle)
-                .http2_only(settings.protocol == UpstreamProtocol::Http2);
-            b.build(Connector::new(settings.connect_timeout, tls.clone()))
+        let scheme = if tls.is_some() {
+            Scheme::HTTPS
+        } else {
+            Scheme::HTTP
+        };
+        let connector = Connector::new(settings.connect_timeout, tls.clone());
+        let transport = match settings.protocol {
+            UpstreamProtocol::Http1 => Transport::Http1 { connector },
+            UpstreamProtocol::Http2 => {
+                let build = |max_idle: usize| {
+                    let mut b = Client::builder(TokioExecutor::new());
+                    b.pool_timer(TokioTimer::new())
+                        .timer(TokioTimer::new())
+                        .pool_idle_timeout(settings.idle_timeout)
+                        .pool_max_idle_per_host(max_idle)
+                        .http2_only(true);
+                    b.build(connector.clone())
+                };
+                Transport::Http2(Box::new(Http2Clients {
+                    pooled: build(usize::MAX),
+                    fresh: build(0),
+                }))
+            }
         };
         let endpoints = settings
             .endpoints
             .iter()
-            .filter_map(|e| e.parse::<Authority>().ok())
+            .filter_map(|e| {
+                let authority = e.parse::<Authority>().ok()?;
+                let connect_uri = Uri::builder()
+                    .scheme(scheme.clone())
+                    .authority(authority.clone())
+                    .path_and_query("/")
+                    .build()
+                    .ok()?;
+                let host = HeaderValue::from_str(authority.as_str()).ok()?;
+                Some(Endpoint {
+                    authority,
+                    connect_uri,
+                    host,
+                    pool: Http1Pool::new(settings.idle_timeout),
+                })
+            })
             .collect();
         Upstream {
             name: name.into(),
             endpoints,
             next: AtomicUsize::new(0),
-            version: match settings.protocol {
-                UpstreamProtocol::Http1 => Version::HTTP_11,
-                UpstreamProtocol::Http2 => Version::HTTP_2,
-            },
-            scheme: if tls.is_some() {
-                Scheme::HTTPS
-            } else {
-                Scheme::HTTP
-            },
-            pooled: build(usize::MAX),
-            fresh: build(0),
+            scheme,
             tls,
+            transport,
             settings: settings.clone(),
         }
     }
@@ -107,7 +156,7 @@ impl Upstream {
 
     /// Round robin across endpoints; a request carrying an [`EndpointHint`] moves on from the
     /// endpoint its previous attempt used, whatever other requests picked in between.
-    fn pick(&self, hint: Option<&EndpointHint>) -> &Authority {
+    fn pick(&self, hint: Option<&EndpointHint>) -> &Endpoint {
         let n = self.endpoints.len().max(1);
         let i = match hint {
             Some(h) => {
@@ -123,6 +172,161 @@ impl Upstream {
             None => self.next.fetch_add(1, Ordering::Relaxed) % n,
         };
         &self.endpoints[i]
+    }
+
+    /// HTTP/1.1: a pooled connection when one is idle, else a new one. A request that failed
+    /// on a reused connection before any of the response arrived is sent once more on a fresh
+    /// connection when that is safe (see [`Resend`]).
+    async fn send_http1(
+        &self,
+        connector: &Connector,
+        ep: &Endpoint,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        // Origin-form request target; the client's `Host` is kept (HTTP/1.0 clients may have
+        // sent none: HTTP/1.1 requires one).
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(path);
+        *req.version_mut() = Version::HTTP_11;
+        if !req.headers().contains_key(HOST) {
+            req.headers_mut().insert(HOST, ep.host.clone());
+        }
+        let resend = Resend::capture(&req);
+        while let Some(mut sender) = ep.pool.checkout() {
+            // Ready at once unless the connection is just finishing its previous exchange.
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(ep.pool.attach(resp, sender)),
+                Err(mut e) => match e.take_message() {
+                    // The connection closed before the request was written: no harm done,
+                    // take the next one.
+                    Some(unsent) => req = unsent,
+                    None => {
+                        let kind = classify_hyper(e.error());
+                        // The keep-alive race: the app closed an idle pooled connection just as
+                        // we reused it. Nothing of the response arrived, so the app did not act
+                        // on it; send it once more on a connection opened for it.
+                        return match resend {
+                            Some(again) if kind == UpstreamError::ConnectionTerminated => {
+                                tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
+                                let mut sender = connect_http1(connector, ep).await?;
+                                match sender.send_request(again.into_request()).await {
+                                    Ok(resp) => Ok(ep.pool.attach(resp, sender)),
+                                    Err(e) => Err(classify_hyper(&e).into()),
+                                }
+                            }
+                            _ => Err(kind.into()),
+                        };
+                    }
+                },
+            }
+        }
+        let mut sender = connect_http1(connector, ep).await?;
+        match sender.send_request(req).await {
+            Ok(resp) => Ok(ep.pool.attach(resp, sender)),
+            Err(e) => Err(classify_hyper(&e).into()),
+        }
+    }
+
+    /// HTTP/2 through hyper-util's multiplexing client.
+    async fn send_http2(
+        &self,
+        pooled: &HttpClient,
+        fresh: &HttpClient,
+        ep: &Endpoint,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(ep.authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| ProxyError::BadRequest)?;
+        *req.version_mut() = Version::HTTP_2;
+        let resend = Resend::capture(&req);
+        let sent_at = Instant::now();
+        match pooled.request(req).await {
+            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+            Err(err) => {
+                let kind = classify(&err);
+                // As for HTTP/1.1: a connection that died under a request it had not answered.
+                if kind == UpstreamError::ConnectionTerminated && was_reused(&err, sent_at) {
+                    if let Some(again) = resend {
+                        tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
+                        return fresh
+                            .request(again.into_request())
+                            .await
+                            .map(|resp| resp.map(UpstreamBody::unpooled))
+                            .map_err(|e| classify(&e).into());
+                    }
+                }
+                Err(kind.into())
+            }
+        }
+    }
+}
+
+/// Opens a connection to `ep` and starts its connection task.
+async fn connect_http1(connector: &Connector, ep: &Endpoint) -> Result<Sender, ProxyError> {
+    let io = connector
+        .clone()
+        .call(ep.connect_uri.clone())
+        .await
+        .map_err(|ConnectError(kind)| ProxyError::from(kind))?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(|e| ProxyError::from(classify_hyper(&e)))?;
+    tokio::spawn(async move {
+        // Upgrades stay possible: after a 101 the tunnel takes the socket over.
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    ep.pool.ensure_sweeper();
+    Ok(sender)
+}
+
+/// What it takes to send a request again: only bodyless idempotent requests qualify (a body
+/// was consumed by the first attempt, and a non-idempotent request must never be repeated).
+struct Resend {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    extensions: Extensions,
+}
+
+impl Resend {
+    fn capture(req: &Request<RequestBody>) -> Option<Resend> {
+        (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| Resend {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+            extensions: req.extensions().clone(),
+        })
+    }
+
+    fn into_request(self) -> Request<RequestBody> {
+        let mut req = Request::new(RequestBody::Empty);
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        *req.extensions_mut() = self.extensions;
+        req
     }
 }
 
@@ -152,67 +356,26 @@ impl Forward {
 }
 
 impl tower::Service<Request<RequestBody>> for Forward {
-    type Response = Response<Incoming>;
+    type Response = Response<UpstreamBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<Incoming>, ProxyError>> + Send>>;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let up = self.upstream.clone();
         Box::pin(async move {
             if up.endpoints.is_empty() {
                 return Err(UpstreamError::Dns.into());
             }
-            let authority = up.pick(req.extensions().get::<EndpointHint>()).clone();
-            let path = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| PathAndQuery::from_static("/"));
-            *req.uri_mut() = Uri::builder()
-                .scheme(up.scheme.clone())
-                .authority(authority)
-                .path_and_query(path)
-                .build()
-                .map_err(|_| ProxyError::BadRequest)?;
-            *req.version_mut() = up.version;
-            // Kept for the one resend on a fresh connection (bodyless idempotent requests only).
-            let resend = (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| {
-                (
-                    req.method().clone(),
-                    req.uri().clone(),
-                    req.headers().clone(),
-                    req.extensions().clone(),
-                )
-            });
-            let sent_at = Instant::now();
-            match up.pooled.request(req).await {
-                Ok(resp) => Ok(resp),
-                Err(err) => {
-                    let kind = classify(&err);
-                    // The keep-alive race: the app closed an idle pooled connection just as we
-                    // reused it. Nothing of the response arrived, so the app did not act on it;
-                    // send it once more on a connection opened for it.
-                    if kind == UpstreamError::ConnectionTerminated && was_reused(&err, sent_at) {
-                        if let Some((method, uri, headers, extensions)) = resend {
-                            tracing::debug!(upstream = %up.name, "stale pooled connection, resending on a fresh one");
-                            let mut again = Request::new(RequestBody::Empty);
-                            *again.method_mut() = method;
-                            *again.uri_mut() = uri;
-                            *again.version_mut() = up.version;
-                            *again.headers_mut() = headers;
-                            *again.extensions_mut() = extensions;
-                            return up
-                                .fresh
-                                .request(again)
-                                .await
-                                .map_err(|e| classify(&e).into());
-                        }
-                    }
-                    Err(kind.into())
+            let ep = up.pick(req.extensions().get::<EndpointHint>());
+            match &up.transport {
+                Transport::Http1 { connector } => up.send_http1(connector, ep, req).await,
+                Transport::Http2(clients) => {
+                    up.send_http2(&clients.pooled, &clients.fresh, ep, req)
+                        .await
                 }
             }
         })
@@ -236,23 +399,35 @@ fn was_reused(err: &hyper_util::client::legacy::Error, sent_at: Instant) -> bool
     ext.get::<Established>().is_some_and(|e| e.0 < sent_at)
 }
 
-/// Classifies a client error by walking its cause chain (never by its message).
+/// Classifies a hyper-util client error by walking its cause chain (never by its message).
 pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
-    let mut source: Option<&(dyn StdError + 'static)> = err.source();
+    classify_chain(err.source()).unwrap_or(if err.is_connect() {
+        UpstreamError::ConnectRefused
+    } else {
+        UpstreamError::ConnectionTerminated
+    })
+}
+
+/// Classifies an error of a hyper connection (the error itself, then its causes).
+pub fn classify_hyper(err: &hyper::Error) -> UpstreamError {
+    classify_chain(Some(err)).unwrap_or(UpstreamError::ConnectionTerminated)
+}
+
+fn classify_chain(mut source: Option<&(dyn StdError + 'static)>) -> Option<UpstreamError> {
     while let Some(e) = source {
         if let Some(c) = e.downcast_ref::<ConnectError>() {
-            return c.0;
+            return Some(c.0);
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
-                return UpstreamError::ProtocolError;
+                return Some(UpstreamError::ProtocolError);
             }
             if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return UpstreamError::ConnectionTerminated;
+                return Some(UpstreamError::ConnectionTerminated);
             }
         }
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return classify_tls(tls);
+            return Some(classify_tls(tls));
         }
         if let Some(io) = e.downcast_ref::<io::Error>() {
             // TLS 1.3 completes the client's side of the handshake before the upstream checks
@@ -261,19 +436,15 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
                 .get_ref()
                 .and_then(|inner| inner.downcast_ref::<rustls::Error>())
             {
-                return classify_tls(tls);
+                return Some(classify_tls(tls));
             }
-            return match io.kind() {
+            return Some(match io.kind() {
                 io::ErrorKind::ConnectionRefused => UpstreamError::ConnectRefused,
                 io::ErrorKind::InvalidData => UpstreamError::ProtocolError,
                 _ => UpstreamError::ConnectionTerminated,
-            };
+            });
         }
         source = e.source();
     }
-    if err.is_connect() {
-        UpstreamError::ConnectRefused
-    } else {
-        UpstreamError::ConnectionTerminated
-    }
+    None
 }
