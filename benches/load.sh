@@ -43,6 +43,8 @@ LAT_CAL=${LAT_CAL:-5}                  # seconds of the oha closed-loop calibrat
 IDLE_SETTLE=${IDLE_SETTLE:-2}
 EXTRA_UP_PORT=${EXTRA_UP_PORT:-18180}  # ports for step 4 (the harness uses 18080-18089)
 EXTRA_PORT=${EXTRA_PORT:-18184}
+EXTRA_NGINX_PORT=${EXTRA_NGINX_PORT:-18185}
+LAT_NGINX=${LAT_NGINX:-1}
 
 build_spillway
 [[ -f "$SPILLWAY_CONFIG" ]] || fail "SPILLWAY_CONFIG=$SPILLWAY_CONFIG is not a file"
@@ -75,8 +77,10 @@ if (( EXTRAS )); then
     require_tool jq "apt-get install -y jq"
     require_tool curl "apt-get install -y curl"
     check_ports_free "$EXTRA_UP_PORT" "$EXTRA_PORT"
+    command -v nginx >/dev/null || LAT_NGINX=0
+    (( LAT_NGINX )) && check_ports_free "$EXTRA_NGINX_PORT"
     X=$RESULTS_DIR/extras; mkdir -p "$X"
-    budget=$(( 100 + IDLE_SETTLE + 2 * LAT_CAL + LAT_ROUNDS * 2 * (LAT_WARMUP + LAT_DURATION + 45) ))
+    budget=$(( 100 + IDLE_SETTLE + 2 * LAT_CAL + LAT_ROUNDS * 3 * (LAT_WARMUP + LAT_DURATION + 45) ))
     trap 'stop_watchdog; cleanup_all' EXIT
     trap 'exit 130' INT TERM
     start_watchdog "$budget"
@@ -99,6 +103,20 @@ if (( EXTRAS )); then
     idle_rss=$(status_kib VmRSS)
     threads=$(status_kib Threads)
     say "spillway idle: ready in ${ready_ms} ms, RSS $(( idle_rss / 1024 )) MiB, $threads threads"
+    lat_targets="direct spillway"
+    if (( LAT_NGINX )); then
+        raise_nofile
+        mkdir -p "$X/nginx"
+        render_template "$CONF_DIR/nginx.conf.tmpl" "$X/nginx/nginx.conf" WORKERS=1 NOFILE="$NOFILE" \
+            RUNDIR="$X/nginx" UPSTREAM="127.0.0.1:$EXTRA_UP_PORT" SERVER_OPTS="" PORT="$EXTRA_NGINX_PORT"
+        start_bg nginx "$PROXY_CPU" "$X/nginx/stderr.log" nginx -p "$X/nginx" -c "$X/nginx/nginx.conf" -e "$X/nginx/nginx-error.log"
+        NPID=$LAST_PID
+        if wait_http "http://127.0.0.1:$EXTRA_NGINX_PORT/health" 15 "$NPID"; then
+            lat_targets="direct nginx spillway"
+        else
+            say "nginx did not start for the latency reference (see $X/nginx/); measuring without it"
+        fi
+    fi
 
     # Rate. Capacity must be measured with the same client that measures the latency: oha
     # (one worker thread, sharing LOAD_CPU with the upstream) tops out far below wrk, and
@@ -148,10 +166,12 @@ if (( EXTRAS )); then
     }
     for (( r = 1; r <= LAT_ROUNDS; r++ )); do
         oha_sample "$r" direct "http://127.0.0.1:$EXTRA_UP_PORT/"
+        [[ $lat_targets == *nginx* ]] && oha_sample "$r" nginx "http://127.0.0.1:$EXTRA_NGINX_PORT/"
         oha_sample "$r" spillway "http://127.0.0.1:$EXTRA_PORT/"
     done
     loaded_hwm=$(status_kib VmHWM)
     stop_pid "$SPID"; stop_pid "$UPID"
+    [[ -n "${NPID:-}" ]] && stop_pid "$NPID"
 
     med() { awk -F'\t' -v t="$1" -v c="$2" 'NR > 1 && $2 == t && $c != "nan" { print $c }' "$X/latency.tsv" | median_of; }
     {
@@ -165,12 +185,15 @@ if (( EXTRAS )); then
         echo "                       oha -q $rate -c $LAT_CONNS -z ${LAT_DURATION}s --latency-correction GET / ; median over $LAT_ROUNDS round(s)"
         fmt='  %-9s %8s %9s %9s %9s %8s %7s\n'
         printf "$fmt" target rps "p50 ms" "p99 ms" "p99.9 ms" non2xx errors
-        for t in direct spillway; do
+        for t in $lat_targets; do
             printf "$fmt" "$t" "$(med "$t" 4)" "$(med "$t" 5)" "$(med "$t" 6)" "$(med "$t" 7)" "$(med "$t" 8)" "$(med "$t" 9)"
         done
-        awk -v dp99="$(med direct 6)" -v sp99="$(med spillway 6)" -v dp50="$(med direct 5)" -v sp50="$(med spillway 5)" 'BEGIN {
-            if (dp99 == "nan" || sp99 == "nan") { print "added latency:         n/a (a sample is missing)"; exit }
-            printf "added latency:         p99 %+.3f ms, p50 %+.3f ms (spillway - direct)\n", sp99 - dp99, sp50 - dp50 }'
+        for t in $lat_targets; do
+            [[ $t == direct ]] && continue
+            awk -v t="$t" -v dp99="$(med direct 6)" -v sp99="$(med "$t" 6)" -v dp50="$(med direct 5)" -v sp50="$(med "$t" 5)" 'BEGIN {
+                if (dp99 == "nan" || sp99 == "nan") { printf "added latency (%s): n/a (a sample is missing)\n", t; exit }
+                printf "added latency (%s): p99 %+.3f ms, p50 %+.3f ms (%s - direct)\n", t, sp99 - dp99, sp50 - dp50, t }'
+        done
         awk -v rate="$rate" -v d="$(med direct 4)" -v s="$(med spillway 4)" 'BEGIN {
             if (d != "nan" && d < 0.95 * rate) printf "WARNING: oha reached only %d of %d req/s direct: the client was the limit, latencies include its backlog\n", d, rate
             if (s != "nan" && s < 0.95 * rate) printf "WARNING: only %d of %d req/s through spillway: it could not keep up with half of direct\n", s, rate }'
