@@ -362,7 +362,15 @@ impl GradientLimit {
         // one measured on few or scattered samples may be low by chance, and trusting it as is
         // would hold the limit below the capacity until the next probe.
         let ratio = mean / (baseline + NOISE_Z * self.baseline.mean_variance().sqrt());
-        let used = self.max_demand as f64 >= USAGE_TO_GROW * self.limit;
+        let demand = self.max_demand as f64;
+        let used = demand >= USAGE_TO_GROW * self.limit;
+        // What this measurement vouches for: the concurrency that was actually reached (all of
+        // the limit, when demand filled it: the limit admits whole requests).
+        let validated = if demand >= self.limit.floor() {
+            self.limit
+        } else {
+            demand
+        };
         let target = if self.slow_start && !queueing {
             if !first {
                 // No queueing beyond noise: these samples are no-load latencies too; pooling
@@ -371,7 +379,11 @@ impl GradientLimit {
                 self.baseline.merge(stats);
             }
             if used {
-                self.limit * SLOW_START_FACTOR
+                // Growth is validated by use: what this measurement showed is that `validated`
+                // requests at once cause no queueing, so the limit grows from that, not from a
+                // limit part of which sat idle. Otherwise a moderate load walks the limit far
+                // past the capacity, and the next surge queues at the app until cuts catch up.
+                (validated * SLOW_START_FACTOR).max(self.limit)
             } else {
                 self.limit
             }
@@ -382,14 +394,25 @@ impl GradientLimit {
             // At or below the baseline this grows by the allowance; above it, it lands on the
             // capacity plus the allowance.
             let gradient = (TOLERANCE / ratio).clamp(MIN_GRADIENT, 1.0);
-            let target = self.limit * gradient + QUEUE_ALLOWANCE * self.limit.sqrt();
+            let allowance = QUEUE_ALLOWANCE * self.limit.sqrt();
+            let target = self.limit * gradient + allowance;
             if used {
-                target
+                // As in slow start: never more than the allowance above what was in use.
+                target.min((validated + allowance).max(self.limit))
             } else {
                 target.min(self.limit)
             }
         };
         self.limit = target.clamp(self.min, self.max);
+        tracing::debug!(
+            limit = self.limit,
+            mean_ms = mean * 1000.0,
+            baseline_ms = baseline * 1000.0,
+            samples = stats.n,
+            demand = self.max_demand,
+            slow_start = self.slow_start,
+            "adaptive limit updated"
+        );
         self.stale_streak = if ratio >= STALE_RATIO {
             self.stale_streak + 1
         } else {
@@ -400,8 +423,13 @@ impl GradientLimit {
             // lost capacity, the probe still finds free workers; if it only got slower, the
             // probe costs one short measurement.
             self.start_probe(PROBE_FACTOR / STALE_RATIO, true, now, in_flight);
-        } else if now >= self.next_probe {
+        } else if now >= self.next_probe && demand >= PROBE_FACTOR * self.limit {
             self.start_probe(PROBE_FACTOR, false, now, in_flight);
+        } else if now >= self.next_probe {
+            // Demand is below what the probe would allow: every measurement is a no-load one
+            // already, and the probe would only risk shedding. Look again later.
+            self.next_probe = now + jittered(PROBE_EVERY);
+            self.new_cohort(now, in_flight);
         } else {
             self.new_cohort(now, in_flight);
         }
@@ -410,6 +438,11 @@ impl GradientLimit {
     fn start_probe(&mut self, factor: f64, stale: bool, now: Instant, in_flight: usize) {
         self.probe = Some((self.limit, stale));
         self.limit = (self.limit * factor).max(self.min);
+        tracing::debug!(
+            limit = self.limit,
+            stale,
+            "adaptive limit probing the baseline"
+        );
         self.stale_streak = 0;
         self.new_cohort(now, in_flight);
     }
@@ -431,6 +464,11 @@ impl GradientLimit {
             self.baseline = stats;
         }
         self.limit = saved.clamp(self.min, self.max);
+        tracing::debug!(
+            limit = self.limit,
+            baseline_ms = self.baseline.mean().unwrap_or(0.0) * 1000.0,
+            "adaptive limit probe done"
+        );
         self.probe = None;
         self.next_probe = now + jittered(PROBE_EVERY);
         self.new_cohort(now, in_flight);
@@ -509,6 +547,45 @@ mod tests {
         assert_eq!(g.current(), 4, "an unused limit must not grow");
         feed(&mut g, 20 * MS, MIN_SAMPLES, 4);
         assert_eq!(g.current(), 6, "slow start grows by half");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn growth_is_bounded_by_the_demand_that_validated_it() {
+        // A steady load of 20 at once, never queueing: the limit may reach 1.5 × 20, not walk
+        // on by half of itself each time (which took it to 68 before a 3× surge in the
+        // overload benchmark).
+        let mut g = GradientLimit::new(4, 256);
+        for _ in 0..30 {
+            let demand = g.current().min(20);
+            feed(&mut g, 20 * MS, 2 * MIN_SAMPLES, demand);
+        }
+        assert_eq!(g.current(), 30, "1.5 × the demand seen");
+        // After slow start the same holds: a limit held at ~40 by a load that then falls to 25
+        // stays where it is (neither grows nor is cut: latency says nothing about more).
+        let mut g = GradientLimit::new(4, 256);
+        for _ in 0..10 {
+            let demand = g.current();
+            feed(&mut g, 20 * MS, 2 * MIN_SAMPLES, demand);
+        }
+        // Queueing above ~40: ends slow start near there.
+        for _ in 0..10 {
+            let demand = g.current().max(100);
+            let latency = if g.current() > 40 { 30 * MS } else { 20 * MS };
+            feed(&mut g, latency, 2 * MIN_SAMPLES, demand);
+        }
+        // The load falls to 25 at once (the cohort that sees the fall still saw the old peak).
+        feed(&mut g, 20 * MS, 2 * MIN_SAMPLES, 25);
+        let settled = g.current();
+        assert!((35..=50).contains(&settled), "{settled}");
+        for _ in 0..20 {
+            feed(&mut g, 20 * MS, 2 * MIN_SAMPLES, 25);
+        }
+        assert!(g.current() <= settled, "{settled} -> {}", g.current());
+        assert!(
+            g.current() >= 25,
+            "not cut below the demand: {}",
+            g.current()
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -597,7 +674,7 @@ mod tests {
         assert_eq!(g.current(), 15);
         // Ten answers of 14 or 30 ms (average 22, ten percent up): noise, slow start goes on…
         let t0 = g.cohort.start;
-        let tags: Vec<_> = (0..10).map(|_| g.on_admit(t0, 10)).collect();
+        let tags: Vec<_> = (0..10).map(|_| g.on_admit(t0, 15)).collect();
         let end = t0 + g.interval_length();
         for (i, tag) in tags.into_iter().enumerate() {
             let latency = if i % 2 == 0 { 14 * MS } else { 30 * MS };

@@ -819,6 +819,24 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_surge_after_moderate_load_does_not_queue_at_the_app() {
+        // 1000/s (about 20 at once) for 5 s, then 3× the app's capacity. A limit that had grown
+        // on a half-used basis would meet the surge far above the 32 workers, and the first
+        // measurements of the surge would queue at the app.
+        let app = CapacityApp::new(32, 20 * MS);
+        let limiter = state(LimitSettings::Adaptive { min: 4, max: 256 }, 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        let Run { limits, .. } = drive(svc.clone(), &limiter, 1, Duration::from_secs(5)).await;
+        let before = *limits.last().unwrap();
+        assert!((20..=32).contains(&before), "{limits:?}");
+        app.take_latencies();
+        drive(svc.clone(), &limiter, 5, Duration::from_secs(3)).await;
+        let mut latencies = app.take_latencies();
+        let p99 = quantile(&mut latencies, 0.99);
+        assert!(p99 <= 40 * MS, "p99 {p99:?} above twice the unloaded 20 ms");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn adaptive_limit_below_capacity_sheds_nothing_once_warm() {
         let app = CapacityApp::new(32, 20 * MS);
         let limiter = state(LimitSettings::Adaptive { min: 1, max: 500 }, 0, MS);
