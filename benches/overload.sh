@@ -31,6 +31,7 @@ VARIANTS=${VARIANTS:-unlimited static adaptive}
 PLAIN_TARGETS=${TARGETS-direct nginx-maxconns haproxy haproxy-shed}
 BASELINE=${BASELINE:-1}
 OUT=${RESULTS_DIR:-/tmp/bench-results/spillway-overload-$(date +%Y%m%d-%H%M%S)}
+ADMIN_PORT=${ADMIN_PORT:-19901}   # as in the spillway-overload-*.yaml configs
 unset TARGETS RESULTS_DIR   # set per invocation below
 
 for v in $VARIANTS; do
@@ -48,8 +49,22 @@ group() {
     [[ -n "$variant" ]] && cfg=$BENCHES_DIR/spillway-overload-$variant.yaml
     say "== $name: BASELINE=$baseline TARGETS='$targets'${variant:+ spillway config $(basename "$cfg")}"
     # An empty SPILLWAY_CONFIG keeps the harness from adding the spillway slot.
+    # spillway's own clock for its answers: scrape its admin /metrics every second while the
+    # harness runs (the harness stops spillway at the end), keeping the last good scrape.
+    local poller=""
+    if [[ -n "$variant" ]] && command -v curl >/dev/null; then
+        mkdir -p "$OUT/$name"
+        ( end=$(( SECONDS + 900 ))
+          while (( SECONDS < end )); do
+              curl -s --max-time 1 "http://127.0.0.1:$ADMIN_PORT/metrics" -o "$OUT/$name/.metrics.tmp" 2>/dev/null \
+                  && [[ -s "$OUT/$name/.metrics.tmp" ]] && mv "$OUT/$name/.metrics.tmp" "$OUT/$name/metrics-last.txt"
+              sleep 1
+          done ) &
+        poller=$!
+    fi
     RESULTS_DIR=$OUT/$name BASELINE=$baseline TARGETS=$targets SPILLWAY_CONFIG=$cfg \
         bash "$HARNESS/overload.sh" || { rc=$?; say "harness overload.sh exited with $rc for $name"; }
+    [[ -n "$poller" ]] && { kill "$poller" 2>/dev/null; wait "$poller" 2>/dev/null || true; }
     local raw=$OUT/$name/raw.tsv
     [[ -s "$raw" ]] || { say "no $raw"; return 0; }
     # The harness names the slot `spillway`; give each variant its own name in the copy.
@@ -112,12 +127,33 @@ not_ok_latency() {
     echo "non2xx/503 = counts of those answers; p50/p99 = their latency from the intended send time (oha --latency-correction); - = none"
 }
 
+# spillway's own timing of its 503s: from its request-duration histogram (request handed to
+# spillway's service -> response body done), the last scrape of each variant's last round.
+own_shed_latency() {
+    local g f
+    printf '%-20s %8s %10s %10s %10s\n' target "503s" "<=0.5 ms" "<=1 ms" "<=2.5 ms"
+    for g in "${groups[@]}"; do
+        f=$OUT/$g/metrics-last.txt
+        [[ -s "$f" ]] || continue
+        awk -v t="spillway-$( [[ $g == plain ]] && echo unlimited || echo "$g" )" '
+            /^spillway_request_duration_seconds_bucket\{/ && /code="503"/ {
+                if (match($0, /le="[^"]*"/)) { le = substr($0, RSTART + 4, RLENGTH - 5); b[le] += $NF } }
+            /^spillway_request_duration_seconds_count\{/ && /code="503"/ { n += $NF }
+            END { if (n == 0) { printf "%-20s %8d %10s %10s %10s\n", t, 0, "-", "-", "-"; exit }
+                  printf "%-20s %8d %9.2f%% %9.2f%% %9.2f%%\n", t, n, 100 * b["0.0005"] / n, 100 * b["0.001"] / n, 100 * b["0.0025"] / n }' "$f"
+    done
+    echo "share of spillway's 503s its own histogram puts within 0.5 / 1 / 2.5 ms (time inside spillway: from the parsed request to the end of the response; not the wait in socket buffers or in the client)"
+}
+
 {
     echo "== overload (harness overload.sh; summarize-overload.sh ${ordered[*]}) =="
     bash "$HARNESS/summarize-overload.sh" "${ordered[@]}" | widen_target_column
     echo
     echo "== latency of the non-2xx answers (oha JSON per target; not in raw.tsv) =="
     not_ok_latency
+    echo
+    echo "== spillway's 503s by its own clock (admin /metrics, last scrape) =="
+    own_shed_latency
 } | tee "$OUT/summary.txt"
 say "raw results: $OUT (per group: <group>/raw.tsv, <group>/r<round>-<target>/{oha.json,<target>/stderr.log}; renamed copies raw-<group>.tsv; summary.txt)"
 exit "$rc"
