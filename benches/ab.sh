@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# benches/ab.sh — A/B throughput of spillway builds against each other and nginx, interleaved
+# round by round, for deciding whether a change to the hot path pays. On a shared, noisy
+# machine only comparisons within one round mean much: read the per-round ratios.
+#
+#   bash benches/ab.sh old=/tmp/spillway-before new=target/release/spillway
+#   ROUNDS=6 DURATION=3 CONNS=64 bash benches/ab.sh a=/path/a b=/path/b
+#
+# Each round: wrk straight to the upstream, through nginx (1 worker, the harness's config),
+# then through each build (started fresh with benches/spillway-load.yaml, access log off).
+# The upstream and wrk share LOAD_CPU; every proxy is pinned alone to PROXY_CPU, as in
+# benches/load.sh. Prints req/s per round and target, then for each build the median over
+# the rounds of its ratio to nginx and to the first build in the same round.
+# All traffic stays on 127.0.0.1; every step is bounded (wrk -d, timeout, a watchdog).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+source "$HARNESS/lib.sh"
+
+(( $# >= 1 )) || fail "usage: bash benches/ab.sh NAME=SPILLWAY_BINARY [NAME=SPILLWAY_BINARY ...]"
+ROUNDS=${ROUNDS:-6}
+DURATION=${DURATION:-3}
+CONNS=${CONNS:-64}
+LOAD_CPU=${LOAD_CPU:-0}
+PROXY_CPU=${PROXY_CPU:-1}
+UP_PORT=${AB_UP_PORT:-18190}
+NGINX_PORT=${AB_NGINX_PORT:-18191}
+SP_PORT=${AB_SPILLWAY_PORT:-18192}
+ADMIN_PORT=${AB_ADMIN_PORT:-19911}
+OUT=${RESULTS_DIR:-/tmp/bench-results/spillway-ab-$(date +%Y%m%d-%H%M%S)}
+require_tool wrk "apt-get install -y wrk"
+require_tool nginx "apt-get install -y nginx"
+check_ports_free "$UP_PORT" "$NGINX_PORT" "$SP_PORT" "$ADMIN_PORT"
+names=() bins=()
+for spec in "$@"; do
+    [[ $spec == *=* ]] || fail "expected NAME=BINARY, got '$spec'"
+    [[ -x "${spec#*=}" ]] || fail "${spec#*=} is not executable"
+    names+=("${spec%%=*}"); bins+=("${spec#*=}")
+done
+mkdir -p "$OUT/nginx"
+raise_nofile
+trap 'stop_watchdog; cleanup_all' EXIT
+trap 'exit 130' INT TERM
+start_watchdog $(( 60 + ROUNDS * (2 + ${#bins[@]}) * (DURATION + 15) ))
+
+start_bg upstream "$LOAD_CPU" "$OUT/upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$UP_PORT" --threads 1
+wait_http "http://127.0.0.1:$UP_PORT/health" 10 "$LAST_PID" || fail "upstream did not start"
+render_template "$CONF_DIR/nginx.conf.tmpl" "$OUT/nginx/nginx.conf" WORKERS=1 NOFILE="$NOFILE" \
+    RUNDIR="$OUT/nginx" UPSTREAM="127.0.0.1:$UP_PORT" SERVER_OPTS="" PORT="$NGINX_PORT"
+start_bg nginx "$PROXY_CPU" "$OUT/nginx/stderr.log" nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" -e "$OUT/nginx/nginx-error.log"
+wait_http "http://127.0.0.1:$NGINX_PORT/health" 10 "$LAST_PID" || fail "nginx did not start"
+render_config "$BENCHES_DIR/spillway-load.yaml" "$OUT/spillway.yaml" PORT="$SP_PORT" UPSTREAM="127.0.0.1:$UP_PORT"
+sed -i "s/127.0.0.1:19901/127.0.0.1:$ADMIN_PORT/" "$OUT/spillway.yaml"
+
+rps() { # URL -> req/s
+    timeout $(( DURATION + 15 )) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$1" 2>/dev/null \
+        | awk '/^Requests\/sec/ { printf "%d\n", $2 }'
+}
+printf 'round\ttarget\trps\n' >"$OUT/ab.tsv"
+for (( r = 1; r <= ROUNDS; r++ )); do
+    printf '%s\tdirect\t%s\n' "$r" "$(rps "http://127.0.0.1:$UP_PORT/")" >>"$OUT/ab.tsv"
+    printf '%s\tnginx\t%s\n' "$r" "$(rps "http://127.0.0.1:$NGINX_PORT/")" >>"$OUT/ab.tsv"
+    for i in "${!bins[@]}"; do
+        start_bg "spillway-${names[$i]}" "$PROXY_CPU" "$OUT/spillway-${names[$i]}.log" \
+            env RUST_LOG=warn,spillway::access=off "${bins[$i]}" run --config "$OUT/spillway.yaml"
+        pid=$LAST_PID
+        if wait_http "http://127.0.0.1:$SP_PORT/health" 15 "$pid"; then
+            printf '%s\t%s\t%s\n' "$r" "${names[$i]}" "$(rps "http://127.0.0.1:$SP_PORT/")" >>"$OUT/ab.tsv"
+        else
+            say "${names[$i]} did not start (see $OUT/spillway-${names[$i]}.log)"
+        fi
+        stop_pid "$pid"
+    done
+    say "round $r: $(awk -F'\t' -v r="$r" '$1 == r { printf "%s %s  ", $2, $3 }' "$OUT/ab.tsv")"
+done
+
+{
+    echo "== req/s per round (wrk -t1 -c$CONNS -d${DURATION}s GET /, 64-byte body) =="
+    awk -F'\t' 'NR > 1 { v[$2] = v[$2] sprintf("%8s", $3); if (!($2 in seen)) { seen[$2] = 1; order[++n] = $2 } }
+                END { for (i = 1; i <= n; i++) printf "%-12s%s\n", order[i], v[order[i]] }' "$OUT/ab.tsv"
+    echo
+    echo "== medians over rounds of the per-round ratios =="
+    for name in "${names[@]}"; do
+        vs_nginx=$(awk -F'\t' -v t="$name" 'NR > 1 { x[$1, $2] = $3 } END { for (k in x) { split(k, p, SUBSEP); if (p[2] == t && x[p[1], "nginx"] > 0) print x[k] / x[p[1], "nginx"] } }' "$OUT/ab.tsv" | median_of)
+        vs_first=$(awk -F'\t' -v t="$name" -v f="${names[0]}" 'NR > 1 { x[$1, $2] = $3 } END { for (k in x) { split(k, p, SUBSEP); if (p[2] == t && x[p[1], f] > 0) print x[k] / x[p[1], f] } }' "$OUT/ab.tsv" | median_of)
+        printf '%-12s vs nginx %.2f   vs %s %.2f\n' "$name" "$vs_nginx" "${names[0]}" "$vs_first"
+    done
+} | tee "$OUT/report.txt"
+stop_watchdog
