@@ -177,7 +177,8 @@ impl Exchange {
             source = self.source.label(),
             error = self.error.unwrap_or("-"),
             outcome = outcome.label(),
-            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            // Whole microseconds: prints as e.g. 1.857, not 1.8570200000000001.
+            duration_ms = elapsed.as_micros() as f64 / 1000.0,
         );
     }
 }
