@@ -423,13 +423,15 @@ impl GradientLimit {
             // lost capacity, the probe still finds free workers; if it only got slower, the
             // probe costs one short measurement.
             self.start_probe(PROBE_FACTOR / STALE_RATIO, true, now, in_flight);
-        } else if now >= self.next_probe && demand >= PROBE_FACTOR * self.limit {
-            self.start_probe(PROBE_FACTOR, false, now, in_flight);
         } else if now >= self.next_probe {
-            // Demand is below what the probe would allow: every measurement is a no-load one
-            // already, and the probe would only risk shedding. Look again later.
-            self.next_probe = now + jittered(PROBE_EVERY);
-            self.new_cohort(now, in_flight);
+            if demand >= PROBE_FACTOR * self.limit {
+                self.start_probe(PROBE_FACTOR, false, now, in_flight);
+            } else {
+                // Demand is below what the probe would allow: every measurement is a no-load
+                // one already, and the probe would only risk shedding. Look again later.
+                self.next_probe = now + jittered(PROBE_EVERY);
+                self.new_cohort(now, in_flight);
+            }
         } else {
             self.new_cohort(now, in_flight);
         }

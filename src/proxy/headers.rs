@@ -271,7 +271,8 @@ fn append_list(headers: &mut HeaderMap, name: HeaderName, value: &HeaderValue) {
         }
         Entry::Occupied(o) => o,
     };
-    let mut b = BytesMut::new();
+    let len: usize = entry.iter().map(|line| line.len() + 2).sum::<usize>() + value.len();
+    let mut b = BytesMut::with_capacity(len);
     for (i, line) in entry.iter().enumerate() {
         if i > 0 {
             b.put_slice(b", ");

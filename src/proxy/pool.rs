@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Response;
+use http::{Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -122,20 +122,18 @@ impl Http1Pool {
     }
 
     /// Attaches `sender` to its response, so that the connection comes back to this pool when
-    /// the response body has been read to its end.
+    /// the response body has been read to its end. After a `101 Switching Protocols` the
+    /// connection is no longer HTTP (the tunnel takes it over) and never comes back.
     pub fn attach(
         self: &Arc<Self>,
         resp: Response<Incoming>,
         sender: Sender,
     ) -> Response<UpstreamBody> {
-        let release = Release {
+        let release = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
             pool: self.clone(),
             sender,
-        };
-        resp.map(|inner| UpstreamBody {
-            inner,
-            release: Some(release),
-        })
+        });
+        resp.map(|inner| UpstreamBody { inner, release })
     }
 }
 
@@ -162,12 +160,6 @@ impl UpstreamBody {
             inner,
             release: None,
         }
-    }
-
-    /// Keeps the connection out of the pool: after a `101 Switching Protocols` it belongs to
-    /// the tunnel.
-    pub fn detach(&mut self) {
-        self.release = None;
     }
 
     fn release(&mut self) {
@@ -239,17 +231,61 @@ mod tests {
         let pool = Http1Pool::new(Duration::from_secs(4));
         let (a, _sa) = connection(&listener).await;
         let (b, _sb) = connection(&listener).await;
+        let a_since = Instant::now();
         pool.put(a);
         tokio::time::advance(Duration::from_secs(3)).await;
         pool.put(b);
         assert_eq!(pool.idle_count(), 2);
-        let first = pool.checkout().expect("b");
+        let first = pool.checkout().expect("an idle connection");
+        // The one left idle is the older one: the most recently used (b) was taken.
+        let left = pool.idle.lock().unwrap().front().map(|c| c.since);
+        assert_eq!(left, Some(a_since), "last in, first out");
         pool.put(first);
         // a is now 4 s old: past the timeout, dropped instead of handed out.
         tokio::time::advance(Duration::from_secs(1)).await;
         assert!(pool.checkout().is_some(), "b is 1 s old");
         assert!(pool.checkout().is_none(), "a expired");
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    /// Sends a GET on a fresh connection whose server answers with `reply`, and attaches the
+    /// connection to `pool`.
+    async fn exchange(pool: &Arc<Http1Pool>, reply: &'static [u8]) -> Response<UpstreamBody> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (mut sender, mut server) = connection(&listener).await;
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = server.read(&mut buf).await.unwrap();
+            server.write_all(reply).await.unwrap();
+            // Held open: only the proxy side decides about reuse.
+            std::future::pending::<()>().await;
+        });
+        let req = http::Request::builder()
+            .uri("/")
+            .header("host", "x")
+            .body(RequestBody::Empty)
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        pool.attach(resp, sender)
+    }
+
+    #[tokio::test]
+    async fn an_answered_connection_comes_back_but_not_after_switching_protocols() {
+        let pool = Http1Pool::new(Duration::from_secs(4));
+        let done = exchange(&pool, b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        assert!(done.body().release.is_some());
+        drop(done);
+        assert_eq!(pool.idle_count(), 1, "an empty body is over: reusable");
+        let switched = exchange(
+            &pool,
+            b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\n",
+        )
+        .await;
+        assert!(
+            switched.body().release.is_none(),
+            "a 101 connection belongs to its tunnel"
+        );
     }
 
     #[tokio::test]

@@ -194,8 +194,7 @@ async fn handle(
                     );
                 };
                 let upstream = hyper::upgrade::on(&mut resp);
-                let (mut parts, mut body) = resp.into_parts();
-                body.detach();
+                let (mut parts, _) = resp.into_parts();
                 let protocol = parts.headers.get(UPGRADE).cloned().unwrap_or(requested);
                 headers::strip_hop_by_hop(&mut parts.headers);
                 headers::set_upgrade(&mut parts.headers, protocol);

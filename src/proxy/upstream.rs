@@ -24,7 +24,7 @@ use super::body::RequestBody;
 use super::connector::{
     classify_tls, ConnectError, Connector, Established, TlsClient, UpstreamTls,
 };
-use super::pool::{Http1Pool, Sender, UpstreamBody};
+use super::pool::{Http1Pool, UpstreamBody};
 use crate::config::{UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, UpstreamError};
 
@@ -185,12 +185,7 @@ impl Upstream {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         // Origin-form request target; the client's `Host` is kept (HTTP/1.0 clients may have
         // sent none: HTTP/1.1 requires one).
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        *req.uri_mut() = Uri::from(path);
+        *req.uri_mut() = Uri::from(path_and_query(&req));
         *req.version_mut() = Version::HTTP_11;
         if !req.headers().contains_key(HOST) {
             req.headers_mut().insert(HOST, ep.host.clone());
@@ -215,11 +210,7 @@ impl Upstream {
                         return match resend {
                             Some(again) if kind == UpstreamError::ConnectionTerminated => {
                                 tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
-                                let mut sender = connect_http1(connector, ep).await?;
-                                match sender.send_request(again.into_request()).await {
-                                    Ok(resp) => Ok(ep.pool.attach(resp, sender)),
-                                    Err(e) => Err(classify_hyper(&e).into()),
-                                }
+                                send_on_new_connection(connector, ep, again.into_request()).await
                             }
                             _ => Err(kind.into()),
                         };
@@ -227,11 +218,7 @@ impl Upstream {
                 },
             }
         }
-        let mut sender = connect_http1(connector, ep).await?;
-        match sender.send_request(req).await {
-            Ok(resp) => Ok(ep.pool.attach(resp, sender)),
-            Err(e) => Err(classify_hyper(&e).into()),
-        }
+        send_on_new_connection(connector, ep, req).await
     }
 
     /// HTTP/2 through hyper-util's multiplexing client.
@@ -242,15 +229,10 @@ impl Upstream {
         ep: &Endpoint,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let path = req
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::builder()
             .scheme(self.scheme.clone())
             .authority(ep.authority.clone())
-            .path_and_query(path)
+            .path_and_query(path_and_query(&req))
             .build()
             .map_err(|_| ProxyError::BadRequest)?;
         *req.version_mut() = Version::HTTP_2;
@@ -277,14 +259,27 @@ impl Upstream {
     }
 }
 
-/// Opens a connection to `ep` and starts its connection task.
-async fn connect_http1(connector: &Connector, ep: &Endpoint) -> Result<Sender, ProxyError> {
+/// The request's path and query (`/` when it has none), for the upstream request target.
+fn path_and_query(req: &Request<RequestBody>) -> PathAndQuery {
+    req.uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"))
+}
+
+/// Opens a connection to `ep`, starts its connection task and sends `req` on it; the
+/// connection joins the endpoint's pool once the response body ends.
+async fn send_on_new_connection(
+    connector: &Connector,
+    ep: &Endpoint,
+    req: Request<RequestBody>,
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let io = connector
         .clone()
         .call(ep.connect_uri.clone())
         .await
         .map_err(|ConnectError(kind)| ProxyError::from(kind))?;
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(io)
         .await
         .map_err(|e| ProxyError::from(classify_hyper(&e)))?;
@@ -295,7 +290,10 @@ async fn connect_http1(connector: &Connector, ep: &Endpoint) -> Result<Sender, P
         }
     });
     ep.pool.ensure_sweeper();
-    Ok(sender)
+    match sender.send_request(req).await {
+        Ok(resp) => Ok(ep.pool.attach(resp, sender)),
+        Err(e) => Err(classify_hyper(&e).into()),
+    }
 }
 
 /// What it takes to send a request again: only bodyless idempotent requests qualify (a body
