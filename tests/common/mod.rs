@@ -16,6 +16,7 @@ use spillway::server::Server;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Upper bound for any single step of a test, so nothing can hang CI.
 pub const STEP: Duration = Duration::from_secs(10);
@@ -163,13 +164,8 @@ pub struct RawUpstream {
     pub addr: SocketAddr,
     /// Connections accepted so far.
     pub accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for RawUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The accept task, aborted on drop.
+    _task: AbortOnDropHandle<()>,
 }
 
 impl RawUpstream {
@@ -228,7 +224,7 @@ impl RawUpstream {
         RawUpstream {
             addr,
             accepted,
-            task,
+            _task: AbortOnDropHandle::new(task),
         }
     }
 
@@ -335,14 +331,8 @@ pub struct EchoUpstream {
     pub addr: SocketAddr,
     seen: std::sync::Arc<std::sync::Mutex<Vec<SeenRequest>>>,
     connections: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for EchoUpstream {
-    fn drop(&mut self) {
-        // Aborting the accept task drops its JoinSet, which aborts every connection task.
-        self.task.abort();
-    }
+    /// The accept task, aborted on drop.
+    _task: AbortOnDropHandle<()>,
 }
 
 impl EchoUpstream {
@@ -396,7 +386,7 @@ impl EchoUpstream {
             addr,
             seen,
             connections,
-            task,
+            _task: AbortOnDropHandle::new(task),
         }
     }
 
@@ -424,13 +414,8 @@ pub struct IdleClosingUpstream {
     accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     answered: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     closed_on_request: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for IdleClosingUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The accept task, aborted on drop.
+    _task: AbortOnDropHandle<()>,
 }
 
 impl IdleClosingUpstream {
@@ -482,7 +467,7 @@ impl IdleClosingUpstream {
             accepted,
             answered,
             closed_on_request: closed,
-            task,
+            _task: AbortOnDropHandle::new(task),
         }
     }
 
@@ -508,13 +493,8 @@ impl IdleClosingUpstream {
 pub struct ScriptedUpstream {
     /// Where it listens.
     pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for ScriptedUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The accept task, aborted on drop.
+    _task: AbortOnDropHandle<()>,
 }
 
 impl ScriptedUpstream {
@@ -539,7 +519,10 @@ impl ScriptedUpstream {
                 });
             }
         });
-        ScriptedUpstream { addr, task }
+        ScriptedUpstream {
+            addr,
+            _task: AbortOnDropHandle::new(task),
+        }
     }
 }
 
@@ -676,7 +659,8 @@ pub struct GatedUpstream {
     /// Where it listens.
     pub addr: SocketAddr,
     state: std::sync::Arc<GatedState>,
-    task: JoinHandle<()>,
+    /// The accept task, aborted on drop.
+    _task: AbortOnDropHandle<()>,
 }
 
 struct GatedState {
@@ -692,13 +676,6 @@ struct HeldGuard<'a>(&'a std::sync::atomic::AtomicUsize);
 impl Drop for HeldGuard<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Drop for GatedUpstream {
-    fn drop(&mut self) {
-        // Aborting the accept task drops its JoinSet, which aborts every connection task.
-        self.task.abort();
     }
 }
 
@@ -721,7 +698,11 @@ impl GatedUpstream {
                 gated_answer(state.clone(), req)
             })
         });
-        GatedUpstream { addr, state, task }
+        GatedUpstream {
+            addr,
+            state,
+            _task: AbortOnDropHandle::new(task),
+        }
     }
 
     /// Status of every later answer that is not `/flaky…`.
@@ -1020,13 +1001,8 @@ where
 pub struct TlsUpstream {
     /// Where it listens.
     pub addr: SocketAddr,
-    task: JoinHandle<()>,
-}
-
-impl Drop for TlsUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    /// The accept task, aborted on drop.
+    _task: AbortOnDropHandle<()>,
 }
 
 impl TlsUpstream {
@@ -1112,7 +1088,10 @@ impl TlsUpstream {
                 });
             }
         });
-        TlsUpstream { addr, task }
+        TlsUpstream {
+            addr,
+            _task: AbortOnDropHandle::new(task),
+        }
     }
 }
 
