@@ -14,7 +14,8 @@ use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use super::pool::UpstreamBody;
+use super::http1::Upgraded;
+use super::upstream::UpstreamBody;
 use crate::error::UpstreamError;
 use crate::metrics::{RouteMetrics, Source};
 use std::sync::Arc;
@@ -248,16 +249,16 @@ impl ResponseBody {
 /// passed on to the other as a close of that direction), or until either side fails, which
 /// closes both. `exchange` is held for the tunnel's life, so the request stays in flight while
 /// it is open and is counted (status 101, its whole duration) when it ends.
-pub async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
-    let (down, up) = match tokio::try_join!(downstream, upstream) {
-        Ok(both) => both,
+pub async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Exchange) {
+    let down = match downstream.await {
+        Ok(down) => down,
         Err(e) => {
             tracing::debug!(request_id = exchange.request_id.to_str().unwrap_or("-"), error = %e, "upgrade not completed");
             exchange.finish(Outcome::TunnelAborted);
             return;
         }
     };
-    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+    let mut down = TokioIo::new(down);
     match tokio::io::copy_bidirectional(&mut down, &mut up).await {
         Ok((sent, received)) => {
             tracing::debug!(
@@ -294,9 +295,9 @@ impl Body for ResponseBody {
                     // Returning the error makes hyper abort the downstream response (HTTP/1:
                     // close without the terminating chunk; HTTP/2: RST_STREAM), so a truncated
                     // body is never presented as complete.
-                    return Poll::Ready(Some(Err(Box::new(e))));
+                    return Poll::Ready(Some(Err(e)));
                 }
-                other => other.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError))),
+                other => other,
             },
         };
         if let Poll::Ready(None) = polled {

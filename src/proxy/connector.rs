@@ -251,8 +251,10 @@ impl Connector {
 
 /// The byte stream of an upstream connection.
 #[derive(Debug)]
-enum Stream {
+pub enum Stream {
+    /// Plain TCP.
     Plain(TcpStream),
+    /// TLS over TCP.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
@@ -316,6 +318,13 @@ pub struct UpstreamIo {
     io: TokioIo<Stream>,
     established: Instant,
     h2: bool,
+}
+
+impl UpstreamIo {
+    /// The byte stream, for spillway's own HTTP/1.1 client.
+    pub fn into_stream(self) -> Stream {
+        self.io.into_inner()
+    }
 }
 
 impl Connection for UpstreamIo {

@@ -1,33 +1,23 @@
 //! Keep-alive pool of HTTP/1.1 connections to one upstream endpoint.
 //!
-//! Built directly on `hyper::client::conn::http1` rather than a general client: spillway knows
-//! its endpoints up front, so there is no keyed lookup, no boxed connect future and no task
-//! spawned per response to hand the connection back. A connection returns to the pool the
-//! moment its response body ends (see [`UpstreamBody`]), and a checkout takes the most recently
-//! used one (warm in cache, and it leaves the oldest to age out).
+//! spillway knows its endpoints up front, so there is no keyed lookup: each endpoint has its
+//! own pool. A connection returns the moment its response body ends (see
+//! [`Http1Body`](super::http1::Http1Body)), and a checkout takes the most recently used one
+//! (warm in cache, and it leaves the oldest to age out).
 //!
 //! Idle connections older than the upstream's `idle_timeout` are never handed out and are closed
 //! by a sweeper, so spillway closes an idle connection before an app with a longer idle timeout
 //! does — the first defence against the keep-alive race (the second is in `upstream.rs`).
+//! Connections the app closed (or wrote to) while idle are skipped at checkout.
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use tokio::time::Instant;
 
-use super::body::RequestBody;
-
-/// The sending half of one pooled HTTP/1.1 connection (its connection task runs on its own).
-pub type Sender = SendRequest<RequestBody>;
+use super::http1::Conn;
 
 /// The sweeper never runs more often than this, whatever the idle timeout.
 const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
@@ -42,7 +32,7 @@ pub struct Http1Pool {
 
 #[derive(Debug)]
 struct Idle {
-    sender: Sender,
+    conn: Box<Conn>,
     since: Instant,
 }
 
@@ -58,12 +48,12 @@ impl Http1Pool {
 
     /// The most recently used idle connection that is still open and not past the idle
     /// timeout. Connections found closed or too old on the way are dropped (which closes them).
-    pub fn checkout(&self) -> Option<Sender> {
+    pub fn checkout(&self) -> Option<Box<Conn>> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(c) = idle.pop_back() {
-            if !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout {
-                return Some(c.sender);
+        while let Some(mut c) = idle.pop_back() {
+            if now.duration_since(c.since) < self.idle_timeout && c.conn.is_open() {
+                return Some(c.conn);
             }
         }
         None
@@ -71,10 +61,7 @@ impl Http1Pool {
 
     /// Returns a connection whose exchange has ended. The oldest entries past the idle timeout
     /// are retired on the way.
-    pub fn put(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
+    pub fn put(&self, conn: Box<Conn>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while idle
@@ -83,7 +70,7 @@ impl Http1Pool {
         {
             idle.pop_front();
         }
-        idle.push_back(Idle { sender, since: now });
+        idle.push_back(Idle { conn, since: now });
     }
 
     /// How many connections sit idle (closed ones not yet noticed included).
@@ -98,7 +85,7 @@ impl Http1Pool {
     fn sweep(&self) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < self.idle_timeout);
+        idle.retain_mut(|c| now.duration_since(c.since) < self.idle_timeout && c.conn.is_open());
     }
 
     /// Starts the sweeper the first time a connection is made (it needs a runtime, and a pool
@@ -120,108 +107,21 @@ impl Http1Pool {
             }
         });
     }
-
-    /// Attaches `sender` to its response, so that the connection comes back to this pool when
-    /// the response body has been read to its end. After a `101 Switching Protocols` the
-    /// connection is no longer HTTP (the tunnel takes it over) and never comes back.
-    pub fn attach(
-        self: &Arc<Self>,
-        resp: Response<Incoming>,
-        sender: Sender,
-    ) -> Response<UpstreamBody> {
-        let release = (resp.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Release {
-            pool: self.clone(),
-            sender,
-        });
-        resp.map(|inner| UpstreamBody { inner, release })
-    }
-}
-
-/// A connection on loan to one response.
-#[derive(Debug)]
-struct Release {
-    pool: Arc<Http1Pool>,
-    sender: Sender,
-}
-
-/// An upstream response body. For a pooled HTTP/1.1 connection it hands the connection back
-/// to its pool once the body has ended; a body that fails or is dropped early takes its
-/// connection with it (hyper closes it: the rest of that response is still on the wire).
-#[derive(Debug)]
-pub struct UpstreamBody {
-    inner: Incoming,
-    release: Option<Release>,
-}
-
-impl UpstreamBody {
-    /// A body with no connection to hand back (HTTP/2: the connection is shared anyway).
-    pub fn unpooled(inner: Incoming) -> Self {
-        UpstreamBody {
-            inner,
-            release: None,
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some(r) = self.release.take() {
-            r.pool.put(r.sender);
-        }
-    }
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            // A length-delimited body is over with its last byte: hand the connection back now,
-            // before the end is even polled for.
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.release = None,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // Nothing left to read (HEAD, 204, 304, an empty body nobody polled): reusable.
-        if self.inner.is_end_stream() {
-            self.release();
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::net::TcpListener;
+    use crate::proxy::body::RequestBody;
+    use crate::proxy::connector::Stream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
 
     /// A connection to a listener that accepts and then holds the socket open.
-    async fn connection(listener: &TcpListener) -> (Sender, tokio::net::TcpStream) {
+    async fn connection(listener: &TcpListener) -> (Box<Conn>, TcpStream) {
         let addr = listener.local_addr().unwrap();
-        let (client, server) =
-            tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
-        let io = hyper_util::rt::TokioIo::new(client.unwrap());
-        let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
-        tokio::spawn(conn);
-        (sender, server.unwrap().0)
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (Conn::new(Stream::Plain(client.unwrap())), server.unwrap().0)
     }
 
     #[tokio::test]
@@ -248,33 +148,33 @@ mod tests {
         assert_eq!(pool.idle_count(), 0);
     }
 
-    /// Sends a GET on a fresh connection whose server answers with `reply`, and attaches the
-    /// connection to `pool`.
-    async fn exchange(pool: &Arc<Http1Pool>, reply: &'static [u8]) -> Response<UpstreamBody> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// Sends a GET on a fresh connection whose server answers with `reply` and then holds the
+    /// connection open (only the proxy side decides about reuse).
+    async fn exchange(
+        pool: &Arc<Http1Pool>,
+        reply: &'static [u8],
+    ) -> http::Response<crate::proxy::http1::Http1Body> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (mut sender, mut server) = connection(&listener).await;
+        let (conn, mut server) = connection(&listener).await;
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let _ = server.read(&mut buf).await.unwrap();
             server.write_all(reply).await.unwrap();
-            // Held open: only the proxy side decides about reuse.
             std::future::pending::<()>().await;
         });
-        let req = http::Request::builder()
+        let (parts, _) = http::Request::builder()
             .uri("/")
             .header("host", "x")
-            .body(RequestBody::Empty)
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
-        pool.attach(resp, sender)
+            .body(())
+            .unwrap()
+            .into_parts();
+        conn.send(&parts, RequestBody::Empty, pool).await.unwrap()
     }
 
     #[tokio::test]
     async fn an_answered_connection_comes_back_but_not_after_switching_protocols() {
         let pool = Http1Pool::new(Duration::from_secs(4));
         let done = exchange(&pool, b"HTTP/1.1 204 No Content\r\n\r\n").await;
-        assert!(done.body().release.is_some());
         drop(done);
         assert_eq!(pool.idle_count(), 1, "an empty body is over: reusable");
         let switched = exchange(
@@ -282,9 +182,11 @@ mod tests {
             b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\n",
         )
         .await;
-        assert!(
-            switched.body().release.is_none(),
-            "a 101 connection belongs to its tunnel"
+        drop(switched);
+        assert_eq!(
+            pool.idle_count(),
+            1,
+            "a 101 connection belongs to its tunnel, never to the pool"
         );
     }
 
@@ -294,19 +196,18 @@ mod tests {
         let pool = Http1Pool::new(Duration::from_secs(4));
         let (a, server_side) = connection(&listener).await;
         pool.put(a);
+        assert_eq!(pool.idle_count(), 1);
         drop(server_side);
-        // The connection task sees the close and the sender reports it; bounded wait.
+        // The close is noticed once the runtime has seen the socket's event; bounded wait.
         let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let closed = pool
-                .idle
-                .lock()
-                .unwrap()
-                .front()
-                .is_none_or(|c| c.sender.is_closed());
-            if closed || Instant::now() > deadline {
-                break;
-            }
+        while pool
+            .idle
+            .lock()
+            .unwrap()
+            .front_mut()
+            .is_some_and(|c| c.conn.is_open())
+            && Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert!(pool.checkout().is_none());

@@ -182,7 +182,7 @@ async fn handle(
     let upstream_req = Request::from_parts(parts, RequestBody::from_incoming(body));
 
     match route.service.clone().oneshot(upstream_req).await {
-        Ok(mut resp) => {
+        Ok(resp) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let (Some(requested), Some(downstream)) = (upgrade, downstream_upgrade) else {
                     // Switching protocols nobody asked for: not a response we can pass on.
@@ -193,8 +193,15 @@ async fn handle(
                         style,
                     );
                 };
-                let upstream = hyper::upgrade::on(&mut resp);
-                let (mut parts, _) = resp.into_parts();
+                let (mut parts, body) = resp.into_parts();
+                let Some(upstream) = body.into_upgraded() else {
+                    return rescue(
+                        &rt.stamps,
+                        UpstreamError::ProtocolError.into(),
+                        exchange,
+                        style,
+                    );
+                };
                 let protocol = parts.headers.get(UPGRADE).cloned().unwrap_or(requested);
                 headers::strip_hop_by_hop(&mut parts.headers);
                 headers::set_upgrade(&mut parts.headers, protocol);

@@ -10,21 +10,23 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Extensions;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
-use http_body::Body as _;
+use http_body::{Body, Frame, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::time::Instant;
 use tower::Service as _;
 
-use super::body::RequestBody;
+use super::body::{BoxError, RequestBody};
 use super::connector::{
     classify_tls, ConnectError, Connector, Established, TlsClient, UpstreamTls,
 };
-use super::pool::{Http1Pool, UpstreamBody};
+use super::http1::{Conn, Http1Body};
+use super::pool::Http1Pool;
 use crate::config::{UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, UpstreamError};
 
@@ -174,51 +176,44 @@ impl Upstream {
         &self.endpoints[i]
     }
 
-    /// HTTP/1.1: a pooled connection when one is idle, else a new one. A request that failed
-    /// on a reused connection before any of the response arrived is sent once more on a fresh
-    /// connection when that is safe (see [`Resend`]).
+    /// HTTP/1.1: a pooled connection when one is idle, else a new one. A bodyless idempotent
+    /// request that failed on a reused connection before any of the response arrived is sent
+    /// once more on a fresh connection (the keep-alive race: the app closed the idle connection
+    /// just as it was reused, so it cannot have acted on the request).
     async fn send_http1(
         &self,
         connector: &Connector,
         ep: &Endpoint,
-        mut req: Request<RequestBody>,
+        req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        // Origin-form request target; the client's `Host` is kept (HTTP/1.0 clients may have
-        // sent none: HTTP/1.1 requires one).
-        *req.uri_mut() = Uri::from(path_and_query(&req));
-        *req.version_mut() = Version::HTTP_11;
-        if !req.headers().contains_key(HOST) {
-            req.headers_mut().insert(HOST, ep.host.clone());
+        let (mut parts, body) = req.into_parts();
+        // HTTP/1.0 clients may have sent no `Host`: HTTP/1.1 requires one.
+        if !parts.headers.contains_key(HOST) {
+            parts.headers.insert(HOST, ep.host.clone());
         }
-        let resend = Resend::capture(&req);
-        while let Some(mut sender) = ep.pool.checkout() {
-            // Ready at once unless the connection is just finishing its previous exchange.
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(ep.pool.attach(resp, sender)),
-                Err(mut e) => match e.take_message() {
-                    // The connection closed before the request was written: no harm done,
-                    // take the next one.
-                    Some(unsent) => req = unsent,
-                    None => {
-                        let kind = classify_hyper(e.error());
-                        // The keep-alive race: the app closed an idle pooled connection just as
-                        // we reused it. Nothing of the response arrived, so the app did not act
-                        // on it; send it once more on a connection opened for it.
-                        return match resend {
-                            Some(again) if kind == UpstreamError::ConnectionTerminated => {
-                                tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
-                                send_on_new_connection(connector, ep, again.into_request()).await
-                            }
-                            _ => Err(kind.into()),
-                        };
-                    }
-                },
-            }
-        }
-        send_on_new_connection(connector, ep, req).await
+        let may_resend = is_idempotent(&parts.method) && matches!(body, RequestBody::Empty);
+        let body = match ep.pool.checkout() {
+            Some(conn) => match conn.send(&parts, body, &ep.pool).await {
+                Ok(resp) => return Ok(resp.map(UpstreamBody::Http1)),
+                Err(e) if e.stale && may_resend => {
+                    tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
+                    RequestBody::Empty
+                }
+                Err(e) => return Err(e.error),
+            },
+            None => body,
+        };
+        let io = connector
+            .clone()
+            .call(ep.connect_uri.clone())
+            .await
+            .map_err(|ConnectError(kind)| ProxyError::from(kind))?;
+        ep.pool.ensure_sweeper();
+        Conn::new(io.into_stream())
+            .send(&parts, body, &ep.pool)
+            .await
+            .map(|resp| resp.map(UpstreamBody::Http1))
+            .map_err(|e| e.error)
     }
 
     /// HTTP/2 through hyper-util's multiplexing client.
@@ -239,7 +234,7 @@ impl Upstream {
         let resend = Resend::capture(&req);
         let sent_at = Instant::now();
         match pooled.request(req).await {
-            Ok(resp) => Ok(resp.map(UpstreamBody::unpooled)),
+            Ok(resp) => Ok(resp.map(UpstreamBody::Http2)),
             Err(err) => {
                 let kind = classify(&err);
                 // As for HTTP/1.1: a connection that died under a request it had not answered.
@@ -249,7 +244,7 @@ impl Upstream {
                         return fresh
                             .request(again.into_request())
                             .await
-                            .map(|resp| resp.map(UpstreamBody::unpooled))
+                            .map(|resp| resp.map(UpstreamBody::Http2))
                             .map_err(|e| classify(&e).into());
                     }
                 }
@@ -267,37 +262,9 @@ fn path_and_query(req: &Request<RequestBody>) -> PathAndQuery {
         .unwrap_or_else(|| PathAndQuery::from_static("/"))
 }
 
-/// Opens a connection to `ep`, starts its connection task and sends `req` on it; the
-/// connection joins the endpoint's pool once the response body ends.
-async fn send_on_new_connection(
-    connector: &Connector,
-    ep: &Endpoint,
-    req: Request<RequestBody>,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let io = connector
-        .clone()
-        .call(ep.connect_uri.clone())
-        .await
-        .map_err(|ConnectError(kind)| ProxyError::from(kind))?;
-    let (mut sender, conn) = hyper::client::conn::http1::Builder::new()
-        .handshake(io)
-        .await
-        .map_err(|e| ProxyError::from(classify_hyper(&e)))?;
-    tokio::spawn(async move {
-        // Upgrades stay possible: after a 101 the tunnel takes the socket over.
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream connection ended with an error");
-        }
-    });
-    ep.pool.ensure_sweeper();
-    match sender.send_request(req).await {
-        Ok(resp) => Ok(ep.pool.attach(resp, sender)),
-        Err(e) => Err(classify_hyper(&e).into()),
-    }
-}
-
-/// What it takes to send a request again: only bodyless idempotent requests qualify (a body
-/// was consumed by the first attempt, and a non-idempotent request must never be repeated).
+/// What it takes to send a request again over HTTP/2 (hyper-util's client consumes the request):
+/// only bodyless idempotent requests qualify (a body was consumed by the first attempt, and a
+/// non-idempotent request must never be repeated).
 struct Resend {
     method: Method,
     uri: Uri,
@@ -325,6 +292,56 @@ impl Resend {
         *req.headers_mut() = self.headers;
         *req.extensions_mut() = self.extensions;
         req
+    }
+}
+
+/// An upstream response body: read straight from a pooled HTTP/1.1 connection, or from
+/// hyper-util's HTTP/2 client.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// From spillway's HTTP/1.1 client.
+    Http1(Http1Body),
+    /// From an HTTP/2 stream.
+    Http2(hyper::body::Incoming),
+}
+
+impl UpstreamBody {
+    /// After a `101 Switching Protocols` from an HTTP/1.1 upstream: the connection, for the
+    /// tunnel.
+    pub fn into_upgraded(self) -> Option<super::http1::Upgraded> {
+        match self {
+            UpstreamBody::Http1(b) => b.into_upgraded(),
+            UpstreamBody::Http2(_) => None,
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            UpstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Http2(b) => b.size_hint(),
+        }
     }
 }
 
@@ -406,8 +423,8 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
     })
 }
 
-/// Classifies an error of a hyper connection (the error itself, then its causes).
-pub fn classify_hyper(err: &hyper::Error) -> UpstreamError {
+/// Classifies an I/O failure on an established connection (a TLS error inside it included).
+pub fn classify_io(err: &io::Error) -> UpstreamError {
     classify_chain(Some(err)).unwrap_or(UpstreamError::ConnectionTerminated)
 }
 
