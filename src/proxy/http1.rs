@@ -466,7 +466,9 @@ impl Head {
         let bad = || ProxyError::from(UpstreamError::ProtocolError);
         let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|_| bad())?;
         let http11 = parsed.version == Some(1);
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+        // Room for what spillway adds on the way down (x-served-by, x-request-id), so the map
+        // is allocated once.
+        let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 3);
         let mut length: Option<u64> = None;
         let mut chunked = None;
         let mut close = !http11;
