@@ -158,13 +158,16 @@ impl Conn {
         cx: &mut Context<'_>,
         s: &mut Sending,
     ) -> Poll<Result<Head, ProxyError>> {
-        let mut write_error = None;
+        let mut write_failed = false;
         loop {
             let mut progressed = false;
-            if write_error.is_none() && !s.done(self) {
+            if !write_failed && !s.done(self) {
                 match s.poll_write(self, cx) {
                     Poll::Ready(Ok(())) => progressed = true,
-                    Poll::Ready(Err(WriteError::Upstream(e))) => write_error = Some(e),
+                    Poll::Ready(Err(WriteError::Upstream(e))) => {
+                        tracing::debug!(error = %e, "upstream stopped taking the request; reading its answer");
+                        write_failed = true;
+                    }
                     Poll::Ready(Err(WriteError::RequestBody)) => {
                         return Poll::Ready(Err(ProxyError::BadRequest))
                     }
@@ -183,12 +186,11 @@ impl Conn {
                     progressed = true;
                 }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(classify_io(&e).into())),
-                Poll::Pending => {
-                    // Writing failed and nothing more is coming: that is the answer.
-                    if let Some(e) = write_error {
-                        return Poll::Ready(Err(classify_io(&e).into()));
-                    }
-                }
+                // After a failed write the connection is dead, but an answer the app sent
+                // before closing (an early 413) may still be waiting to be read: keep reading
+                // until a head, the end of the stream or a read error (the route timeout
+                // bounds it all).
+                Poll::Pending => {}
             }
             if !progressed {
                 return Poll::Pending;
@@ -225,11 +227,9 @@ impl Conn {
                 &self.rbuf,
                 &mut slots,
             ) {
-                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Complete(len)) if len <= MAX_HEAD => len,
                 Ok(httparse::Status::Partial) if self.rbuf.len() <= MAX_HEAD => return Ok(None),
-                Ok(httparse::Status::Partial) | Err(_) => {
-                    return Err(UpstreamError::ProtocolError.into())
-                }
+                _ => return Err(UpstreamError::ProtocolError.into()),
             };
             let code = parsed.code.unwrap_or(0);
             if (100..200).contains(&code) && code != 101 {
