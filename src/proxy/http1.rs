@@ -37,6 +37,8 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// Largest trailer section accepted.
 const MAX_TRAILERS: usize = 64 * 1024;
+/// Smallest header map a response head is parsed into (see `Head::from_parsed`).
+const RESPONSE_MAP_MIN: usize = 12;
 /// Longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// First read size. Reads that fill it double it (large bodies move in fewer, larger reads), up
@@ -467,8 +469,11 @@ impl Head {
         let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|_| bad())?;
         let http11 = parsed.version == Some(1);
         // Room for what spillway adds on the way down (x-served-by, x-request-id), so the map
-        // is allocated once.
-        let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 3);
+        // is allocated once. And at least RESPONSE_MAP_MIN: once hyper has written the response
+        // it keeps this map (emptied) for the next request on the client connection, and
+        // spillway adds up to six headers to that request: with room for them it never grows.
+        let mut headers =
+            HeaderMap::with_capacity((parsed.headers.len() + 3).max(RESPONSE_MAP_MIN));
         let mut length: Option<u64> = None;
         let mut chunked = None;
         let mut close = !http11;
