@@ -11,18 +11,23 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use arc_swap::ArcSwap;
 use http::header::{CONTENT_TYPE, RETRY_AFTER, TE, UPGRADE};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use pin_project_lite::pin_project;
 use tokio::time::Instant;
+use tower::util::Oneshot;
 use tower::ServiceExt;
 
 use super::body::{self, Exchange, RequestBody, ResponseBody};
 use super::headers::{self, Forwarded, Stamps, PROXY_STATUS, X_REQUEST_ID, X_SERVED_BY};
 use super::runtime::Runtime;
-use super::upstream::EndpointHint;
+use super::stack::RouteService;
+use super::upstream::{EndpointHint, UpstreamBody};
 use crate::error::{retry_after_secs, ProxyError, UpstreamError};
 use crate::metrics::Source;
 
@@ -59,14 +64,61 @@ impl ProxyService {
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, Infallible>> + Send>>;
+    type Future = Handling;
 
-    fn call(&self, req: Request<Incoming>) -> Self::Future {
-        // One snapshot per request, owned so it can live across the awaits below.
-        let rt = self.runtime.load_full();
-        let client_ip = self.client_ip.clone();
-        let proto = self.proto;
-        Box::pin(async move { Ok(handle(rt, req, client_ip, proto).await) })
+    fn call(&self, req: Request<Incoming>) -> Handling {
+        // One snapshot per request, owned so it lives as long as the request.
+        start(self.runtime.load_full(), req, &self.client_ip, self.proto)
+    }
+}
+
+pin_project! {
+    /// A request being handled: already answered, or waiting for its route's stack. A named
+    /// future rather than a boxed `async` block: no allocation per request.
+    pub struct Handling {
+        #[pin]
+        state: State,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State {
+        // Answered without the upstream (no route, a loop); taken when polled.
+        Answered { resp: Option<Response<ResponseBody>> },
+        // Forwarded through the route's policy stack; `after` is taken when it is done.
+        Forwarding {
+            #[pin]
+            stack: Oneshot<RouteService, Request<RequestBody>>,
+            after: Option<After>,
+        },
+    }
+}
+
+/// What turning the stack's outcome into the response needs.
+struct After {
+    rt: Arc<Runtime>,
+    exchange: Exchange,
+    style: ErrorStyle,
+    request_id: HeaderValue,
+    /// The protocol of an Upgrade request passed on, and its downstream half.
+    upgrade: Option<(HeaderValue, OnUpgrade)>,
+}
+
+impl Future for Handling {
+    type Output = Result<Response<ResponseBody>, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Answered { resp } => {
+                Poll::Ready(Ok(resp.take().expect("polled after completion")))
+            }
+            StateProj::Forwarding { stack, after } => {
+                let outcome = ready!(stack.poll(cx));
+                let after = after.take().expect("polled after completion");
+                Poll::Ready(Ok(respond(after, outcome)))
+            }
+        }
     }
 }
 
@@ -116,30 +168,40 @@ impl ErrorStyle {
     }
 }
 
-async fn handle(
+/// Everything before the upstream: route, loop check, header rules. Requests that need no
+/// upstream are answered here.
+fn start(
     rt: Arc<Runtime>,
     mut req: Request<Incoming>,
-    client_ip: HeaderValue,
+    client_ip: &HeaderValue,
     proto: &'static str,
-) -> Response<ResponseBody> {
+) -> Handling {
     let start = Instant::now();
     let request_id = headers::request_id(req.headers());
     let style = ErrorStyle::of(req.headers());
     let route = rt.find_route(req.method(), req.uri(), req.headers());
     let metrics = route.map_or_else(|| rt.unmatched.clone(), |r| r.metrics.clone());
-    let mut exchange = Exchange::start(
+    let exchange = Exchange::start(
         metrics,
         start,
         req.method().clone(),
         req.uri().clone(),
         request_id.clone(),
     );
+    let answer = |resp| Handling {
+        state: State::Answered { resp: Some(resp) },
+    };
 
     if rt.stamps.is_loop(req.headers()) {
-        return rescue(&rt.stamps, ProxyError::LoopDetected, exchange, style);
+        return answer(rescue(
+            &rt.stamps,
+            ProxyError::LoopDetected,
+            exchange,
+            style,
+        ));
     }
     let Some(route) = route else {
-        return rescue(&rt.stamps, ProxyError::NoRoute, exchange, style);
+        return answer(rescue(&rt.stamps, ProxyError::NoRoute, exchange, style));
     };
 
     // An upgrade is only passed on to an HTTP/1.1 upstream; towards HTTP/2 it is stripped like
@@ -147,7 +209,7 @@ async fn handle(
     let upgrade =
         headers::upgrade_request(req.version(), req.headers()).filter(|_| route.upstream_http1);
     // Taken out before the request is forwarded: it resolves once hyper has sent our 101.
-    let downstream_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let upgrade = upgrade.map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
     // gRPC servers may check `te: trailers` to detect proxies that drop trailers; spillway
     // passes trailers through, so it forwards that promise.
     let te_trailers = style.is_grpc()
@@ -162,13 +224,10 @@ async fn handle(
         &mut parts.headers,
         parts.uri.authority(),
         &rt.stamps,
-        &Forwarded {
-            client_ip: &client_ip,
-            proto,
-        },
+        &Forwarded { client_ip, proto },
         &request_id,
     );
-    if let Some(protocol) = &upgrade {
+    if let Some((protocol, _)) = &upgrade {
         headers::set_upgrade(&mut parts.headers, protocol.clone());
     }
     if te_trailers {
@@ -180,11 +239,38 @@ async fn handle(
         parts.extensions.insert(EndpointHint::default());
     }
     let upstream_req = Request::from_parts(parts, RequestBody::from_incoming(body));
+    let stack = route.service.clone().oneshot(upstream_req);
+    Handling {
+        state: State::Forwarding {
+            stack,
+            after: Some(After {
+                rt,
+                exchange,
+                style,
+                request_id,
+                upgrade,
+            }),
+        },
+    }
+}
 
-    match route.service.clone().oneshot(upstream_req).await {
+/// Turns the stack's outcome into the response: an upstream response passed on and stamped
+/// (a 101 starting the tunnel), or an error presented by [`rescue`].
+fn respond(
+    after: After,
+    outcome: Result<Response<UpstreamBody>, ProxyError>,
+) -> Response<ResponseBody> {
+    let After {
+        rt,
+        mut exchange,
+        style,
+        request_id,
+        upgrade,
+    } = after;
+    match outcome {
         Ok(resp) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let (Some(requested), Some(downstream)) = (upgrade, downstream_upgrade) else {
+                let Some((requested, downstream)) = upgrade else {
                     // Switching protocols nobody asked for: not a response we can pass on.
                     return rescue(
                         &rt.stamps,
