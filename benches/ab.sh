@@ -10,7 +10,9 @@
 # then through each build (started fresh with benches/spillway-load.yaml, access log off).
 # The upstream and wrk share LOAD_CPU; every proxy is pinned alone to PROXY_CPU, as in
 # benches/load.sh. Prints req/s per round and target, then for each build the median over
-# the rounds of its ratio to nginx and to the first build in the same round.
+# the rounds of its ratio to nginx and to the first build in the same round, and each proxy's
+# CPU time per request (user and system, from /proc/PID/stat around each wrk run), the figure
+# that noise from other jobs moves least.
 # All traffic stays on 127.0.0.1; every step is bounded (wrk -d, timeout, a watchdog).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -38,7 +40,7 @@ for spec in "$@"; do
 done
 mkdir -p "$OUT/nginx"
 raise_nofile
-trap 'stop_watchdog; cleanup_all' EXIT
+trap 'stop_watchdog || true; cleanup_all' EXIT
 trap 'exit 130' INT TERM
 start_watchdog $(( 60 + ROUNDS * (2 + ${#bins[@]}) * (DURATION + 15) ))
 
@@ -47,24 +49,47 @@ wait_http "http://127.0.0.1:$UP_PORT/health" 10 "$LAST_PID" || fail "upstream di
 render_template "$CONF_DIR/nginx.conf.tmpl" "$OUT/nginx/nginx.conf" WORKERS=1 NOFILE="$NOFILE" \
     RUNDIR="$OUT/nginx" UPSTREAM="127.0.0.1:$UP_PORT" SERVER_OPTS="" PORT="$NGINX_PORT"
 start_bg nginx "$PROXY_CPU" "$OUT/nginx/stderr.log" nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" -e "$OUT/nginx/nginx-error.log"
+NGINX_PID=$LAST_PID
 wait_http "http://127.0.0.1:$NGINX_PORT/health" 10 "$LAST_PID" || fail "nginx did not start"
 render_config "$BENCHES_DIR/spillway-load.yaml" "$OUT/spillway.yaml" PORT="$SP_PORT" UPSTREAM="127.0.0.1:$UP_PORT"
 sed -i "s/127.0.0.1:19901/127.0.0.1:$ADMIN_PORT/" "$OUT/spillway.yaml"
 
-rps() { # URL -> req/s
-    timeout $(( DURATION + 15 )) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$1" 2>/dev/null \
-        | awk '/^Requests\/sec/ { printf "%d\n", $2 }'
+cpu_ticks() { # PID -> "utime stime" in clock ticks, summed over PID and its descendants
+    local u=0 s=0 p f
+    for p in $(descendants "$1"); do
+        # Fields after the ") " that closes the command name: utime and stime are 12th and 13th.
+        f=$(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null | cut -d' ' -f12,13) || continue
+        [[ -n "$f" ]] || continue
+        u=$(( u + ${f% *} )); s=$(( s + ${f#* } ))
+    done
+    echo "$u $s"
 }
-printf 'round\ttarget\trps\n' >"$OUT/ab.tsv"
+# URL [PID] -> "req/s<TAB>user µs per request<TAB>system µs per request" (CPU of PID's tree
+# during the run; "-" without a PID). CPU time per request hardly moves when other jobs steal
+# the core, which req/s does.
+measure() {
+    local url=$1 pid=${2:-} before="" after="" out
+    [[ -n "$pid" ]] && before=$(cpu_ticks "$pid")
+    out=$(timeout $(( DURATION + 15 )) taskset -c "$LOAD_CPU" wrk -t1 -c"$CONNS" -d"${DURATION}s" "$url" 2>/dev/null) || true
+    [[ -n "$pid" ]] && after=$(cpu_ticks "$pid")
+    awk -v b="$before" -v a="$after" -v hz="$(getconf CLK_TCK)" '
+        /^Requests\/sec/ { rps = int($2) } / requests in / { n = $1 }
+        END {
+            if (b == "" || n == 0) { printf "%s\t-\t-\n", rps; exit }
+            split(b, x, " "); split(a, y, " ")
+            printf "%s\t%.2f\t%.2f\n", rps, (y[1] - x[1]) / hz / n * 1e6, (y[2] - x[2]) / hz / n * 1e6
+        }' <<<"$out"
+}
+printf 'round\ttarget\trps\tuser_us\tsys_us\n' >"$OUT/ab.tsv"
 for (( r = 1; r <= ROUNDS; r++ )); do
-    printf '%s\tdirect\t%s\n' "$r" "$(rps "http://127.0.0.1:$UP_PORT/")" >>"$OUT/ab.tsv"
-    printf '%s\tnginx\t%s\n' "$r" "$(rps "http://127.0.0.1:$NGINX_PORT/")" >>"$OUT/ab.tsv"
+    printf '%s\tdirect\t%s\n' "$r" "$(measure "http://127.0.0.1:$UP_PORT/")" >>"$OUT/ab.tsv"
+    printf '%s\tnginx\t%s\n' "$r" "$(measure "http://127.0.0.1:$NGINX_PORT/" "$NGINX_PID")" >>"$OUT/ab.tsv"
     for i in "${!bins[@]}"; do
         start_bg "spillway-${names[$i]}" "$PROXY_CPU" "$OUT/spillway-${names[$i]}.log" \
             env RUST_LOG=warn,spillway::access=off "${bins[$i]}" run --config "$OUT/spillway.yaml"
         pid=$LAST_PID
         if wait_http "http://127.0.0.1:$SP_PORT/health" 15 "$pid"; then
-            printf '%s\t%s\t%s\n' "$r" "${names[$i]}" "$(rps "http://127.0.0.1:$SP_PORT/")" >>"$OUT/ab.tsv"
+            printf '%s\t%s\t%s\n' "$r" "${names[$i]}" "$(measure "http://127.0.0.1:$SP_PORT/" "$pid")" >>"$OUT/ab.tsv"
         else
             say "${names[$i]} did not start (see $OUT/spillway-${names[$i]}.log)"
         fi
@@ -83,6 +108,14 @@ done
         vs_nginx=$(awk -F'\t' -v t="$name" 'NR > 1 { x[$1, $2] = $3 } END { for (k in x) { split(k, p, SUBSEP); if (p[2] == t && x[p[1], "nginx"] > 0) print x[k] / x[p[1], "nginx"] } }' "$OUT/ab.tsv" | median_of)
         vs_first=$(awk -F'\t' -v t="$name" -v f="${names[0]}" 'NR > 1 { x[$1, $2] = $3 } END { for (k in x) { split(k, p, SUBSEP); if (p[2] == t && x[p[1], f] > 0) print x[k] / x[p[1], f] } }' "$OUT/ab.tsv" | median_of)
         printf '%-12s vs nginx %.2f   vs %s %.2f\n' "$name" "$vs_nginx" "${names[0]}" "$vs_first"
+    done
+    echo
+    echo "== CPU per request, median over rounds (user + system µs; less is better) =="
+    for name in nginx "${names[@]}"; do
+        u=$(awk -F'\t' -v t="$name" 'NR > 1 && $2 == t && $4 != "-" { print $4 }' "$OUT/ab.tsv" | median_of)
+        k=$(awk -F'\t' -v t="$name" 'NR > 1 && $2 == t && $5 != "-" { print $5 }' "$OUT/ab.tsv" | median_of)
+        tot=$(awk -F'\t' -v t="$name" 'NR > 1 && $2 == t && $4 != "-" { print $4 + $5 }' "$OUT/ab.tsv" | median_of)
+        printf '%-12s user %6.2f   system %6.2f   total %6.2f\n' "$name" "$u" "$k" "$tot"
     done
 } | tee "$OUT/report.txt"
 stop_watchdog

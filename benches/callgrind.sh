@@ -32,7 +32,7 @@ require_tool wrk "apt-get install -y wrk"
 build_spillway
 check_ports_free "$UP_PORT" "$SP_PORT" "$ADMIN_PORT"
 mkdir -p "$OUT"
-trap 'stop_watchdog; cleanup_all' EXIT
+trap 'stop_watchdog || true; cleanup_all' EXIT
 trap 'exit 130' INT TERM
 start_watchdog $(( DURATION + 120 ))
 

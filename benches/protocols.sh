@@ -35,7 +35,7 @@ require_tool openssl "apt-get install -y openssl"
 build_spillway
 check_ports_free "$UP_PORT" "$NGINX_PORT" "$SPILLWAY_PORT"
 mkdir -p "$OUT"
-trap 'stop_watchdog; cleanup_all' EXIT
+trap 'stop_watchdog || true; cleanup_all' EXIT
 trap 'exit 130' INT TERM
 start_watchdog $(( 60 + ROUNDS * 2 * (MUX_D + 80) ))
 

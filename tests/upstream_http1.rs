@@ -1004,3 +1004,38 @@ async fn a_chunked_request_body_reaches_the_upstream_chunked_and_intact() {
     assert_clean(&p, 200, "POST", 1.0).await;
     assert_clean(&p, 200, "GET", 1.0).await;
 }
+
+/// A client body that breaks mid-upload (here a chunked body whose next size line is not hex)
+/// is the client's fault, not the app's: the request is answered 400 by spillway, counted with
+/// `source="proxy"`, and no upstream error is counted against the app.
+#[tokio::test]
+async fn a_request_body_that_breaks_mid_upload_is_400_not_an_upstream_error() {
+    let up = Script::always(Reply::keep(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    ))
+    .await;
+    let p = proxy(&up, "").await;
+    let raw = raw_exchange(
+        p.addr,
+        b"POST /upload HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\n",
+    )
+    .await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        !text.starts_with("HTTP/1.1 200") && !text.starts_with("HTTP/1.1 502"),
+        "{text}"
+    );
+    let s = requests_series(400, "POST", "proxy");
+    assert_eq!(
+        p.metric_at_least(&s, 1.0).await,
+        1.0,
+        "{}",
+        p.metrics().await
+    );
+    assert_eq!(
+        upstream_errors_total(&p).await,
+        0.0,
+        "{}",
+        p.metrics().await
+    );
+}
