@@ -390,6 +390,17 @@ async fn first_then_second(first: Reply) -> (Script, TestProxy, Resp) {
     (up, p, a)
 }
 
+/// `/first` gets `first` (a 200 with body `first`), `/second` a plain 200; asserts both
+/// bodies, whether the second request reused the first one's connection, and that nothing was
+/// counted as an upstream error.
+async fn first_delivered_then_reused(first: &'static [u8], reused: bool) {
+    let (up, p, a) = first_then_second(Reply::keep(first)).await;
+    assert_eq!(a.status, StatusCode::OK);
+    assert_eq!(a.text(), "first");
+    assert_connections(&up, reused);
+    assert_clean(&p, 200, "GET", 2.0).await;
+}
+
 /// Asserts on which upstream connections `/first` and `/second` arrived.
 fn assert_connections(up: &Script, reused: bool) {
     let conns: Vec<usize> = up.seen().iter().map(|s| s.conn).collect();
@@ -671,48 +682,38 @@ async fn close_delimited_body_arrives_whole_and_the_next_request_connects_anew()
 /// then leaves it open.
 #[tokio::test]
 async fn http11_connection_close_is_not_reused() {
-    let first =
-        Reply::keep(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nfirst");
-    let (up, p, a) = first_then_second(first).await;
-    assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(a.text(), "first");
-    assert_connections(&up, false);
-    assert_clean(&p, 200, "GET", 2.0).await;
+    first_delivered_then_reused(
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nfirst",
+        false,
+    )
+    .await;
 }
 
 /// An HTTP/1.0 response without `Connection: keep-alive` means close (HTTP/1.0's default).
 #[tokio::test]
 async fn http10_response_without_keep_alive_is_not_reused() {
-    let first = Reply::keep(b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nfirst");
-    let (up, p, a) = first_then_second(first).await;
-    assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(a.text(), "first");
-    assert_connections(&up, false);
-    assert_clean(&p, 200, "GET", 2.0).await;
+    first_delivered_then_reused(b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nfirst", false).await;
 }
 
 /// An HTTP/1.0 response with `Connection: keep-alive` and a Content-Length is reusable.
 #[tokio::test]
 async fn http10_response_with_keep_alive_is_reused() {
-    let first =
-        Reply::keep(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 5\r\n\r\nfirst");
-    let (up, p, a) = first_then_second(first).await;
-    assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(a.text(), "first");
-    assert_connections(&up, true);
-    assert_clean(&p, 200, "GET", 2.0).await;
+    first_delivered_then_reused(
+        b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 5\r\n\r\nfirst",
+        true,
+    )
+    .await;
 }
 
 /// Bytes after a complete response (no request was pending for them) mean the upstream is not
 /// speaking HTTP as expected: the response is delivered, the connection is retired.
 #[tokio::test]
 async fn bytes_after_a_complete_response_retire_the_connection() {
-    let first = Reply::keep(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstGARBAGE\r\n");
-    let (up, p, a) = first_then_second(first).await;
-    assert_eq!(a.status, StatusCode::OK);
-    assert_eq!(a.text(), "first");
-    assert_connections(&up, false);
-    assert_clean(&p, 200, "GET", 2.0).await;
+    first_delivered_then_reused(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirstGARBAGE\r\n",
+        false,
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
