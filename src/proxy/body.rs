@@ -250,6 +250,7 @@ impl ResponseBody {
 /// closes both. `exchange` is held for the tunnel's life, so the request stays in flight while
 /// it is open and is counted (status 101, its whole duration) when it ends.
 pub async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Exchange) {
+    use tokio::io::AsyncWriteExt as _;
     let down = match downstream.await {
         Ok(down) => down,
         Err(e) => {
@@ -259,7 +260,12 @@ pub async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Exchange)
         }
     };
     let mut down = TokioIo::new(down);
-    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+    let copied = async {
+        // What the upstream sent right behind its 101 goes first.
+        down.write_all(&up.read_ahead).await?;
+        tokio::io::copy_bidirectional(&mut down, &mut up.io).await
+    };
+    match copied.await {
         Ok((sent, received)) => {
             tracing::debug!(
                 request_id = exchange.request_id.to_str().unwrap_or("-"),

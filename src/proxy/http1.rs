@@ -66,9 +66,9 @@ pub struct Conn {
 pub struct SendError {
     /// What the client is told.
     pub error: ProxyError,
-    /// The connection had served before and died before any byte of the response arrived,
-    /// with no request body sent: the app cannot have acted on the request, so a bodyless
-    /// idempotent request may be sent again on a fresh connection.
+    /// The connection had served before and died before any byte of the response arrived: for
+    /// a bodyless idempotent request the app cannot have acted on it, so it may be sent again
+    /// on a fresh connection (the caller checks the request).
     pub stale: bool,
 }
 
@@ -118,10 +118,9 @@ impl Conn {
             suffix: b"",
             flushed: false,
             received: false,
-            sent_body: false,
         };
         let head = poll_fn(|cx| self.poll_exchange(cx, &mut sending)).await;
-        let stale = self.reused && !sending.received && !sending.sent_body;
+        let stale = self.reused && !sending.received;
         let head = head.map_err(|error| SendError { error, stale })?;
         // An app may answer before it has read the whole request (an echo, an early 413): the
         // rest of the body goes on being sent while the response is read.
@@ -263,8 +262,7 @@ enum RequestFraming {
 fn request_framing(headers: &HeaderMap, body: &RequestBody) -> RequestFraming {
     if let Some(n) = headers
         .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
+        .and_then(|v| parse_length(v.as_bytes().trim_ascii()))
     {
         RequestFraming::Length(n)
     } else if body.is_end_stream() {
@@ -287,16 +285,21 @@ fn encode_head(buf: &mut Vec<u8>, parts: &request::Parts, framing: RequestFramin
         target.as_bytes()
     });
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    write_fields(buf, &parts.headers);
+    if framing == RequestFraming::Chunked {
+        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    buf.extend_from_slice(b"\r\n");
+}
+
+/// Writes header (or trailer) fields, one `name: value` line each.
+fn write_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
+    for (name, value) in fields {
         buf.extend_from_slice(name.as_str().as_bytes());
         buf.extend_from_slice(b": ");
         buf.extend_from_slice(value.as_bytes());
         buf.extend_from_slice(b"\r\n");
     }
-    if framing == RequestFraming::Chunked {
-        buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    buf.extend_from_slice(b"\r\n");
 }
 
 /// The request on its way out: the head (then each chunk-size line) in the connection's
@@ -313,9 +316,6 @@ struct Sending {
     flushed: bool,
     /// Whether any byte of a response arrived.
     received: bool,
-    /// Whether any of the body has been taken from the client (the request can then no longer
-    /// be sent again).
-    sent_body: bool,
 }
 
 #[derive(Debug)]
@@ -398,7 +398,6 @@ impl Sending {
         match frame {
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(data) => {
-                    self.sent_body |= !data.is_empty();
                     if let RequestFraming::Length(left) = &mut self.framing {
                         *left = left
                             .checked_sub(data.len() as u64)
@@ -416,12 +415,7 @@ impl Sending {
                     // them (as in hyper), so they are dropped.
                     if let (true, Ok(trailers)) = (chunked, frame.into_trailers()) {
                         conn.wbuf.extend_from_slice(b"0\r\n");
-                        for (name, value) in &trailers {
-                            conn.wbuf.extend_from_slice(name.as_str().as_bytes());
-                            conn.wbuf.extend_from_slice(b": ");
-                            conn.wbuf.extend_from_slice(value.as_bytes());
-                            conn.wbuf.extend_from_slice(b"\r\n");
-                        }
+                        write_fields(&mut conn.wbuf, &trailers);
                         conn.wbuf.extend_from_slice(b"\r\n");
                         self.framing = RequestFraming::None;
                         self.body_done = true;
@@ -628,12 +622,7 @@ fn step(decoder: &mut Decoder, rbuf: &mut BytesMut) -> io::Result<Step> {
             Decoder::Done => return Ok(Step::End),
             Decoder::Length(0) => return Ok(Step::End),
             Decoder::Length(left) => {
-                if rbuf.is_empty() {
-                    return Ok(Step::NeedMore);
-                }
-                let n = (*left).min(rbuf.len() as u64) as usize;
-                *left -= n as u64;
-                return Ok(Step::Frame(Frame::data(rbuf.split_to(n).freeze())));
+                return Ok(take(left, rbuf).map_or(Step::NeedMore, |d| Step::Frame(Frame::data(d))));
             }
             Decoder::UntilClose => {
                 if rbuf.is_empty() {
@@ -657,15 +646,13 @@ fn step(decoder: &mut Decoder, rbuf: &mut BytesMut) -> io::Result<Step> {
                     _ => return Err(invalid("bad chunk size line")),
                 },
                 Chunk::Data(left) => {
-                    if rbuf.is_empty() {
+                    let Some(data) = take(left, rbuf) else {
                         return Ok(Step::NeedMore);
-                    }
-                    let n = (*left).min(rbuf.len() as u64) as usize;
-                    *left -= n as u64;
+                    };
                     if *left == 0 {
                         *chunk = Chunk::DataEnd;
                     }
-                    return Ok(Step::Frame(Frame::data(rbuf.split_to(n).freeze())));
+                    return Ok(Step::Frame(Frame::data(data)));
                 }
                 Chunk::DataEnd => {
                     if rbuf.len() < 2 {
@@ -704,6 +691,16 @@ fn step(decoder: &mut Decoder, rbuf: &mut BytesMut) -> io::Result<Step> {
             },
         }
     }
+}
+
+/// Up to `left` bytes of what the read buffer holds (`None` when it holds nothing).
+fn take(left: &mut u64, rbuf: &mut BytesMut) -> Option<Bytes> {
+    if rbuf.is_empty() {
+        return None;
+    }
+    let n = (*left).min(rbuf.len() as u64) as usize;
+    *left -= n as u64;
+    Some(rbuf.split_to(n).freeze())
 }
 
 impl Body for Http1Body {
@@ -772,7 +769,7 @@ impl Body for Http1Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended() || self.conn.is_none()
+        self.ended()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -796,39 +793,8 @@ impl Drop for Http1Body {
 /// An upstream connection after `101 Switching Protocols`, for the tunnel.
 #[derive(Debug)]
 pub struct Upgraded {
-    /// Bytes of the new protocol that arrived with the 101.
-    read_ahead: Bytes,
-    io: Stream,
-}
-
-impl AsyncRead for Upgraded {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.read_ahead.is_empty() {
-            let n = this.read_ahead.len().min(buf.remaining());
-            buf.put_slice(&this.read_ahead.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Upgraded {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
+    /// Bytes of the new protocol that arrived with the 101 (the tunnel sends them on first).
+    pub read_ahead: Bytes,
+    /// The connection.
+    pub io: Stream,
 }

@@ -1,6 +1,7 @@
 //! The request's path through spillway: [`service`] takes it from a connection, [`route`]
 //! picks the route, [`stack`] runs the route's policies, [`upstream`] forwards it over
-//! [`pool`]ed connections made by the [`connector`] (HTTP/1.1 spoken by [`http1`]); [`headers`] holds every header rule and [`body`] streams both ways.
+//! [`pool`]ed connections made by the [`connector`] (HTTP/1.1 spoken by [`http1`]);
+//! [`headers`] holds every header rule and [`body`] streams both ways.
 
 pub mod body;
 pub mod connector;

@@ -270,17 +270,12 @@ fn respond(
     match outcome {
         Ok(resp) => {
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                let Some((requested, downstream)) = upgrade else {
-                    // Switching protocols nobody asked for: not a response we can pass on.
-                    return rescue(
-                        &rt.stamps,
-                        UpstreamError::ProtocolError.into(),
-                        exchange,
-                        style,
-                    );
-                };
                 let (mut parts, body) = resp.into_parts();
-                let Some(upstream) = body.into_upgraded() else {
+                let (Some((requested, downstream)), Some(upstream)) =
+                    (upgrade, body.into_upgraded())
+                else {
+                    // Switching protocols nobody asked for (or over HTTP/2): not a response we
+                    // can pass on.
                     return rescue(
                         &rt.stamps,
                         UpstreamError::ProtocolError.into(),
