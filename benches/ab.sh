@@ -40,9 +40,7 @@ for spec in "$@"; do
 done
 mkdir -p "$OUT/nginx"
 raise_nofile
-trap 'stop_watchdog || true; cleanup_all' EXIT
-trap 'exit 130' INT TERM
-start_watchdog $(( 60 + ROUNDS * (2 + ${#bins[@]}) * (DURATION + 15) ))
+guard_run $(( 60 + ROUNDS * (2 + ${#bins[@]}) * (DURATION + 15) ))
 
 start_bg upstream "$LOAD_CPU" "$OUT/upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$UP_PORT" --threads 1
 wait_http "http://127.0.0.1:$UP_PORT/health" 10 "$LAST_PID" || fail "upstream did not start"
@@ -51,8 +49,7 @@ render_template "$CONF_DIR/nginx.conf.tmpl" "$OUT/nginx/nginx.conf" WORKERS=1 NO
 start_bg nginx "$PROXY_CPU" "$OUT/nginx/stderr.log" nginx -p "$OUT/nginx" -c "$OUT/nginx/nginx.conf" -e "$OUT/nginx/nginx-error.log"
 NGINX_PID=$LAST_PID
 wait_http "http://127.0.0.1:$NGINX_PORT/health" 10 "$LAST_PID" || fail "nginx did not start"
-render_config "$BENCHES_DIR/spillway-load.yaml" "$OUT/spillway.yaml" PORT="$SP_PORT" UPSTREAM="127.0.0.1:$UP_PORT"
-sed -i "s/127.0.0.1:19901/127.0.0.1:$ADMIN_PORT/" "$OUT/spillway.yaml"
+render_load_config "$OUT/spillway.yaml" "$SP_PORT" "127.0.0.1:$UP_PORT" "$ADMIN_PORT"
 
 cpu_ticks() { # PID -> "utime stime" in clock ticks, summed over PID and its descendants
     local u=0 s=0 p f

@@ -32,12 +32,9 @@ require_tool wrk "apt-get install -y wrk"
 build_spillway
 check_ports_free "$UP_PORT" "$SP_PORT" "$ADMIN_PORT"
 mkdir -p "$OUT"
-trap 'stop_watchdog || true; cleanup_all' EXIT
-trap 'exit 130' INT TERM
-start_watchdog $(( DURATION + 120 ))
+guard_run $(( DURATION + 120 ))
 
-render_config "$BENCHES_DIR/spillway-load.yaml" "$OUT/spillway.yaml" PORT="$SP_PORT" UPSTREAM="127.0.0.1:$UP_PORT"
-sed -i "s/127.0.0.1:19901/127.0.0.1:$ADMIN_PORT/" "$OUT/spillway.yaml"
+render_load_config "$OUT/spillway.yaml" "$SP_PORT" "127.0.0.1:$UP_PORT" "$ADMIN_PORT"
 start_bg upstream "$LOAD_CPU" "$OUT/upstream.log" "$UPSTREAM_BIN" --listen "127.0.0.1:$UP_PORT" --threads 1
 wait_http "http://127.0.0.1:$UP_PORT/health" 10 "$LAST_PID" || fail "upstream did not start"
 start_bg spillway "$PROXY_CPU" "$OUT/spillway.log" valgrind --tool=callgrind \

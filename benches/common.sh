@@ -65,3 +65,20 @@ render_config() {
     for kv in "$@"; do args+=(-e "s|@${kv%%=*}@|${kv#*=}|g"); done
     sed "${args[@]}" "$in" >"$out"
 }
+
+# guard_run SECONDS: stops everything started with start_bg when the script exits (also on
+# Ctrl-C), and aborts the script after SECONDS. The harness's stop_watchdog fails when called a
+# second time (its `kill` is the last command of an && list); under `set -e` that would end
+# the EXIT trap before cleanup_all, leaving the upstream and the proxies running.
+guard_run() {
+    trap 'stop_watchdog || true; cleanup_all' EXIT
+    trap 'exit 130' INT TERM
+    start_watchdog "$1"
+}
+
+# render_load_config OUT PORT UPSTREAM ADMIN_PORT: benches/spillway-load.yaml for a
+# listener on PORT, the upstream at UPSTREAM and the admin API on ADMIN_PORT.
+render_load_config() {
+    render_config "$BENCHES_DIR/spillway-load.yaml" "$1" PORT="$2" UPSTREAM="$3"
+    sed -i "s/127.0.0.1:19901/127.0.0.1:$4/" "$1"
+}

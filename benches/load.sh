@@ -81,9 +81,7 @@ if (( EXTRAS )); then
     (( LAT_NGINX )) && check_ports_free "$EXTRA_NGINX_PORT"
     X=$RESULTS_DIR/extras; mkdir -p "$X"
     budget=$(( 100 + IDLE_SETTLE + 2 * LAT_CAL + LAT_ROUNDS * 3 * (LAT_WARMUP + LAT_DURATION + 45) ))
-    trap 'stop_watchdog || true; cleanup_all' EXIT
-    trap 'exit 130' INT TERM
-    start_watchdog "$budget"
+    guard_run "$budget"
 
     render_config "$SPILLWAY_CONFIG" "$X/spillway.yaml" PORT="$EXTRA_PORT" UPSTREAM="127.0.0.1:$EXTRA_UP_PORT" \
         UPSTREAM_MAXCONN=0 QUEUE_TIMEOUT=30s

@@ -35,9 +35,7 @@ require_tool openssl "apt-get install -y openssl"
 build_spillway
 check_ports_free "$UP_PORT" "$NGINX_PORT" "$SPILLWAY_PORT"
 mkdir -p "$OUT"
-trap 'stop_watchdog || true; cleanup_all' EXIT
-trap 'exit 130' INT TERM
-start_watchdog $(( 60 + ROUNDS * 2 * (MUX_D + 80) ))
+guard_run $(( 60 + ROUNDS * 2 * (MUX_D + 80) ))
 
 # One self-signed P-256 certificate for both proxies (ECDSA: the handshake cost most
 # deployments pay today).

@@ -611,6 +611,27 @@ pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
         .expect("connection closed within the step bound")
 }
 
+/// `GET /x` on a raw connection whose upstream sends a chunked 200 with the chunk `hello` and
+/// then fails: asserts that the head and that chunk reach the client and that the connection
+/// ends without the terminating zero-length chunk (a failed body never looks complete).
+/// Returns what arrived, for further checks.
+pub async fn assert_chunked_abort_on_wire(addr: SocketAddr) -> String {
+    let raw = raw_exchange(addr, b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text:?}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked\r\n"),
+        "{text:?}"
+    );
+    assert!(text.contains("5\r\nhello\r\n"), "{text:?}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "clean terminator sent for a failed body: {text:?}"
+    );
+    text
+}
+
 impl TestProxy {
     /// Waits (bounded by [`STEP`]) until `series` reaches at least `expected`, then returns its
     /// value, which the caller asserts exactly: a response is counted when its body ends, which
