@@ -124,9 +124,10 @@ impl BreakerState {
     }
 
     fn admit(self: &Arc<Self>) -> Result<Admission, ProxyError> {
-        let now = Instant::now();
         let mut shared = self.lock();
         if let Mode::Open { until } = shared.mode {
+            // The clock is read only here: a closed breaker admits without it.
+            let now = Instant::now();
             if now < until {
                 let retry_after = Duration::from_secs(retry_after_secs(until - now));
                 return Err(ProxyError::Shed {

@@ -30,7 +30,7 @@ struct Slot {
 #[derive(Debug)]
 pub(crate) struct SlidingWindow {
     origin: Instant,
-    width_nanos: u128,
+    width_nanos: u64,
     slots: [Slot; BUCKETS as usize],
 }
 
@@ -38,7 +38,9 @@ impl SlidingWindow {
     /// An empty window of length `window`, starting now.
     pub(crate) fn new(window: Duration) -> Self {
         // A zero window would divide by zero; one nanosecond per bucket means "only now".
-        let width_nanos = (window.as_nanos() / u128::from(BUCKETS)).max(1);
+        let width_nanos = u64::try_from(window.as_nanos() / u128::from(BUCKETS))
+            .unwrap_or(u64::MAX)
+            .max(1);
         SlidingWindow {
             origin: Instant::now(),
             width_nanos,
@@ -47,8 +49,10 @@ impl SlidingWindow {
     }
 
     fn period(&self, now: Instant) -> u64 {
+        // 64-bit nanoseconds last 584 years; a 128-bit division would cost a libcall on every
+        // request.
         let elapsed = now.saturating_duration_since(self.origin).as_nanos();
-        u64::try_from(elapsed / self.width_nanos).unwrap_or(u64::MAX)
+        u64::try_from(elapsed).unwrap_or(u64::MAX) / self.width_nanos
     }
 
     /// Adds to the bucket `now` falls in.
