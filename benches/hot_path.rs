@@ -98,6 +98,32 @@ fn bench_headers(c: &mut Criterion) {
             criterion::BatchSize::SmallInput,
         )
     });
+    // What an HTTP/1.1 upstream gets instead: the same fields written straight into the head.
+    let overlay = headers::Overlay::new(
+        &stamps,
+        &Forwarded {
+            client_ip: &ip,
+            proto: "http",
+        },
+        &id,
+    );
+    let upstream_host = HeaderValue::from_static("app.internal");
+    let mut head = Vec::with_capacity(1024);
+    c.bench_function("headers/overlay_write_fields", |b| {
+        b.iter_batched(
+            || {
+                let mut h = base.clone();
+                headers::strip_hop_by_hop(&mut h);
+                h
+            },
+            |h| {
+                head.clear();
+                overlay.write_fields(&mut head, &h, None, &upstream_host);
+                h
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
     let mut resp = HeaderMap::new();
     resp.insert(
         http::header::CONTENT_TYPE,

@@ -88,7 +88,9 @@ mod tests {
                 p.write_bytes(0xab, size);
                 let q = a.realloc(p, layout, size * 3);
                 assert_eq!(q as usize % align, 0, "realloc: size {size} align {align}");
-                assert!(std::slice::from_raw_parts(q, size).iter().all(|&b| b == 0xab));
+                assert!(std::slice::from_raw_parts(q, size)
+                    .iter()
+                    .all(|&b| b == 0xab));
                 a.dealloc(q, Layout::from_size_align(size * 3, align).unwrap());
             }
         }

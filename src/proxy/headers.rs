@@ -236,12 +236,30 @@ pub fn rewrite_request(
     fwd: &Forwarded<'_>,
     request_id: &HeaderValue,
 ) {
+    rewrite_with(
+        headers,
+        authority,
+        &stamps.via,
+        fwd.client_ip,
+        fwd.proto,
+        request_id,
+    );
+}
+
+fn rewrite_with(
+    headers: &mut HeaderMap,
+    authority: Option<&http::uri::Authority>,
+    via: &HeaderValue,
+    client_ip: &HeaderValue,
+    proto: &'static str,
+    request_id: &HeaderValue,
+) {
     // Room for what is added below, so the map grows (and rehashes) once at most.
     headers.reserve(6);
     strip_hop_by_hop(headers);
-    append_list(headers, VIA, &stamps.via);
-    append_list(headers, X_FORWARDED_FOR, fwd.client_ip);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(fwd.proto));
+    append_list(headers, VIA, via);
+    append_list(headers, X_FORWARDED_FOR, client_ip);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     let host = match headers.get(HOST) {
         Some(h) => Some(h.clone()),
         None => {
@@ -257,6 +275,169 @@ pub fn rewrite_request(
     }
     // Always the id the client is told: an unusable client id was replaced by `request_id`.
     headers.insert(X_REQUEST_ID, request_id.clone());
+}
+
+/// What spillway adds to a request it forwards to an HTTP/1.1 upstream, kept beside the
+/// client's header map (as a request extension) instead of written into it: the upstream
+/// client writes these fields straight into the request head ([`Overlay::write_fields`]),
+/// which saves the map insertions, a rehash and the folded values' allocations on every
+/// request. The result is field for field what [`rewrite_request`] makes of the map (a unit
+/// test holds the two together). Hop-by-hop fields are stripped from the map before.
+#[derive(Debug, Clone)]
+pub struct Overlay {
+    via: HeaderValue,
+    client_ip: HeaderValue,
+    proto: &'static str,
+    request_id: HeaderValue,
+    /// The protocol of an upgrade passed on (`Connection: upgrade` and `Upgrade`).
+    upgrade: Option<HeaderValue>,
+    /// Whether to promise `TE: trailers` (gRPC).
+    te_trailers: bool,
+}
+
+impl Overlay {
+    /// The forwarding fields for one request.
+    pub fn new(stamps: &Stamps, fwd: &Forwarded<'_>, request_id: &HeaderValue) -> Self {
+        Overlay {
+            via: stamps.via.clone(),
+            client_ip: fwd.client_ip.clone(),
+            proto: fwd.proto,
+            request_id: request_id.clone(),
+            upgrade: None,
+            te_trailers: false,
+        }
+    }
+
+    /// Also asks the upstream to switch to `protocol`.
+    pub fn upgrade(mut self, protocol: Option<HeaderValue>) -> Self {
+        self.upgrade = protocol;
+        self
+    }
+
+    /// Also sends `TE: trailers`.
+    pub fn te_trailers(mut self, yes: bool) -> Self {
+        self.te_trailers = yes;
+        self
+    }
+
+    /// Writes the request's header fields as HTTP/1.1 field lines with the overlay applied:
+    /// `Via` and `X-Forwarded-For` folded onto one line each with ours last, the client's
+    /// `X-Forwarded-Proto`, `X-Forwarded-Host` and `x-request-id` replaced, `Host` kept, else
+    /// taken from the URI's authority, else `default_host` (which, like an HTTP/1.1 upstream's
+    /// own name, is not reported as `X-Forwarded-Host`).
+    pub fn write_fields(
+        &self,
+        buf: &mut Vec<u8>,
+        headers: &HeaderMap,
+        authority: Option<&http::uri::Authority>,
+        default_host: &HeaderValue,
+    ) {
+        let mut host: Option<&HeaderValue> = None;
+        let (mut via, mut xff) = (false, false);
+        // The list header whose line is still open, waiting for more of its values and ours.
+        let mut open: Option<&HeaderName> = None;
+        for (name, value) in headers {
+            let folded = *name == VIA || *name == X_FORWARDED_FOR;
+            if open.is_some_and(|o| o == name) {
+                buf.extend_from_slice(b", ");
+                buf.extend_from_slice(value.as_bytes());
+                continue;
+            }
+            if let Some(o) = open.take() {
+                self.close_list(buf, o);
+            }
+            if folded {
+                if *name == VIA {
+                    via = true;
+                } else {
+                    xff = true;
+                }
+                open = Some(name);
+                field_start(buf, name.as_str().as_bytes());
+                buf.extend_from_slice(value.as_bytes());
+                continue;
+            }
+            if *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST || *name == X_REQUEST_ID {
+                continue;
+            }
+            if *name == HOST && host.is_none() {
+                host = Some(value);
+            }
+            field(buf, name.as_str().as_bytes(), value.as_bytes());
+        }
+        if let Some(o) = open {
+            self.close_list(buf, o);
+        }
+        if !via {
+            field(buf, b"via", self.via.as_bytes());
+        }
+        if !xff {
+            field(buf, b"x-forwarded-for", self.client_ip.as_bytes());
+        }
+        field(buf, b"x-forwarded-proto", self.proto.as_bytes());
+        let forwarded_host = match host {
+            Some(h) => Some(h.as_bytes()),
+            None => {
+                let from_uri = authority.map(|a| a.as_str().as_bytes());
+                field(buf, b"host", from_uri.unwrap_or(default_host.as_bytes()));
+                from_uri
+            }
+        };
+        if let Some(h) = forwarded_host {
+            field(buf, b"x-forwarded-host", h);
+        }
+        field(buf, b"x-request-id", self.request_id.as_bytes());
+        if let Some(protocol) = &self.upgrade {
+            field(buf, b"connection", b"upgrade");
+            field(buf, b"upgrade", protocol.as_bytes());
+        }
+        if self.te_trailers {
+            field(buf, b"te", b"trailers");
+        }
+    }
+
+    /// Ends the open line of list header `name` with our entry.
+    fn close_list(&self, buf: &mut Vec<u8>, name: &HeaderName) {
+        buf.extend_from_slice(b", ");
+        let ours = if *name == VIA {
+            &self.via
+        } else {
+            &self.client_ip
+        };
+        buf.extend_from_slice(ours.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+
+    /// Applies the overlay to the map itself (for upstreams that are not written field by
+    /// field: HTTP/2 through hyper's client).
+    pub fn apply(&self, headers: &mut HeaderMap, authority: Option<&http::uri::Authority>) {
+        rewrite_with(
+            headers,
+            authority,
+            &self.via,
+            &self.client_ip,
+            self.proto,
+            &self.request_id,
+        );
+        if let Some(protocol) = &self.upgrade {
+            set_upgrade(headers, protocol.clone());
+        }
+        if self.te_trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
+    }
+}
+
+/// Writes one `name: value` field line.
+pub fn field(buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    field_start(buf, name);
+    buf.extend_from_slice(value);
+    buf.extend_from_slice(b"\r\n");
+}
+
+fn field_start(buf: &mut Vec<u8>, name: &[u8]) {
+    buf.extend_from_slice(name);
+    buf.extend_from_slice(b": ");
 }
 
 /// Appends `value` as the last entry of a comma-separated list header. Several lines are
@@ -379,6 +560,103 @@ mod tests {
         assert_eq!(fwd[CONNECTION], "upgrade");
         assert_eq!(fwd[UPGRADE], "websocket");
         assert!(!fwd.contains_key("x-secret"));
+    }
+
+    /// The fields `Overlay::write_fields` writes, parsed back into a map.
+    fn written(
+        overlay: &Overlay,
+        h: &HeaderMap,
+        authority: Option<&http::uri::Authority>,
+    ) -> HeaderMap {
+        let mut buf = Vec::new();
+        overlay.write_fields(&mut buf, h, authority, &hv("upstream.internal"));
+        buf.extend_from_slice(b"\r\n");
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let httparse::Status::Complete((_, fields)) =
+            httparse::parse_headers(&buf, &mut slots).unwrap()
+        else {
+            panic!("incomplete: {}", String::from_utf8_lossy(&buf));
+        };
+        let mut map = HeaderMap::new();
+        for f in fields {
+            map.append(
+                HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                HeaderValue::from_bytes(f.value).unwrap(),
+            );
+        }
+        map
+    }
+
+    /// Every name's values, in order, sorted by name: what the upstream can tell apart.
+    fn fields(map: &HeaderMap) -> Vec<(String, Vec<String>)> {
+        let mut out: Vec<(String, Vec<String>)> = map
+            .keys()
+            .map(|k| {
+                let values = map
+                    .get_all(k)
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                (k.as_str().to_owned(), values)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn overlay_writes_what_the_map_rewrite_makes() {
+        let stamps = Stamps::new("edge-1");
+        let ip = hv("10.1.2.3");
+        let fwd = Forwarded {
+            client_ip: &ip,
+            proto: "https",
+        };
+        let plain = Overlay::new(&stamps, &fwd, &hv("id-1"));
+        let upgrading = plain
+            .clone()
+            .upgrade(Some(hv("websocket")))
+            .te_trailers(true);
+        let authority: http::uri::Authority = "api.example.com:8443".parse().unwrap();
+        let mut full = HeaderMap::new();
+        full.append(HOST, hv("shop.example.com"));
+        full.append("accept", hv("text/html"));
+        full.append("accept", hv("*/*"));
+        full.append(X_FORWARDED_FOR, hv("192.0.2.1"));
+        full.append(X_FORWARDED_FOR, hv("192.0.2.2"));
+        full.append(VIA, hv("1.1 lb"));
+        full.append(X_FORWARDED_PROTO, hv("http"));
+        full.append(X_FORWARDED_HOST, hv("spoofed.example"));
+        full.append(X_REQUEST_ID, hv("client-id"));
+        full.append("user-agent", hv("curl/8"));
+        let mut via_only = HeaderMap::new();
+        via_only.append(VIA, hv("1.0 old"));
+        via_only.append("x-b", hv("2"));
+        let cases: [(&str, HeaderMap, Option<&http::uri::Authority>); 4] = [
+            ("nothing at all", HeaderMap::new(), None),
+            ("every rewritten field present", full, None),
+            (
+                "HTTP/2 client: authority, no Host",
+                via_only.clone(),
+                Some(&authority),
+            ),
+            ("only Via, then another field", via_only, None),
+        ];
+        for (what, h, authority) in cases {
+            for overlay in [&plain, &upgrading] {
+                let mut expected = h.clone();
+                overlay.apply(&mut expected, authority);
+                if !expected.contains_key(HOST) {
+                    // The upstream's own name, added by the HTTP/1.1 client.
+                    expected.insert(HOST, hv("upstream.internal"));
+                }
+                let got = written(overlay, &h, authority);
+                assert_eq!(fields(&got), fields(&expected), "{what}");
+                // Folded lists really are one line each.
+                assert!(got.get_all(VIA).iter().count() == 1, "{what}");
+                assert!(got.get_all(X_FORWARDED_FOR).iter().count() == 1, "{what}");
+            }
+        }
     }
 
     #[test]

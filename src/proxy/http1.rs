@@ -21,13 +21,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{request, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::body::RequestBody;
 use super::connector::Stream;
+use super::headers::{self, Overlay};
 use super::pool::Http1Pool;
 use super::upstream::classify_io;
 use crate::error::{ProxyError, UpstreamError};
@@ -101,14 +102,17 @@ impl Conn {
     /// Sends one request (`parts` is only borrowed: a stale connection leaves it intact for
     /// another attempt) and reads the response head. The body follows in the returned
     /// [`Http1Body`], which hands the connection back to `home` when it ends cleanly.
+    /// `default_host` is the `Host` sent when the request has none (an HTTP/1.0 client's):
+    /// HTTP/1.1 requires one.
     pub async fn send(
         mut self: Box<Self>,
         parts: &request::Parts,
         body: RequestBody,
+        default_host: &HeaderValue,
         home: &Arc<Http1Pool>,
     ) -> Result<Response<Http1Body>, SendError> {
         let framing = request_framing(&parts.headers, &body);
-        encode_head(&mut self.wbuf, parts, framing);
+        encode_head(&mut self.wbuf, parts, framing, default_host);
         let mut sending = Sending {
             body,
             framing,
@@ -272,9 +276,15 @@ fn request_framing(headers: &HeaderMap, body: &RequestBody) -> RequestFraming {
     }
 }
 
-/// Writes the request head in origin form. Header names and values were validated by the
-/// `http` types on the way in (no CR or LF can appear).
-fn encode_head(buf: &mut Vec<u8>, parts: &request::Parts, framing: RequestFraming) {
+/// Writes the request head in origin form, with the forwarding [`Overlay`] when the request
+/// carries one. Header names and values were validated by the `http` types on the way in (no
+/// CR or LF can appear).
+fn encode_head(
+    buf: &mut Vec<u8>,
+    parts: &request::Parts,
+    framing: RequestFraming,
+    default_host: &HeaderValue,
+) {
     buf.clear();
     buf.extend_from_slice(parts.method.as_str().as_bytes());
     buf.push(b' ');
@@ -285,7 +295,17 @@ fn encode_head(buf: &mut Vec<u8>, parts: &request::Parts, framing: RequestFramin
         target.as_bytes()
     });
     buf.extend_from_slice(b" HTTP/1.1\r\n");
-    write_fields(buf, &parts.headers);
+    match parts.extensions.get::<Overlay>() {
+        Some(overlay) => {
+            overlay.write_fields(buf, &parts.headers, parts.uri.authority(), default_host)
+        }
+        None => {
+            write_fields(buf, &parts.headers);
+            if !parts.headers.contains_key(HOST) {
+                headers::field(buf, b"host", default_host.as_bytes());
+            }
+        }
+    }
     if framing == RequestFraming::Chunked {
         buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
@@ -295,10 +315,7 @@ fn encode_head(buf: &mut Vec<u8>, parts: &request::Parts, framing: RequestFramin
 /// Writes header (or trailer) fields, one `name: value` line each.
 fn write_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
     for (name, value) in fields {
-        buf.extend_from_slice(name.as_str().as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(value.as_bytes());
-        buf.extend_from_slice(b"\r\n");
+        headers::field(buf, name.as_str().as_bytes(), value.as_bytes());
     }
 }
 

@@ -168,7 +168,14 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        conn.send(&parts, RequestBody::Empty, pool).await.unwrap()
+        conn.send(
+            &parts,
+            RequestBody::Empty,
+            &http::HeaderValue::from_static("app"),
+            pool,
+        )
+        .await
+        .unwrap()
     }
 
     #[tokio::test]

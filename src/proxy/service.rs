@@ -24,7 +24,7 @@ use tower::util::Oneshot;
 use tower::ServiceExt;
 
 use super::body::{self, Exchange, RequestBody, ResponseBody};
-use super::headers::{self, Forwarded, Stamps, PROXY_STATUS, X_REQUEST_ID, X_SERVED_BY};
+use super::headers::{self, Forwarded, Overlay, Stamps, PROXY_STATUS, X_REQUEST_ID, X_SERVED_BY};
 use super::runtime::Runtime;
 use super::stack::RouteService;
 use super::upstream::{EndpointHint, UpstreamBody};
@@ -220,20 +220,15 @@ fn start(
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
 
     let (mut parts, body) = req.into_parts();
-    headers::rewrite_request(
-        &mut parts.headers,
-        parts.uri.authority(),
-        &rt.stamps,
-        &Forwarded { client_ip, proto },
-        &request_id,
-    );
-    if let Some((protocol, _)) = &upgrade {
-        headers::set_upgrade(&mut parts.headers, protocol.clone());
-    }
-    if te_trailers {
-        parts
-            .headers
-            .insert(TE, HeaderValue::from_static("trailers"));
+    headers::strip_hop_by_hop(&mut parts.headers);
+    let overlay = Overlay::new(&rt.stamps, &Forwarded { client_ip, proto }, &request_id)
+        .upgrade(upgrade.as_ref().map(|(protocol, _)| protocol.clone()))
+        .te_trailers(te_trailers);
+    if route.upstream_http1 {
+        // Written into the request head by the HTTP/1.1 client, field by field.
+        parts.extensions.insert(overlay);
+    } else {
+        overlay.apply(&mut parts.headers, parts.uri.authority());
     }
     if route.spread_retries {
         parts.extensions.insert(EndpointHint::default());

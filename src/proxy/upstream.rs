@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::header::HOST;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::Extensions;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
@@ -186,14 +185,10 @@ impl Upstream {
         ep: &Endpoint,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let (mut parts, body) = req.into_parts();
-        // HTTP/1.0 clients may have sent no `Host`: HTTP/1.1 requires one.
-        if !parts.headers.contains_key(HOST) {
-            parts.headers.insert(HOST, ep.host.clone());
-        }
+        let (parts, body) = req.into_parts();
         let may_resend = is_idempotent(&parts.method) && matches!(body, RequestBody::Empty);
         let body = match ep.pool.checkout() {
-            Some(conn) => match conn.send(&parts, body, &ep.pool).await {
+            Some(conn) => match conn.send(&parts, body, &ep.host, &ep.pool).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::Http1)),
                 Err(e) if e.stale && may_resend => {
                     tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
@@ -210,7 +205,7 @@ impl Upstream {
             .map_err(|ConnectError(kind)| ProxyError::from(kind))?;
         ep.pool.ensure_sweeper();
         Conn::new(io.into_stream())
-            .send(&parts, body, &ep.pool)
+            .send(&parts, body, &ep.host, &ep.pool)
             .await
             .map(|resp| resp.map(UpstreamBody::Http1))
             .map_err(|e| e.error)
