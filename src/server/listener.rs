@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::tls::ListenerTls;
+use crate::policy::with_spare_timer;
 use crate::proxy::{ProxyService, Runtime};
 
 /// How long a client may take to send a request head: slow-loris protection.
@@ -110,7 +111,8 @@ pub async fn serve(
         let watcher = graceful.watcher();
         let (live, builder, tls, cut) = (live.clone(), builder.clone(), tls.clone(), cut.clone());
         live.fetch_add(1, Ordering::SeqCst);
-        tokio::spawn(async move {
+        // The connection's requests share one spare timer for their route timeouts.
+        tokio::spawn(with_spare_timer(async move {
             let serve = async {
                 match tls {
                     None => serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await,
@@ -126,7 +128,7 @@ pub async fn serve(
                 _ = cut.cancelled() => {}
             }
             live.fetch_sub(1, Ordering::SeqCst);
-        });
+        }));
     }
     drop(listener);
     Drained {
