@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::drain::{Conn, Connections};
+use super::timer::ConnTimer;
 use super::tls::ListenerTls;
 use crate::proxy::{ProxyService, Runtime};
 
@@ -50,13 +51,12 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Connections {
     let connections = Connections::new();
+    // No timer here: each connection gets its own (see `serve_io`).
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     // X-Forwarded-Proto: what the client spoke to us.
     let proto = if tls.is_some() { "https" } else { "http" };
@@ -101,7 +101,7 @@ pub async fn serve(
 /// Serves one connection (plain or TLS) until it closes, is upgraded away, is drained or is
 /// cut.
 async fn serve_io<I>(
-    builder: &ConnBuilder,
+    template: &ConnBuilder,
     io: I,
     svc: ProxyService,
     conn: &mut Conn,
@@ -109,7 +109,14 @@ async fn serve_io<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let http = builder.serve_connection_with_upgrades(io, svc).into_owned();
+    // The builder is cloned per connection to give it its own timer, which reuses one tokio
+    // timer for every request head (the header read timeout). Serving from the clone also
+    // spares the clone `into_owned` would make.
+    let mut builder = template.clone();
+    let timer = ConnTimer::new();
+    builder.http1().timer(timer.clone());
+    builder.http2().timer(timer);
+    let http = builder.serve_connection_with_upgrades(io, svc);
     if let Some(Err(e)) = conn.watch(http, |http| http.graceful_shutdown()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }

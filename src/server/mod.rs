@@ -8,6 +8,7 @@
 
 mod drain;
 mod listener;
+mod timer;
 pub mod tls;
 
 use std::net::SocketAddr;
