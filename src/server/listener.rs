@@ -7,17 +7,17 @@
 //! with prior knowledge.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::drain::{Conn, Connections};
+use super::timer::ConnTimer;
 use super::tls::ListenerTls;
 use crate::policy::with_spare_timer;
 use crate::proxy::{ProxyService, Runtime};
@@ -39,32 +39,6 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(4096)
 }
 
-/// The connections still open when a listener stopped accepting.
-pub struct Drained {
-    graceful: GracefulShutdown,
-    live: Arc<AtomicUsize>,
-    /// Fired when the drain timeout passes: every connection task still running drops its
-    /// connection (closing the socket) and ends.
-    cut: CancellationToken,
-}
-
-impl Drained {
-    /// Waits for in-flight work until `deadline`; returns how many connections were cut.
-    pub async fn finish(self, deadline: tokio::time::Instant) -> usize {
-        if self.graceful.count() == 0 {
-            return 0;
-        }
-        match tokio::time::timeout_at(deadline, self.graceful.shutdown()).await {
-            Ok(()) => 0,
-            Err(_) => {
-                let cut = self.live.load(Ordering::SeqCst);
-                self.cut.cancel();
-                cut
-            }
-        }
-    }
-}
-
 type ConnBuilder = auto::Builder<TokioExecutor>;
 
 /// Accepts and serves until `stop` fires, then returns the open connections for draining.
@@ -76,17 +50,14 @@ pub async fn serve(
     runtime: Arc<ArcSwap<Runtime>>,
     tls: Option<Arc<ListenerTls>>,
     stop: CancellationToken,
-) -> Drained {
-    let graceful = GracefulShutdown::new();
-    let live = Arc::new(AtomicUsize::new(0));
-    let cut = CancellationToken::new();
+) -> Connections {
+    let connections = Connections::new();
+    // No timer here: each connection gets its own (see `serve_io`).
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
     let builder = Arc::new(builder);
     // X-Forwarded-Proto: what the client spoke to us.
     let proto = if tls.is_some() { "https" } else { "http" };
@@ -106,50 +77,49 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = ProxyService::new(runtime.clone(), peer, proto);
-        // Watched from accept on, so a connection still in its TLS handshake counts for the
+        // Registered from accept on, so a connection still in its TLS handshake counts for the
         // drain too.
-        let watcher = graceful.watcher();
-        let (live, builder, tls, cut) = (live.clone(), builder.clone(), tls.clone(), cut.clone());
-        live.fetch_add(1, Ordering::SeqCst);
+        let mut conn = connections.register();
+        let (builder, tls) = (builder.clone(), tls.clone());
         // The connection's requests share one spare timer for their route timeouts.
         tokio::spawn(with_spare_timer(async move {
-            let serve = async {
-                match tls {
-                    None => serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await,
-                    Some(tls) => {
-                        if let Some(stream) = tls.accept(stream, peer).await {
-                            serve_io(&builder, TokioIo::new(stream), svc, watcher, peer).await;
-                        }
+            match tls {
+                None => serve_io(&builder, TokioIo::new(stream), svc, &mut conn, peer).await,
+                Some(tls) => {
+                    // A drain lets the handshake finish (the connection is then closed before
+                    // its first request); a cut ends it.
+                    let handshake = conn.watch(tls.accept(stream, peer), |_| {}).await;
+                    if let Some(Some(stream)) = handshake {
+                        serve_io(&builder, TokioIo::new(stream), svc, &mut conn, peer).await;
                     }
                 }
-            };
-            tokio::select! {
-                _ = serve => {}
-                _ = cut.cancelled() => {}
             }
-            live.fetch_sub(1, Ordering::SeqCst);
         }));
     }
     drop(listener);
-    Drained {
-        graceful,
-        live,
-        cut,
-    }
+    connections
 }
 
-/// Serves one connection (plain or TLS) until it closes, is upgraded away, or is drained.
+/// Serves one connection (plain or TLS) until it closes, is upgraded away, is drained or is
+/// cut.
 async fn serve_io<I>(
-    builder: &ConnBuilder,
+    template: &ConnBuilder,
     io: I,
     svc: ProxyService,
-    watcher: Watcher,
+    conn: &mut Conn,
     peer: SocketAddr,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-    if let Err(e) = watcher.watch(conn).await {
+    // The builder is cloned per connection to give it its own timer, which reuses one tokio
+    // timer for every request head (the header read timeout). Serving from the clone also
+    // spares the clone `into_owned` would make.
+    let mut builder = template.clone();
+    let timer = ConnTimer::new();
+    builder.http1().timer(timer.clone());
+    builder.http2().timer(timer);
+    let http = builder.serve_connection_with_upgrades(io, svc);
+    if let Some(Err(e)) = conn.watch(http, |http| http.graceful_shutdown()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }

@@ -6,7 +6,9 @@
 //! closed, busy ones finish their in-flight request (HTTP/1 gets `Connection: close`, HTTP/2
 //! GOAWAY) and whatever is left after `drain_timeout` is cut.
 
+mod drain;
 mod listener;
+mod timer;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -51,7 +53,7 @@ pub struct Server {
     /// Bound admin address.
     pub admin_addr: Option<SocketAddr>,
     stop_accepting: CancellationToken,
-    tasks: Vec<JoinHandle<listener::Drained>>,
+    tasks: Vec<JoinHandle<drain::Connections>>,
     admin_task: Option<JoinHandle<()>>,
     admin_stop: CancellationToken,
     background: CancellationToken,
@@ -182,8 +184,8 @@ impl Server {
         let deadline = tokio::time::Instant::now() + grace;
         let mut cut = 0;
         for t in self.tasks {
-            if let Ok(drained) = t.await {
-                cut += drained.finish(deadline).await;
+            if let Ok(connections) = t.await {
+                cut += connections.finish(deadline).await;
             }
         }
         if cut > 0 {
