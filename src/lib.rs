@@ -18,4 +18,5 @@ pub mod policy;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod spare_timer;
 pub mod status;

@@ -25,4 +25,4 @@ pub use breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitStat
 pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer, LimiterState};
 pub use maintenance::{Maintenance, MaintenanceLayer};
 pub use retry::{Retry, RetryLayer, RetryState};
-pub use timeout::{with_spare_timer, Timeout, TimeoutLayer};
+pub use timeout::{Timeout, TimeoutLayer};

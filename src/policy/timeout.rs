@@ -1,7 +1,6 @@
 //! The route timeout: a deadline for the response head, covering every retry attempt together
 //! (this layer sits outside [`Retry`](super::Retry)).
 
-use std::cell::Cell;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -13,6 +12,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use crate::error::{ProxyError, UpstreamError};
+use crate::spare_timer;
 
 /// Builds [`Timeout`] services for one route timeout.
 #[derive(Debug, Clone, Copy)]
@@ -63,39 +63,9 @@ where
         let deadline = Instant::now() + self.timeout;
         ResponseFuture {
             inner: self.inner.call(req),
-            timer: Some(timer_until(deadline)),
+            timer: Some(spare_timer::take(deadline)),
         }
     }
-}
-
-tokio::task_local! {
-    /// The connection's spare timer (see [`with_spare_timer`]).
-    static SPARE: Cell<Option<Pin<Box<Sleep>>>>;
-}
-
-/// Runs `connection` with a spare timer for its requests' route timeouts: each request takes
-/// it, resets it to its own deadline and gives it back when done, instead of creating,
-/// registering and cancelling a timer of its own (~650 instructions per request). Resetting
-/// to a later deadline is tokio's cheap path, and on one connection each deadline is later
-/// than the last. Requests outside such a scope (HTTP/2 streams run as tasks of their own,
-/// unit tests) just make their own timer.
-pub fn with_spare_timer<F: Future>(connection: F) -> impl Future<Output = F::Output> {
-    SPARE.scope(Cell::new(None), connection)
-}
-
-fn timer_until(deadline: Instant) -> Pin<Box<Sleep>> {
-    match SPARE.try_with(Cell::take).ok().flatten() {
-        Some(mut timer) => {
-            timer.as_mut().reset(deadline);
-            timer
-        }
-        None => Box::pin(tokio::time::sleep_until(deadline)),
-    }
-}
-
-fn give_back(timer: Pin<Box<Sleep>>) {
-    // Outside a scope the timer is simply dropped; with two requests at once, one is kept.
-    let _ = SPARE.try_with(move |spare| spare.set(Some(timer)));
 }
 
 pin_project! {
@@ -110,7 +80,7 @@ pin_project! {
     impl<F> PinnedDrop for ResponseFuture<F> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(timer) = this.project().timer.take() {
-                give_back(timer);
+                spare_timer::give_back(timer);
             }
         }
     }
@@ -127,7 +97,7 @@ where
         // The inner future first: a head that arrived by the deadline wins.
         if let Poll::Ready(result) = this.inner.poll(cx) {
             if let Some(timer) = this.timer.take() {
-                give_back(timer);
+                spare_timer::give_back(timer);
             }
             return Poll::Ready(result);
         }
@@ -137,7 +107,7 @@ where
         };
         ready!(timer.as_mut().poll(cx));
         if let Some(timer) = this.timer.take() {
-            give_back(timer);
+            spare_timer::give_back(timer);
         }
         Poll::Ready(Err(ProxyError::Upstream(UpstreamError::ResponseTimeout)))
     }
@@ -178,14 +148,7 @@ mod tests {
         assert_eq!(resp.status(), 200);
     }
 
-    fn spare_is_set() -> bool {
-        SPARE.with(|spare| {
-            let timer = spare.take();
-            let set = timer.is_some();
-            spare.set(timer);
-            set
-        })
-    }
+    use crate::spare_timer::has_spare as spare_is_set;
 
     /// Polls a hanging request until just before its deadline, then to it.
     async fn times_out_exactly_at_its_deadline() {
@@ -207,7 +170,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connections_spare_timer_is_reused_at_each_requests_own_deadline() {
-        with_spare_timer(async {
+        spare_timer::scope(async {
             assert!(!spare_is_set());
             // A request answered in time gives its timer back...
             let quick = TimeoutLayer::new(LIMIT).layer(CountingService::new(Reply::ok_after(

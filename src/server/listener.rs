@@ -17,10 +17,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::drain::{Conn, Connections};
-use super::timer::ConnTimer;
+use super::timer::SpareTimer;
 use super::tls::ListenerTls;
-use crate::policy::with_spare_timer;
 use crate::proxy::{ProxyService, Runtime};
+use crate::spare_timer;
 
 /// How long a client may take to send a request head: slow-loris protection.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -52,12 +52,13 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Connections {
     let connections = Connections::new();
-    // No timer here: each connection gets its own (see `serve_io`).
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
+        .timer(SpareTimer)
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .keep_alive(true);
+    builder.http2().timer(SpareTimer);
     let builder = Arc::new(builder);
     // X-Forwarded-Proto: what the client spoke to us.
     let proto = if tls.is_some() { "https" } else { "http" };
@@ -81,8 +82,8 @@ pub async fn serve(
         // drain too.
         let mut conn = connections.register();
         let (builder, tls) = (builder.clone(), tls.clone());
-        // The connection's requests share one spare timer for their route timeouts.
-        tokio::spawn(with_spare_timer(async move {
+        // Its requests' deadlines (head read, route timeout) share one spare timer.
+        tokio::spawn(spare_timer::scope(async move {
             match tls {
                 None => serve_io(&builder, TokioIo::new(stream), svc, &mut conn, peer).await,
                 Some(tls) => {
@@ -103,7 +104,7 @@ pub async fn serve(
 /// Serves one connection (plain or TLS) until it closes, is upgraded away, is drained or is
 /// cut.
 async fn serve_io<I>(
-    template: &ConnBuilder,
+    builder: &ConnBuilder,
     io: I,
     svc: ProxyService,
     conn: &mut Conn,
@@ -111,14 +112,7 @@ async fn serve_io<I>(
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    // The builder is cloned per connection to give it its own timer, which reuses one tokio
-    // timer for every request head (the header read timeout). Serving from the clone also
-    // spares the clone `into_owned` would make.
-    let mut builder = template.clone();
-    let timer = ConnTimer::new();
-    builder.http1().timer(timer.clone());
-    builder.http2().timer(timer);
-    let http = builder.serve_connection_with_upgrades(io, svc);
+    let http = builder.serve_connection_with_upgrades(io, svc).into_owned();
     if let Some(Err(e)) = conn.watch(http, |http| http.graceful_shutdown()).await {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
