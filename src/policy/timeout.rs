@@ -121,13 +121,15 @@ mod tests {
 
     const LIMIT: Duration = Duration::from_millis(500);
 
-    #[tokio::test(start_paused = true)]
-    async fn fires_at_exactly_the_deadline() {
+    /// Calls a request that never gets an answer and polls it to just before its deadline,
+    /// then to it; `after_call` runs once the call is made. Returns the inner service's calls.
+    async fn times_out_exactly_at_its_deadline(after_call: impl FnOnce()) -> usize {
         let inner = CountingService::new(Reply::hang());
         let svc = TimeoutLayer::new(LIMIT).layer(inner.clone());
         let mut call = Manual::new(svc.oneshot(request("GET", "")));
         // The first poll makes the call, which starts the clock.
         assert!(call.poll_once().is_none());
+        after_call();
         tokio::time::advance(LIMIT - Duration::from_millis(1)).await;
         assert!(call.poll_once().is_none(), "fired before the deadline");
         tokio::time::advance(Duration::from_millis(1)).await;
@@ -137,7 +139,12 @@ mod tests {
                 .unwrap_err(),
             ProxyError::Upstream(UpstreamError::ResponseTimeout)
         );
-        assert_eq!(inner.calls(), 1);
+        inner.calls()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn fires_at_exactly_the_deadline() {
+        assert_eq!(times_out_exactly_at_its_deadline(|| {}).await, 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -150,21 +157,13 @@ mod tests {
 
     use crate::spare_timer::has_spare as spare_is_set;
 
-    /// Polls a hanging request until just before its deadline, then to it.
-    async fn times_out_exactly_at_its_deadline() {
-        let svc = TimeoutLayer::new(LIMIT).layer(CountingService::new(Reply::hang()));
-        let mut call = Manual::new(svc.oneshot(request("GET", "")));
-        assert!(call.poll_once().is_none());
-        assert!(!spare_is_set(), "the request did not take the spare timer");
-        tokio::time::advance(LIMIT - Duration::from_millis(1)).await;
-        assert!(call.poll_once().is_none(), "fired before the deadline");
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(
-            call.poll_once()
-                .expect("did not fire at the deadline")
-                .unwrap_err(),
-            ProxyError::Upstream(UpstreamError::ResponseTimeout)
-        );
+    /// A hanging request on a connection with a spare timer: it takes the spare, and gives it
+    /// back once it has fired.
+    async fn times_out_with_the_spare() {
+        times_out_exactly_at_its_deadline(|| {
+            assert!(!spare_is_set(), "the request did not take the spare timer")
+        })
+        .await;
         assert!(spare_is_set(), "a fired timer was not given back");
     }
 
@@ -180,9 +179,9 @@ mod tests {
             assert!(spare_is_set());
             // ...and the next one, reusing it, still gets its full time, from its own call.
             tokio::time::advance(Duration::from_millis(300)).await;
-            times_out_exactly_at_its_deadline().await;
+            times_out_with_the_spare().await;
             // A timer that already fired is reused just as well.
-            times_out_exactly_at_its_deadline().await;
+            times_out_with_the_spare().await;
             // A request dropped unanswered gives it back too.
             let svc = TimeoutLayer::new(LIMIT).layer(CountingService::new(Reply::hang()));
             let mut call = Manual::new(svc.oneshot(request("GET", "")));
