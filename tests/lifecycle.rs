@@ -1774,6 +1774,92 @@ async fn soak_shutdown_with_drain_delay_fails_nothing() {
     );
 }
 
+/// `GET path` with `addr` as its `Host`.
+fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A keep-alive connection to `addr` that has served one `GET /ok` and is now idle, and a task
+/// that ends (with the time) when the proxy closes it.
+async fn idle_keep_alive(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    tokio::task::JoinHandle<Instant>,
+) {
+    let (mut idle, idle_conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
+        TokioIo::new(TcpStream::connect(addr).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    let closed = tokio::spawn(async move {
+        let _ = idle_conn.await;
+        Instant::now()
+    });
+    let r = idle.send_request(get_request(addr, "/ok")).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    r.into_body().collect().await.unwrap();
+    (idle, closed)
+}
+
+/// With two listeners, stopping tells every listener's connections to drain at once: an idle
+/// keep-alive connection on one is closed while a slow request on the other still runs (one
+/// listener after the other, it would go on taking requests until that request ended).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_drains_every_listeners_connections_at_once() {
+    let _serial = SERIAL.lock().await;
+    let app = DemoApp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let nowhere = refusing_addr().await;
+    // A second listener, listed first: its connections are the ones a one-by-one drain
+    // would wait for.
+    let yaml = config(app.local_addr(), nowhere, "", "10s").replace(
+        "listeners:\n",
+        "listeners:\n  - name: other\n    address: 127.0.0.1:0\n",
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let (busy_addr, idle_addr) = (proxy.server.listen_addrs[0], proxy.server.listen_addrs[1]);
+    let (_idle, idle_closed) = idle_keep_alive(idle_addr).await;
+    let slow = tokio::spawn(async move {
+        let r = try_get(
+            &format!("http://{busy_addr}/slow?ms=1500"),
+            Duration::from_secs(5),
+        )
+        .await;
+        (r, Instant::now())
+    });
+    assert_eq!(
+        metric_settles(proxy.admin, &in_flight("default"), 1.0).await,
+        1.0
+    );
+
+    let started = Instant::now();
+    let stop = tokio::spawn(proxy.server.stop_now(Duration::from_secs(5)));
+    let idle_closed_at = tokio::time::timeout(STEP, idle_closed)
+        .await
+        .expect("idle connection closed")
+        .unwrap();
+    assert!(
+        idle_closed_at.duration_since(started) < Duration::from_millis(800),
+        "the other listener's idle connection was closed only after {:?}",
+        idle_closed_at.duration_since(started)
+    );
+    assert!(
+        !slow.is_finished(),
+        "the slow request should still be running"
+    );
+    let (r, done_at) = tokio::time::timeout(STEP, slow).await.unwrap().unwrap();
+    assert_eq!(
+        r.expect("the slow request completes").status,
+        StatusCode::OK
+    );
+    assert!(done_at.duration_since(started) >= Duration::from_millis(800));
+    let report = tokio::time::timeout(STEP, stop).await.unwrap().unwrap();
+    assert_eq!(report.cut_connections, 0);
+}
+
 /// `shutdown()` in-process: readiness fails at once; for `drain_delay` new connections and
 /// idle keep-alive ones are still served; then new connections are refused, the idle
 /// keep-alive connection is closed, and the busy one finishes its request (200, full body).
@@ -1795,24 +1881,8 @@ async fn shutdown_drains_idle_and_busy_connections() {
     let (addr, admin) = (proxy.addr, proxy.admin);
 
     // An idle keep-alive connection (one request done), watched for its close.
-    let (mut idle, idle_conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(
-        TokioIo::new(TcpStream::connect(addr).await.unwrap()),
-    )
-    .await
-    .unwrap();
-    let idle_closed = tokio::spawn(async move {
-        let _ = idle_conn.await;
-        Instant::now()
-    });
-    let req = move |path: &str| {
-        Request::get(path)
-            .header("host", addr.to_string())
-            .body(Full::new(Bytes::new()))
-            .unwrap()
-    };
-    let r = idle.send_request(req("/ok")).await.unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    r.into_body().collect().await.unwrap();
+    let (mut idle, idle_closed) = idle_keep_alive(addr).await;
+    let req = move |path: &str| get_request(addr, path);
 
     // A busy one.
     let (mut busy, busy_conn) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(

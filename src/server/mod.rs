@@ -182,12 +182,23 @@ impl Server {
         self.background.cancel();
         self.stop_accepting.cancel();
         let deadline = tokio::time::Instant::now() + grace;
-        let mut cut = 0;
+        let mut listeners = Vec::with_capacity(self.tasks.len());
         for t in self.tasks {
             if let Ok(connections) = t.await {
-                cut += connections.finish(deadline).await;
+                listeners.push(connections);
             }
         }
+        // Every listener's connections are told to drain at once: one after another, a second
+        // listener's idle connections would go on taking requests until the first listener's
+        // busy ones finished, and those requests could then be cut at the deadline.
+        let cut: usize = futures_util::future::join_all(
+            listeners
+                .into_iter()
+                .map(|connections| connections.finish(deadline)),
+        )
+        .await
+        .into_iter()
+        .sum();
         if cut > 0 {
             tracing::warn!(cut, "drain timeout passed: cut connections still in flight");
         } else {
