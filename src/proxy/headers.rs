@@ -226,62 +226,11 @@ pub struct Forwarded<'a> {
     pub proto: &'static str,
 }
 
-/// Rewrites a request's headers for the upstream: hop-by-hop removed, `Via` and
-/// `X-Forwarded-For` appended, `X-Forwarded-Proto`/`-Host` set, `Host` kept (or filled from an
-/// HTTP/2 `:authority`), `x-request-id` set.
-pub fn rewrite_request(
-    headers: &mut HeaderMap,
-    authority: Option<&http::uri::Authority>,
-    stamps: &Stamps,
-    fwd: &Forwarded<'_>,
-    request_id: &HeaderValue,
-) {
-    rewrite_with(
-        headers,
-        authority,
-        &stamps.via,
-        fwd.client_ip,
-        fwd.proto,
-        request_id,
-    );
-}
-
-fn rewrite_with(
-    headers: &mut HeaderMap,
-    authority: Option<&http::uri::Authority>,
-    via: &HeaderValue,
-    client_ip: &HeaderValue,
-    proto: &'static str,
-    request_id: &HeaderValue,
-) {
-    // Room for what is added below, so the map grows (and rehashes) once at most.
-    headers.reserve(6);
-    strip_hop_by_hop(headers);
-    append_list(headers, VIA, via);
-    append_list(headers, X_FORWARDED_FOR, client_ip);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    let host = match headers.get(HOST) {
-        Some(h) => Some(h.clone()),
-        None => {
-            let filled = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            if let Some(h) = &filled {
-                headers.insert(HOST, h.clone());
-            }
-            filled
-        }
-    };
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host);
-    }
-    // Always the id the client is told: an unusable client id was replaced by `request_id`.
-    headers.insert(X_REQUEST_ID, request_id.clone());
-}
-
 /// What spillway adds to a request it forwards to an HTTP/1.1 upstream, kept beside the
 /// client's header map (as a request extension) instead of written into it: the upstream
 /// client writes these fields straight into the request head ([`Overlay::write_fields`]),
 /// which saves the map insertions, a rehash and the folded values' allocations on every
-/// request. The result is field for field what [`rewrite_request`] makes of the map (a unit
+/// request. The result is field for field what [`Overlay::apply`] makes of the map (a unit
 /// test holds the two together). Hop-by-hop fields are stripped from the map before.
 #[derive(Debug, Clone)]
 pub struct Overlay {
@@ -408,17 +357,31 @@ impl Overlay {
         buf.extend_from_slice(b"\r\n");
     }
 
-    /// Applies the overlay to the map itself (for upstreams that are not written field by
-    /// field: HTTP/2 through hyper's client).
+    /// Applies the overlay to the map itself, for upstreams that are not written field by
+    /// field (HTTP/2, through hyper's client): `Via` and `X-Forwarded-For` appended (folded
+    /// onto one line, ours last), `X-Forwarded-Proto`/`-Host` set, `Host` kept (or filled from
+    /// an HTTP/2 `:authority`), `x-request-id` set. Hop-by-hop fields are stripped before.
     pub fn apply(&self, headers: &mut HeaderMap, authority: Option<&http::uri::Authority>) {
-        rewrite_with(
-            headers,
-            authority,
-            &self.via,
-            &self.client_ip,
-            self.proto,
-            &self.request_id,
-        );
+        // Room for what is added below, so the map grows (and rehashes) once at most.
+        headers.reserve(6);
+        append_list(headers, VIA, &self.via);
+        append_list(headers, X_FORWARDED_FOR, &self.client_ip);
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto));
+        let host = match headers.get(HOST) {
+            Some(h) => Some(h.clone()),
+            None => {
+                let filled = authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+                if let Some(h) = &filled {
+                    headers.insert(HOST, h.clone());
+                }
+                filled
+            }
+        };
+        if let Some(host) = host {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        // Always the id the client is told: an unusable client id was replaced by it.
+        headers.insert(X_REQUEST_ID, self.request_id.clone());
         if let Some(protocol) = &self.upgrade {
             set_upgrade(headers, protocol.clone());
         }
@@ -669,16 +632,15 @@ mod tests {
         h.insert(HOST, hv("shop.example.com"));
         let ip = hv("127.0.0.1");
         let id = hv("abc");
-        rewrite_request(
-            &mut h,
-            None,
+        Overlay::new(
             &stamps,
             &Forwarded {
                 client_ip: &ip,
                 proto: "http",
             },
             &id,
-        );
+        )
+        .apply(&mut h, None);
         assert_eq!(h[VIA], "1.1 lb, 1.1 edge-1");
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.1");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
@@ -692,16 +654,15 @@ mod tests {
         let mut h = HeaderMap::new();
         let ip = hv("::1");
         let a: http::uri::Authority = "api.example.com:8443".parse().unwrap();
-        rewrite_request(
-            &mut h,
-            Some(&a),
+        Overlay::new(
             &stamps,
             &Forwarded {
                 client_ip: &ip,
                 proto: "https",
             },
             &hv("x"),
-        );
+        )
+        .apply(&mut h, Some(&a));
         assert_eq!(h[HOST], "api.example.com:8443");
         assert_eq!(h[X_FORWARDED_HOST], "api.example.com:8443");
     }
@@ -713,16 +674,15 @@ mod tests {
         h.append(X_FORWARDED_FOR, hv("10.0.0.1"));
         h.append(X_FORWARDED_FOR, hv("10.0.0.2"));
         let ip = hv("127.0.0.1");
-        rewrite_request(
-            &mut h,
-            None,
+        Overlay::new(
             &s,
             &Forwarded {
                 client_ip: &ip,
                 proto: "http",
             },
             &hv("x"),
-        );
+        )
+        .apply(&mut h, None);
         assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, 127.0.0.1");
         let mut r = HeaderMap::new();

@@ -18,6 +18,7 @@ use std::task::{Context, Poll, Waker};
 
 use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
+use slab::Slab;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -59,10 +60,9 @@ struct Shared {
 
 /// Only locked at connect, disconnect and shutdown, never per request.
 struct Registry {
-    /// A slab: a connection's key is its index, freed slots are reused.
-    slots: Vec<Option<Arc<Signal>>>,
-    free: Vec<usize>,
-    live: usize,
+    /// The live connections' signals; a connection's key is its slot, and freed slots are
+    /// reused.
+    slots: Slab<Arc<Signal>>,
     /// What the listener asks of its connections; new ones start in it.
     mode: u8,
 }
@@ -72,10 +72,10 @@ impl Registry {
     /// connections are live.
     fn raise(&mut self, to: u8) -> usize {
         self.mode = self.mode.max(to);
-        for signal in self.slots.iter().flatten() {
+        for (_, signal) in &self.slots {
             signal.raise(to);
         }
-        self.live
+        self.slots.len()
     }
 }
 
@@ -85,9 +85,7 @@ impl Connections {
         Connections {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry {
-                    slots: Vec::new(),
-                    free: Vec::new(),
-                    live: 0,
+                    slots: Slab::new(),
                     mode: RUNNING,
                 }),
                 emptied: Notify::new(),
@@ -103,17 +101,7 @@ impl Connections {
             state: AtomicU8::new(registry.mode),
             waker: AtomicWaker::new(),
         });
-        let key = match registry.free.pop() {
-            Some(key) => {
-                registry.slots[key] = Some(signal.clone());
-                key
-            }
-            None => {
-                registry.slots.push(Some(signal.clone()));
-                registry.slots.len() - 1
-            }
-        };
-        registry.live += 1;
+        let key = registry.slots.insert(signal.clone());
         Conn {
             signal,
             shared: self.shared.clone(),
@@ -124,7 +112,7 @@ impl Connections {
 
     /// Connections registered and not yet ended.
     pub fn live(&self) -> usize {
-        lock(&self.shared.registry).live
+        lock(&self.shared.registry).slots.len()
     }
 
     /// Asks every live connection to drain, waits until all have ended or `deadline` passed,
@@ -203,10 +191,8 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         let mut registry = lock(&self.shared.registry);
-        registry.slots[self.key] = None;
-        registry.free.push(self.key);
-        registry.live -= 1;
-        if registry.live == 0 && registry.mode != RUNNING {
+        registry.slots.remove(self.key);
+        if registry.slots.is_empty() && registry.mode != RUNNING {
             self.shared.emptied.notify_one();
         }
     }
@@ -432,7 +418,6 @@ mod tests {
         assert_eq!(connections.live(), 1);
         let third = connections.register();
         assert_eq!(third.key, 0);
-        assert_eq!(lock(&connections.shared.registry).slots.len(), 2);
         drop((second, third));
         assert_eq!(connections.live(), 0);
     }
