@@ -166,10 +166,11 @@ impl Conn {
     ) -> Poll<Result<Head, ProxyError>> {
         let mut write_failed = false;
         loop {
-            let mut progressed = false;
+            // Write until done or blocked first, then read until blocked: polling the read side
+            // again after each write step would only find it still pending.
             if !write_failed && !s.done(self) {
-                match s.poll_write(self, cx) {
-                    Poll::Ready(Ok(())) => progressed = true,
+                match s.drive(self, cx) {
+                    Poll::Ready(Ok(())) | Poll::Pending => {}
                     Poll::Ready(Err(WriteError::Upstream(e))) => {
                         tracing::debug!(error = %e, "upstream stopped taking the request; reading its answer");
                         write_failed = true;
@@ -177,29 +178,18 @@ impl Conn {
                     Poll::Ready(Err(WriteError::RequestBody)) => {
                         return Poll::Ready(Err(ProxyError::BadRequest))
                     }
-                    Poll::Pending => {}
                 }
             }
             if let Some(head) = self.parse_head()? {
                 return Poll::Ready(Ok(head));
             }
-            match self.poll_fill(cx) {
-                Poll::Ready(Ok(0)) => {
-                    return Poll::Ready(Err(UpstreamError::ConnectionTerminated.into()))
-                }
-                Poll::Ready(Ok(_)) => {
-                    s.received = true;
-                    progressed = true;
-                }
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(classify_io(&e).into())),
-                // After a failed write the connection is dead, but an answer the app sent
-                // before closing (an early 413) may still be waiting to be read: keep reading
-                // until a head, the end of the stream or a read error (the route timeout
-                // bounds it all).
-                Poll::Pending => {}
-            }
-            if !progressed {
-                return Poll::Pending;
+            // After a failed write the connection is dead, but an answer the app sent before
+            // closing (an early 413) may still be waiting to be read: reading goes on until a
+            // head, the end of the stream or a read error (the route timeout bounds it all).
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) => return Poll::Ready(Err(UpstreamError::ConnectionTerminated.into())),
+                Ok(_) => s.received = true,
+                Err(e) => return Poll::Ready(Err(classify_io(&e).into())),
             }
         }
     }
