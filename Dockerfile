@@ -1,8 +1,9 @@
 # syntax=docker/dockerfile:1
 #
-# spillway as a container image: a release build on the official Rust image (Debian bookworm),
-# copied onto distroless/cc-debian12 (bookworm's glibc and libgcc, CA certificates, no shell,
-# no package manager), running as the distroless `nonroot` user (65532).
+# spillway as a container image: a profile-guided release build (deploy/pgo-build.sh) on the
+# official Rust image (Debian bookworm), copied onto distroless/cc-debian12 (bookworm's glibc
+# and libgcc, CA certificates, no shell, no package manager), running as the distroless
+# `nonroot` user (65532).
 #
 #   docker build -t spillway:0.1.0 .
 #   docker run --rm -p 8080:8080 -p 9901:9901 \
@@ -18,9 +19,7 @@ FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 # Small and self-contained binary: symbols stripped, no debug info (the image is for running,
 # not for debugging; build locally for backtraces with line numbers).
-ENV CARGO_PROFILE_RELEASE_STRIP=symbols \
-    CARGO_PROFILE_RELEASE_DEBUG=false \
-    CARGO_PROFILE_DIST_STRIP=symbols \
+ENV CARGO_PROFILE_DIST_STRIP=symbols \
     CARGO_PROFILE_DIST_DEBUG=false \
     CARGO_TERM_COLOR=never
 # The shipped binary is profile-guided (deploy/pgo-build.sh): built instrumented, trained on

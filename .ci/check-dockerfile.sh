@@ -55,22 +55,14 @@ if [ -n "$rust_arg" ] && [ -n "$msrv" ]; then
   else fail "rust $rust_arg is older than rust-version $msrv"; fi
 else fail "ARG RUST_VERSION=<x.y> and Cargo.toml rust-version expected"; fi
 
-# The shipped build is deploy/pgo-build.sh (cargo build --locked, profile `dist`, which inherits
-# `release`), or a plain release build.
-if grep -qE 'bash deploy/pgo-build\.sh' <<<"$joined"; then
-  grep -qE 'cargo build --locked --profile dist' deploy/pgo-build.sh \
-    && ok "deploy/pgo-build.sh (cargo build --locked --profile dist)" \
-    || fail "deploy/pgo-build.sh should run cargo build --locked --profile dist"
-  grep -qE 'COPY deploy/pgo-build\.sh ' <<<"$joined" && ok "the PGO script is copied in" \
-    || fail "COPY deploy/pgo-build.sh expected"
-  grep -qE 'CARGO_PROFILE_DIST_STRIP=(symbols|true)' <<<"$joined" && ok "binary stripped" \
-    || fail "the binary should be stripped (CARGO_PROFILE_DIST_STRIP)"
-else
-  grep -qE 'cargo build [^&]*--release' <<<"$joined" && grep -qE 'cargo build [^&]*--locked' <<<"$joined" \
-    && ok "cargo build --release --locked" || fail "cargo build --release --locked expected"
-  grep -qE 'CARGO_PROFILE_RELEASE_STRIP=(symbols|true)|(^| )strip ' <<<"$joined" && ok "binary stripped" \
-    || fail "the binary should be stripped"
-fi
+# The shipped build is deploy/pgo-build.sh (cargo build --locked, profile `dist`).
+grep -qE 'bash deploy/pgo-build\.sh' <<<"$joined" && ok "built by deploy/pgo-build.sh" \
+  || fail "the build stage should run bash deploy/pgo-build.sh"
+grep -qE 'cargo build --locked --profile dist' deploy/pgo-build.sh \
+  && ok "deploy/pgo-build.sh runs cargo build --locked --profile dist" \
+  || fail "deploy/pgo-build.sh should run cargo build --locked --profile dist"
+grep -qE 'CARGO_PROFILE_DIST_STRIP=(symbols|true)' <<<"$joined" && ok "binary stripped" \
+  || fail "the binary should be stripped (CARGO_PROFILE_DIST_STRIP)"
 
 # The runtime stage: from its FROM to the end.
 runtime=$(awk 'BEGIN{n=0} /^FROM /{n++} {print n "\t" $0}' <<<"$joined" | awk -F'\t' -v last="$(wc -l <<<"$froms")" '$1==last{print $2}')

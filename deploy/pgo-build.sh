@@ -10,8 +10,8 @@
 #    once with the access log on (the default) and once with it off;
 # 3. merges the profile (llvm-profdata from rustup's llvm-tools) and builds again with it;
 # 4. checks the result answers a request.
-# On the proxy benchmark the PGO build needs about a quarter fewer instructions per request
-# than `cargo build --release` (README, "Performance").
+# On the proxy benchmark (benches/callgrind.sh) the PGO build needed 17,535 instructions per
+# request against 22,731 for `cargo build --release` (README, "Benchmarks").
 #
 # Needs: cargo and rustup, wrk, curl, openssl (installed with apt-get when missing and run
 # as root). Listens on 127.0.0.1 only: PGO_PORT (plain), PGO_PORT+1 (TLS), PGO_PORT+2
@@ -120,20 +120,33 @@ request = function()
 end
 EOF
 
-wait_curls() { local j; for j in $(jobs -p); do [[ $j == "$pid" ]] || wait "$j" || true; done; }
-train() { # RUST_LOG value
-    say "  training with RUST_LOG=$1"
-    RUST_LOG=$1 "$GEN" demo --config "$WORK/train.yaml" >"$WORK/demo.log" 2>/dev/null &
-    local pid=$! ok=
+# Starts BIN as `spillway demo` with the training config; prints its PID once it answers.
+start_demo() { # BIN LOG [RUST_LOG]
+    RUST_LOG=${3:-info} "$1" demo --config "$WORK/train.yaml" >"$2" 2>&1 &
+    local pid=$!
     for _ in $(seq 100); do
-        curl -fso /dev/null "http://127.0.0.1:$PORT/ok" && { ok=1; break; }
+        curl -fso /dev/null "http://127.0.0.1:$PORT/ok" && { echo "$pid"; return 0; }
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
-    [[ -n $ok ]] || { kill "$pid" 2>/dev/null; fail "the instrumented build did not start (see $WORK/demo.log)"; }
+    kill "$pid" 2>/dev/null
+    fail "$1 did not start (see $2)"
+}
+# SIGINT: a clean shutdown (for the instrumented build, the one that writes the profile).
+stop_demo() { # PID
+    kill -INT "$1"
+    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -0 "$1" 2>/dev/null && { kill -9 "$1"; fail "spillway demo did not stop"; }
+    wait "$1" || true
+}
+train() { # RUST_LOG value
+    say "  training with RUST_LOG=$1"
+    local pid slow=()
+    pid=$(start_demo "$GEN" "$WORK/demo.log" "$1")
     # Alongside: route timeouts (504), HEAD (which wrk cannot parse), HTTP/2 over TLS.
     for _ in 1 2 3 4; do
         curl -so /dev/null --max-time 5 "http://127.0.0.1:$PORT/slow?ms=1500" &
+        slow+=($!)
     done
     for _ in $(seq 20); do
         curl -fsIo /dev/null "http://127.0.0.1:$PORT/ok"
@@ -144,12 +157,8 @@ train() { # RUST_LOG value
     timeout $((TRAIN_SECONDS + 20)) wrk -t1 -c16 -d"${TRAIN_SECONDS}s" -s "$WORK/mix.lua" \
         "https://127.0.0.1:$((PORT + 1))" >/dev/null
     curl -fso /dev/null "http://127.0.0.1:$((PORT + 2))/metrics"
-    wait_curls
-    # SIGINT: a clean shutdown, which writes the profile.
-    kill -INT "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && { kill -9 "$pid"; fail "the instrumented build did not stop"; }
-    wait "$pid" || true
+    wait "${slow[@]}" || true
+    stop_demo "$pid"
 }
 train "info"
 train "info,spillway::access=off"
@@ -161,13 +170,6 @@ build "$REPO/target/pgo-use" "-Cprofile-use=$WORK/spillway.profdata"
 install -m 0755 "$REPO/target/pgo-use/$HOST/dist/spillway" "$OUT/spillway"
 
 say "4/4 checking the result"
-"$OUT/spillway" demo --config "$WORK/train.yaml" >/dev/null 2>&1 &
-pid=$!
-ok=
-for _ in $(seq 100); do
-    curl -fso /dev/null "http://127.0.0.1:$PORT/ok" && { ok=1; break; }
-    sleep 0.1
-done
-kill -INT "$pid" 2>/dev/null; wait "$pid" 2>/dev/null || true
-[[ -n $ok ]] || fail "the PGO build did not answer"
+pid=$(start_demo "$OUT/spillway" "$WORK/check.log")
+stop_demo "$pid"
 say "done: $OUT/spillway ($("$OUT/spillway" --version))"
