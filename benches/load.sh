@@ -15,17 +15,16 @@
 # 4. Our own additions, which the harness does not measure (skip with EXTRAS=0):
 #    - idle RSS: spillway started with the same config, once GET /health through it answers
 #      200 and it has sat idle for IDLE_SETTLE seconds;
-#    - added latency at half load: oha open loop (-q R, --latency-correction, -c LAT_CONNS)
-#      for LAT_DURATION s against the upstream directly and through spillway, LAT_ROUNDS
-#      times in turn; reported as p99(spillway) - p99(direct) (and p50), medians over the
-#      rounds. R = half of the lower of oha's closed-loop rates direct / through spillway
-#      (LAT_CAL s each): oha is much slower than wrk, so half of wrk's rate would overrun
-#      the client and measure its backlog, not latency. HALF_RPS overrides R.
+#    - added latency: benches/latency_probe.rs, a paired open-loop probe: HALF_RPS (default
+#      5000) ticks per second, each sending one request straight to the upstream and one
+#      through the proxy, LAT_DURATION s after LAT_WARMUP s, LAT_ROUNDS rounds of spillway
+#      then nginx; reported as the proxy's p50/p99 minus direct's in the same run (and the p99
+#      of the per-tick differences), medians over the rounds.
 #
 # Output: tables on stdout; everything under RESULTS_DIR
 # (default /tmp/bench-results/spillway-load-<date>): the harness's raw.tsv and wrk outputs,
-# extras/ (oha JSON, logs) and report.txt (summary + extras).
-# All traffic stays on 127.0.0.1; every load step is bounded (wrk -d, oha -z, timeout, and
+# extras/ (the probe's output, logs) and report.txt (summary + extras).
+# All traffic stays on 127.0.0.1; every load step is bounded (wrk -d, the probe's --duration, timeout, and
 # a watchdog over the extras).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -37,9 +36,8 @@ export SPILLWAY_CONFIG
 EXTRAS=${EXTRAS:-1}
 LAT_DURATION=${LAT_DURATION:-10}       # seconds of measured load per latency sample
 LAT_WARMUP=${LAT_WARMUP:-2}            # seconds of discarded load before each sample
-LAT_ROUNDS=${LAT_ROUNDS:-1}            # direct, spillway, direct, spillway, ...
+LAT_ROUNDS=${LAT_ROUNDS:-1}            # rounds of (direct + spillway), (direct + nginx)
 LAT_CONNS=${LAT_CONNS:-64}             # as the harness's `small` case
-LAT_CAL=${LAT_CAL:-5}                  # seconds of the oha closed-loop calibration
 IDLE_SETTLE=${IDLE_SETTLE:-2}
 EXTRA_UP_PORT=${EXTRA_UP_PORT:-18180}  # ports for step 4 (the harness uses 18080-18089)
 EXTRA_PORT=${EXTRA_PORT:-18184}
@@ -70,17 +68,21 @@ REPORT=$RESULTS_DIR/report.txt
 
 # ---- 4. extras -------------------------------------------------------------------------------
 if (( EXTRAS )); then
-    # The harness helpers: start_bg (pinned, tracked), stop_pid, wait_http, find_oha,
+    # The harness helpers: start_bg (pinned, tracked), stop_pid, wait_http,
     # descendants, median_of, watchdog, cleanup. Sourcing only defines things.
     source "$HARNESS/lib.sh"
-    OHA_BIN=$(find_oha) || fail "oha not found (looked at \$OHA, PATH, ~/.cargo/bin, /tmp/oha-root/bin). Install it with: cargo install oha --locked --root /tmp/oha-root"
     require_tool jq "apt-get install -y jq"
+    say "building the latency probe (benches/latency_probe.rs)"
+    PROBE_BIN=$(cd "$REPO_DIR" && cargo build --release --bench latency_probe --message-format=json-render-diagnostics \
+        | jq -r 'select(.reason == "compiler-artifact" and .target.name == "latency_probe") | .executable') \
+        || fail "could not build the latency probe: (cd $REPO_DIR && cargo build --release --bench latency_probe)"
+    [[ -x "$PROBE_BIN" ]] || fail "built, but the latency probe ('$PROBE_BIN') is missing"
     require_tool curl "apt-get install -y curl"
     check_ports_free "$EXTRA_UP_PORT" "$EXTRA_PORT"
     command -v nginx >/dev/null || LAT_NGINX=0
     (( LAT_NGINX )) && check_ports_free "$EXTRA_NGINX_PORT"
     X=$RESULTS_DIR/extras; mkdir -p "$X"
-    budget=$(( 100 + IDLE_SETTLE + 2 * LAT_CAL + LAT_ROUNDS * 3 * (LAT_WARMUP + LAT_DURATION + 45) ))
+    budget=$(( 100 + IDLE_SETTLE + LAT_ROUNDS * 2 * (LAT_WARMUP + LAT_DURATION + 45) ))
     guard_run "$budget"
 
     render_config "$SPILLWAY_CONFIG" "$X/spillway.yaml" PORT="$EXTRA_PORT" UPSTREAM="127.0.0.1:$EXTRA_UP_PORT" \
@@ -116,85 +118,54 @@ if (( EXTRAS )); then
         fi
     fi
 
-    # Rate. Capacity must be measured with the same client that measures the latency: oha
-    # (one worker thread, sharing LOAD_CPU with the upstream) tops out far below wrk, and
-    # through any proxy lower still (here: ~28k req/s direct, ~11k through HAProxy, vs wrk's
-    # ~80k direct), and asking it for more than the path can carry makes
-    # --latency-correction report a backlog, not a latency. So: oha closed loop (-c
-    # LAT_CONNS, LAT_CAL s) straight to the upstream and through spillway, and half of the
-    # lower of the two: both paths then run at most half loaded. HALF_RPS overrides.
-    # wrk's direct `small` rate from step 2 is shown for reference.
-    wrk_direct=$(awk -F'\t' 'NR > 1 && $2 == "small" && $3 == "direct" { print $4 }' "$RAW" | median_of)
-    oha_closed() { # NAME URL -> req/s
-        timeout $(( LAT_CAL + 20 )) taskset -c "$LOAD_CPU" "$OHA_BIN" --no-tui --worker-threads 1 -c "$LAT_CONNS" \
-            -z "${LAT_CAL}s" --output-format json -o "$X/oha-capacity-$1.json" "$2" >"$X/oha-capacity-$1.log" 2>&1 || true
-        jq -r '.summary.requestsPerSec // 0 | round' "$X/oha-capacity-$1.json" 2>/dev/null || echo 0
+    # Added latency: the paired open-loop probe (benches/latency_probe.rs), LAT_ROUNDS rounds
+    # of (direct + spillway), then (direct + nginx). Each tick sends one request straight to
+    # the upstream and one through the proxy at the same moment, so both live through the same
+    # noise; sequential samples (oha against each target in turn, as this script did before)
+    # moved the upstream's own p99 by milliseconds from one sample to the next. The probe and
+    # the upstream share LOAD_CPU, so a pair costs that core two requests: at HALF_RPS (default
+    # 5000 pairs/s) the upstream serves 10,000 req/s; at 12,000 pairs/s the core saturated
+    # (the direct p50 rose to 0.4 s), so the proxy's true half load (~16,000 req/s) cannot be
+    # measured paired on 2 cores.
+    printf 'round\ttarget\tp50\tp99\tp999\tdirect_p50\tdirect_p99\tdirect_p999\ttick_p50\ttick_p99\tunanswered\tdirect_unanswered\n' >"$X/latency.tsv"
+    pair_sample() { # ROUND NAME PORT -> appends one row to $X/latency.tsv
+        local r=$1 name=$2 port=$3 out="$X/probe-r$1-$2.txt"
+        timeout $(( LAT_WARMUP + LAT_DURATION + 30 )) taskset -c "$LOAD_CPU" "$PROBE_BIN" --rate "$rate" \
+            --duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --conns "$LAT_CONNS" \
+            --target "direct=127.0.0.1:$EXTRA_UP_PORT" --target "$name=127.0.0.1:$port" >"$out" 2>&1 \
+            || say "the probe failed/timed out for $name (see $out)"
+        awk -F'\t' -v r="$r" '$1 == "RESULT" { $1 = r; OFS = "\t"; print }' OFS='\t' "$out" >>"$X/latency.tsv"
+        say "r$r $name @ $rate/s paired with direct: $(awk -F'\t' '$1 == "RESULT" { printf "p50 %s ms (direct %s), p99 %s ms (direct %s), per-tick difference p50 %s p99 %s ms, unanswered %s/%s", $3, $6, $4, $7, $9, $10, $11, $12 }' "$out")"
     }
-    rate=${HALF_RPS:-}
-    cap_direct=nan cap_spillway=nan
-    if [[ -z "$rate" ]]; then
-        cap_direct=$(oha_closed direct "http://127.0.0.1:$EXTRA_UP_PORT/")
-        cap_spillway=$(oha_closed spillway "http://127.0.0.1:$EXTRA_PORT/")
-        rate=$(( (cap_direct < cap_spillway ? cap_direct : cap_spillway) / 2 ))
-        say "oha closed loop: direct $cap_direct req/s, through spillway $cap_spillway req/s -> half load $rate req/s (wrk direct small: $wrk_direct req/s)"
-        sleep 1
-    fi
-    (( rate > 0 )) || fail "half-load rate is '$rate' (calibration failed? see $X/oha-capacity-*.log; or set HALF_RPS)"
-
-    # oha_sample NAME URL -> appends "name rps p50 p99 p999 non2xx errors" to $X/latency.tsv
-    printf 'round\ttarget\trate\trps\tp50_ms\tp99_ms\tp999_ms\tnon2xx\terrors\n' >"$X/latency.tsv"
-    oha_sample() {
-        local r=$1 name=$2 url=$3 out="$X/oha-r$1-$2.json"
-        timeout $(( LAT_WARMUP + 15 )) taskset -c "$LOAD_CPU" "$OHA_BIN" --no-tui --worker-threads 1 \
-            -q "$rate" -c "$LAT_CONNS" -z "${LAT_WARMUP}s" --output-format quiet "$url" >/dev/null 2>&1 || true
-        timeout $(( LAT_DURATION + 30 )) taskset -c "$LOAD_CPU" "$OHA_BIN" --no-tui --worker-threads 1 \
-            -q "$rate" -c "$LAT_CONNS" -z "${LAT_DURATION}s" --latency-correction \
-            --output-format json -o "$out" "$url" >"$X/oha-r$r-$name.log" 2>&1 \
-            || say "oha failed/timed out for $name (see $X/oha-r$r-$name.log)"
-        [[ -s "$out" ]] || { say "no oha output for $name"; return 0; }
-        jq -r --arg r "$r" --arg n "$name" --arg rate "$rate" '
-            def ms(x): if x == null then "nan" else (x * 1000000 | round / 1000 | tostring) end;
-            (.statusCodeDistribution // {}) as $s | (.errorDistribution // {}) as $e |
-            ([$s | to_entries[] | select(.key | test("^2") | not) | .value] | add // 0) as $bad |
-            ([$e | to_entries[] | select(.key != "aborted due to deadline") | .value] | add // 0) as $err |
-            [ $r, $n, $rate, (.summary.requestsPerSec | round), ms(.latencyPercentiles.p50),
-              ms(.latencyPercentiles.p99), ms(.latencyPercentiles["p99.9"]), $bad, $err ] | @tsv' \
-            "$out" >>"$X/latency.tsv"
-        say "r$r $name @ $rate/s: $(tail -1 "$X/latency.tsv" | awk -F'\t' '{ printf "rps=%s p50=%sms p99=%sms p99.9=%sms non2xx=%s errors=%s", $4, $5, $6, $7, $8, $9 }')"
-    }
+    rate=${HALF_RPS:-5000}
     for (( r = 1; r <= LAT_ROUNDS; r++ )); do
-        oha_sample "$r" direct "http://127.0.0.1:$EXTRA_UP_PORT/"
-        [[ $lat_targets == *nginx* ]] && oha_sample "$r" nginx "http://127.0.0.1:$EXTRA_NGINX_PORT/"
-        oha_sample "$r" spillway "http://127.0.0.1:$EXTRA_PORT/"
+        pair_sample "$r" spillway "$EXTRA_PORT"
+        [[ $lat_targets == *nginx* ]] && pair_sample "$r" nginx "$EXTRA_NGINX_PORT"
     done
     loaded_hwm=$(status_kib VmHWM)
     stop_pid "$SPID"; stop_pid "$UPID"
     [[ -n "${NPID:-}" ]] && stop_pid "$NPID"
 
     med() { awk -F'\t' -v t="$1" -v c="$2" 'NR > 1 && $2 == t && $c != "nan" { print $c }' "$X/latency.tsv" | median_of; }
+    # Per round, the target's percentile minus direct's in the same run; median over rounds.
+    med_added() { awk -F'\t' -v t="$1" -v c="$2" -v d="$3" 'NR > 1 && $2 == t && $c != "nan" && $d != "nan" { printf "%.3f\n", $c - $d }' "$X/latency.tsv" | median_of; }
     {
         echo
         echo "== spillway extras (benches/load.sh; raw: $X) =="
         printf 'idle RSS:              %.1f MiB (VmRSS, %s s after GET /health through it answered 200; ready in %s ms; %s threads)\n' \
             "$(awk -v k="$idle_rss" 'BEGIN { print k / 1024 }')" "$IDLE_SETTLE" "$ready_ms" "$threads"
         printf 'peak RSS after load:   %.1f MiB (VmHWM)\n' "$(awk -v k="$loaded_hwm" 'BEGIN { print k / 1024 }')"
-        if [[ -n "${HALF_RPS:-}" ]]; then echo "half load:             $rate req/s (HALF_RPS)"
-        else echo "half load:             $rate req/s = half of the lower oha closed-loop rate (-c $LAT_CONNS, ${LAT_CAL}s): direct $cap_direct, through spillway $cap_spillway req/s (wrk direct small: $wrk_direct req/s)"; fi
-        echo "                       oha -q $rate -c $LAT_CONNS -z ${LAT_DURATION}s --latency-correction GET / ; median over $LAT_ROUNDS round(s)"
-        fmt='  %-9s %8s %9s %9s %9s %8s %7s\n'
-        printf "$fmt" target rps "p50 ms" "p99 ms" "p99.9 ms" non2xx errors
-        for t in $lat_targets; do
-            printf "$fmt" "$t" "$(med "$t" 4)" "$(med "$t" 5)" "$(med "$t" 6)" "$(med "$t" 7)" "$(med "$t" 8)" "$(med "$t" 9)"
-        done
+        echo "added latency:         paired open loop, $rate req/s to the upstream and $rate req/s through the proxy at the same ticks,"
+        echo "                       $LAT_CONNS connections each, ${LAT_DURATION}s after ${LAT_WARMUP}s warm-up; medians over $LAT_ROUNDS round(s)"
+        fmt='  %-9s %9s %9s %9s %10s %10s %11s %11s %10s\n'
+        printf "$fmt" target "p50 ms" "p99 ms" "p99.9 ms" "direct p99" "+p50 ms" "+p99 ms" "tick p99" unanswered
         for t in $lat_targets; do
             [[ $t == direct ]] && continue
-            awk -v t="$t" -v dp99="$(med direct 6)" -v sp99="$(med "$t" 6)" -v dp50="$(med direct 5)" -v sp50="$(med "$t" 5)" 'BEGIN {
-                if (dp99 == "nan" || sp99 == "nan") { printf "added latency (%s): n/a (a sample is missing)\n", t; exit }
-                printf "added latency (%s): p99 %+.3f ms, p50 %+.3f ms (%s - direct)\n", t, sp99 - dp99, sp50 - dp50, t }'
+            printf "$fmt" "$t" "$(med "$t" 3)" "$(med "$t" 4)" "$(med "$t" 5)" "$(med "$t" 7)" \
+                "$(med_added "$t" 3 6)" "$(med_added "$t" 4 7)" "$(med "$t" 10)" "$(med "$t" 11)"
         done
-        awk -v rate="$rate" -v d="$(med direct 4)" -v s="$(med spillway 4)" 'BEGIN {
-            if (d != "nan" && d < 0.95 * rate) printf "WARNING: oha reached only %d of %d req/s direct: the client was the limit, latencies include its backlog\n", d, rate
-            if (s != "nan" && s < 0.95 * rate) printf "WARNING: only %d of %d req/s through spillway: it could not keep up with half of direct\n", s, rate }'
+        echo "  +p50/+p99: the proxy's percentile minus direct's in the same paired run; tick p99: p99 of the"
+        echo "  per-tick differences (proxied minus direct latency of the requests sent together)"
     } >>"$REPORT"
     stop_watchdog
 fi
