@@ -28,14 +28,13 @@
 //! direct2=…`, the same address) gave +0.001 ms at p50 and +0.004 / +0.016 ms at p99 in two
 //! runs at 5000 per second.
 //!
-//! A benchmark, not a test: run through `benches/latency.sh`. With no `--target` (as under a
+//! A benchmark, not a test: `benches/load.sh` builds and runs it. With no `--target` (as under a
 //! bare `cargo bench`) it prints its usage and exits.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
-
-use std::collections::VecDeque;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -128,6 +127,7 @@ impl Target {
         }
     }
 
+    /// Records how one request ended: its latency from `due` if it was measured and answered.
     fn record(&self, slot: Option<usize>, due: Instant, ok: bool) {
         if !ok {
             *self.errors.borrow_mut() += 1;

@@ -120,12 +120,13 @@ request = function()
 end
 EOF
 
-# Starts BIN as `spillway demo` with the training config; prints its PID once it answers.
+# Starts BIN as `spillway demo` with the training config and sets DEMO_PID once it answers.
+# (Not run in a command substitution: the demo must be this shell's child for stop_demo's wait.)
 start_demo() { # BIN LOG [RUST_LOG]
     RUST_LOG=${3:-info} "$1" demo --config "$WORK/train.yaml" >"$2" 2>&1 &
     local pid=$!
     for _ in $(seq 100); do
-        curl -fso /dev/null "http://127.0.0.1:$PORT/ok" && { echo "$pid"; return 0; }
+        curl -fso /dev/null "http://127.0.0.1:$PORT/ok" && { DEMO_PID=$pid; return 0; }
         kill -0 "$pid" 2>/dev/null || break
         sleep 0.1
     done
@@ -142,7 +143,8 @@ stop_demo() { # PID
 train() { # RUST_LOG value
     say "  training with RUST_LOG=$1"
     local pid slow=()
-    pid=$(start_demo "$GEN" "$WORK/demo.log" "$1")
+    start_demo "$GEN" "$WORK/demo.log" "$1"
+    pid=$DEMO_PID
     # Alongside: route timeouts (504), HEAD (which wrk cannot parse), HTTP/2 over TLS.
     for _ in 1 2 3 4; do
         curl -so /dev/null --max-time 5 "http://127.0.0.1:$PORT/slow?ms=1500" &
@@ -170,6 +172,6 @@ build "$REPO/target/pgo-use" "-Cprofile-use=$WORK/spillway.profdata"
 install -m 0755 "$REPO/target/pgo-use/$HOST/dist/spillway" "$OUT/spillway"
 
 say "4/4 checking the result"
-pid=$(start_demo "$OUT/spillway" "$WORK/check.log")
-stop_demo "$pid"
+start_demo "$OUT/spillway" "$WORK/check.log"
+stop_demo "$DEMO_PID"
 say "done: $OUT/spillway ($("$OUT/spillway" --version))"
