@@ -332,6 +332,7 @@ async fn run(o: &Options) -> Result<(), String> {
 }
 
 fn report(o: &Options, targets: &[Rc<Target>]) {
+    let pct = |v: &[u32], q| percentile(v, q).map(f64::from);
     println!(
         "paired open loop: {} req/s to each target, {} s measured after {} s warm-up, {} connections per target",
         o.rate, o.duration, o.warmup, o.conns
@@ -340,71 +341,72 @@ fn report(o: &Options, targets: &[Rc<Target>]) {
         "{:<10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
         "target", "answered", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms", "errors"
     );
-    let mut sorted_all = Vec::new();
-    for t in targets {
-        let mut v: Vec<u32> = t
-            .samples
-            .borrow()
-            .iter()
-            .copied()
-            .filter(|&x| x != u32::MAX)
-            .collect();
-        v.sort_unstable();
-        let p = |q| percentile(&v, q).map(f64::from);
+    // Each target's answered latencies, sorted.
+    let sorted: Vec<Vec<u32>> = targets
+        .iter()
+        .map(|t| {
+            let mut v: Vec<u32> = t
+                .samples
+                .borrow()
+                .iter()
+                .copied()
+                .filter(|&x| x != u32::MAX)
+                .collect();
+            v.sort_unstable();
+            v
+        })
+        .collect();
+    for (t, v) in targets.iter().zip(&sorted) {
         println!(
             "{:<10} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>7}",
             t.name,
             v.len(),
-            ms(p(50.0)),
-            ms(p(90.0)),
-            ms(p(99.0)),
-            ms(p(99.9)),
+            ms(pct(v, 50.0)),
+            ms(pct(v, 90.0)),
+            ms(pct(v, 99.0)),
+            ms(pct(v, 99.9)),
             ms(v.last().map(|&x| f64::from(x))),
             t.errors.borrow()
         );
-        sorted_all.push(v);
     }
-    let reference = &targets[0];
-    let base = reference.samples.borrow();
-    for (t, sorted) in targets.iter().zip(&sorted_all).skip(1) {
-        let s = t.samples.borrow();
-        let mut diffs: Vec<i64> = base
+    let (reference, base) = (&targets[0], &sorted[0]);
+    let base_samples = reference.samples.borrow();
+    for (t, v) in targets.iter().zip(&sorted).skip(1) {
+        let samples = t.samples.borrow();
+        let mut diffs: Vec<i64> = base_samples
             .iter()
-            .zip(s.iter())
+            .zip(samples.iter())
             .filter(|(a, b)| **a != u32::MAX && **b != u32::MAX)
             .map(|(a, b)| i64::from(*b) - i64::from(*a))
             .collect();
         diffs.sort_unstable();
         let d = |q| percentile(&diffs, q).map(|x| x as f64);
-        let p99 = |v: &[u32]| percentile(v, 99.0).map(f64::from);
-        let p50 = |v: &[u32]| percentile(v, 50.0).map(f64::from);
-        let added = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a - b);
+        let added = |q| pct(v, q).zip(pct(base, q)).map(|(a, b)| a - b);
         println!(
             "added by {} (vs {}): p50 {} ms, p99 {} ms (differences of percentiles); per-tick difference p50 {} ms, p99 {} ms",
             t.name,
             reference.name,
-            ms(added(p50(sorted), p50(&sorted_all[0]))),
-            ms(added(p99(sorted), p99(&sorted_all[0]))),
+            ms(added(50.0)),
+            ms(added(99.0)),
             ms(d(50.0)),
             ms(d(99.0)),
         );
         // One machine-readable line per compared target, for scripts: its p50, p99, p99.9,
         // the reference's in the same run, the per-tick differences' p50 and p99, and how
         // many measured requests of each got no answer.
-        let p999 = |v: &[u32]| percentile(v, 99.9).map(f64::from);
         println!(
             "RESULT\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}",
             t.name,
-            ms(p50(sorted)),
-            ms(p99(sorted)),
-            ms(p999(sorted)),
-            ms(p50(&sorted_all[0])),
-            ms(p99(&sorted_all[0])),
-            ms(p999(&sorted_all[0])),
+            ms(pct(v, 50.0)),
+            ms(pct(v, 99.0)),
+            ms(pct(v, 99.9)),
+            ms(pct(base, 50.0)),
+            ms(pct(base, 99.0)),
+            ms(pct(base, 99.9)),
             ms(d(50.0)),
             ms(d(99.0)),
-            s.len() - sorted.len(),
-            base.len() - sorted_all[0].len(),
+            samples.len() - v.len(),
+            base_samples.len() - base.len(),
         );
     }
 }

@@ -15,7 +15,7 @@
 # 4. Our own additions, which the harness does not measure (skip with EXTRAS=0):
 #    - idle RSS: spillway started with the same config, once GET /health through it answers
 #      200 and it has sat idle for IDLE_SETTLE seconds;
-#    - added latency: benches/latency_probe.rs, a paired open-loop probe: HALF_RPS (default
+#    - added latency: benches/latency_probe.rs, a paired open-loop probe: LAT_RPS (default
 #      5000) ticks per second, each sending one request straight to the upstream and one
 #      through the proxy, LAT_DURATION s after LAT_WARMUP s, LAT_ROUNDS rounds of spillway
 #      then nginx; reported as the proxy's p50/p99 minus direct's in the same run (and the p99
@@ -38,6 +38,7 @@ LAT_DURATION=${LAT_DURATION:-10}       # seconds of measured load per latency sa
 LAT_WARMUP=${LAT_WARMUP:-2}            # seconds of discarded load before each sample
 LAT_ROUNDS=${LAT_ROUNDS:-1}            # rounds of (direct + spillway), (direct + nginx)
 LAT_CONNS=${LAT_CONNS:-64}             # as the harness's `small` case
+LAT_RPS=${LAT_RPS:-5000}               # pairs per second (see step 4 for why not half load)
 IDLE_SETTLE=${IDLE_SETTLE:-2}
 EXTRA_UP_PORT=${EXTRA_UP_PORT:-18180}  # ports for step 4 (the harness uses 18080-18089)
 EXTRA_PORT=${EXTRA_PORT:-18184}
@@ -123,21 +124,20 @@ if (( EXTRAS )); then
     # the upstream and one through the proxy at the same moment, so both live through the same
     # noise; sequential samples (oha against each target in turn, as this script did before)
     # moved the upstream's own p99 by milliseconds from one sample to the next. The probe and
-    # the upstream share LOAD_CPU, so a pair costs that core two requests: at HALF_RPS (default
+    # the upstream share LOAD_CPU, so a pair costs that core two requests: at LAT_RPS (default
     # 5000 pairs/s) the upstream serves 10,000 req/s; at 12,000 pairs/s the core saturated
     # (the direct p50 rose to 0.4 s), so the proxy's true half load (~16,000 req/s) cannot be
     # measured paired on 2 cores.
     printf 'round\ttarget\tp50\tp99\tp999\tdirect_p50\tdirect_p99\tdirect_p999\ttick_p50\ttick_p99\tunanswered\tdirect_unanswered\n' >"$X/latency.tsv"
     pair_sample() { # ROUND NAME PORT -> appends one row to $X/latency.tsv
         local r=$1 name=$2 port=$3 out="$X/probe-r$1-$2.txt"
-        timeout $(( LAT_WARMUP + LAT_DURATION + 30 )) taskset -c "$LOAD_CPU" "$PROBE_BIN" --rate "$rate" \
+        timeout $(( LAT_WARMUP + LAT_DURATION + 30 )) taskset -c "$LOAD_CPU" "$PROBE_BIN" --rate "$LAT_RPS" \
             --duration "$LAT_DURATION" --warmup "$LAT_WARMUP" --conns "$LAT_CONNS" \
             --target "direct=127.0.0.1:$EXTRA_UP_PORT" --target "$name=127.0.0.1:$port" >"$out" 2>&1 \
             || say "the probe failed/timed out for $name (see $out)"
-        awk -F'\t' -v r="$r" '$1 == "RESULT" { $1 = r; OFS = "\t"; print }' OFS='\t' "$out" >>"$X/latency.tsv"
-        say "r$r $name @ $rate/s paired with direct: $(awk -F'\t' '$1 == "RESULT" { printf "p50 %s ms (direct %s), p99 %s ms (direct %s), per-tick difference p50 %s p99 %s ms, unanswered %s/%s", $3, $6, $4, $7, $9, $10, $11, $12 }' "$out")"
+        awk -F'\t' -v OFS='\t' -v r="$r" '$1 == "RESULT" { $1 = r; print }' "$out" >>"$X/latency.tsv"
+        say "r$r $name @ $LAT_RPS/s paired with direct: $(awk -F'\t' '$1 == "RESULT" { printf "p50 %s ms (direct %s), p99 %s ms (direct %s), per-tick difference p50 %s p99 %s ms, unanswered %s/%s", $3, $6, $4, $7, $9, $10, $11, $12 }' "$out")"
     }
-    rate=${HALF_RPS:-5000}
     for (( r = 1; r <= LAT_ROUNDS; r++ )); do
         pair_sample "$r" spillway "$EXTRA_PORT"
         [[ $lat_targets == *nginx* ]] && pair_sample "$r" nginx "$EXTRA_NGINX_PORT"
@@ -155,7 +155,7 @@ if (( EXTRAS )); then
         printf 'idle RSS:              %.1f MiB (VmRSS, %s s after GET /health through it answered 200; ready in %s ms; %s threads)\n' \
             "$(awk -v k="$idle_rss" 'BEGIN { print k / 1024 }')" "$IDLE_SETTLE" "$ready_ms" "$threads"
         printf 'peak RSS after load:   %.1f MiB (VmHWM)\n' "$(awk -v k="$loaded_hwm" 'BEGIN { print k / 1024 }')"
-        echo "added latency:         paired open loop, $rate req/s to the upstream and $rate req/s through the proxy at the same ticks,"
+        echo "added latency:         paired open loop, $LAT_RPS req/s to the upstream and $LAT_RPS req/s through the proxy at the same ticks,"
         echo "                       $LAT_CONNS connections each, ${LAT_DURATION}s after ${LAT_WARMUP}s warm-up; medians over $LAT_ROUNDS round(s)"
         fmt='  %-9s %9s %9s %9s %10s %10s %11s %11s %10s\n'
         printf "$fmt" target "p50 ms" "p99 ms" "p99.9 ms" "direct p99" "+p50 ms" "+p99 ms" "tick p99" unanswered

@@ -156,9 +156,8 @@ stop_demo() { # PID
 }
 train() { # RUST_LOG value
     say "  training with RUST_LOG=$1"
-    local pid slow=()
+    local slow=()
     start_demo "$GEN" "$WORK/demo.log" "$1"
-    pid=$DEMO_PID
     # Alongside: route timeouts (504), HEAD (which wrk cannot parse), HTTP/2 over TLS.
     for _ in 1 2 3 4; do
         curl -so /dev/null --max-time 5 "http://127.0.0.1:$PORT/slow?ms=1500" &
@@ -174,7 +173,7 @@ train() { # RUST_LOG value
         "https://127.0.0.1:$((PORT + 1))" >/dev/null
     curl -fso /dev/null "http://127.0.0.1:$((PORT + 2))/metrics"
     wait "${slow[@]}" || true
-    stop_demo "$pid"
+    stop_demo "$DEMO_PID"
 }
 train "info"
 train "info,spillway::access=off"
