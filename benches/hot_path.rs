@@ -6,7 +6,7 @@
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue, Method, Uri};
 use spillway::config::{HostMatch, MatchSettings};
-use spillway::metrics::{Metrics, Source};
+use spillway::metrics::{Metrics, ResponseSource};
 use spillway::proxy::headers::{self, Forwarded, Stamps};
 use spillway::proxy::route::{request_host, Matcher};
 
@@ -144,7 +144,7 @@ fn bench_metrics(c: &mut Criterion) {
             r.response(
                 black_box(&Method::GET),
                 black_box(200),
-                Source::Upstream,
+                ResponseSource::Upstream,
                 0.000_5,
             )
         })

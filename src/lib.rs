@@ -1,9 +1,10 @@
 //! spillway: a reverse-proxy sidecar that observes and sheds load.
 //!
-//! The folders follow a request's path: [`server`] accepts it, [`proxy`] routes it and runs the
-//! route's [`policy`] stack before forwarding it; every failure is one [`error::ProxyError`],
-//! presented in exactly one place; [`metrics`] counts it; [`admin`] shows it, and [`status`] draws
-//! it as a page.
+//! The folders follow a request's path: [`server`] accepts it (terminating [`tls`]), [`proxy`]
+//! routes it and runs the route's [`policy`] stack before forwarding it; every failure is one
+//! [`error::ProxyError`], presented in exactly one place; [`metrics`] counts it; [`admin`]
+//! shows it. [`config`] turns the file into typed settings, [`reload`] applies a new one, and
+//! [`run`] is the process's life from start to drained exit. docs/architecture.md has the map.
 #![warn(missing_docs)]
 
 pub mod admin;
@@ -11,12 +12,13 @@ pub mod alloc;
 pub mod cli;
 pub mod config;
 pub mod demo;
-pub mod demo_app;
 pub mod error;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod run;
 pub mod server;
+pub mod shared;
 pub mod spare_timer;
-pub mod status;
+pub mod tls;

@@ -68,19 +68,19 @@ fn method_index(m: &Method) -> usize {
 
 /// Who produced a response: the app, or spillway itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
+pub enum ResponseSource {
     /// The upstream answered; its status is passed through.
     Upstream = 0,
     /// spillway generated the response (an error or a shed).
     Proxy = 1,
 }
 
-impl Source {
+impl ResponseSource {
     /// The `source` label value.
     pub fn label(self) -> &'static str {
         match self {
-            Source::Upstream => "upstream",
-            Source::Proxy => "proxy",
+            ResponseSource::Upstream => "upstream",
+            ResponseSource::Proxy => "proxy",
         }
     }
 }
@@ -322,7 +322,7 @@ impl RouteMetrics {
     }
 
     /// Counts one response and observes its duration.
-    pub fn response(&self, method: &Method, code: u16, source: Source, seconds: f64) {
+    pub fn response(&self, method: &Method, code: u16, source: ResponseSource, seconds: f64) {
         let m = method_index(method);
         let text = CodeText::new(code);
         let code_str = text.as_str();
@@ -387,12 +387,12 @@ mod tests {
     fn counts_by_route_method_code_source() {
         let m = Metrics::new();
         let r = m.route("api");
-        r.response(&Method::GET, 200, Source::Upstream, 0.01);
-        r.response(&Method::GET, 200, Source::Upstream, 0.01);
+        r.response(&Method::GET, 200, ResponseSource::Upstream, 0.01);
+        r.response(&Method::GET, 200, ResponseSource::Upstream, 0.01);
         r.response(
             &Method::from_bytes(b"BREW").unwrap(),
             502,
-            Source::Proxy,
+            ResponseSource::Proxy,
             0.01,
         );
         let text = m.render();
@@ -412,9 +412,9 @@ mod tests {
     fn same_route_name_shares_series_across_rebuilds() {
         let m = Metrics::new();
         m.route("a")
-            .response(&Method::GET, 204, Source::Upstream, 0.0);
+            .response(&Method::GET, 204, ResponseSource::Upstream, 0.0);
         m.route("a")
-            .response(&Method::GET, 204, Source::Upstream, 0.0);
+            .response(&Method::GET, 204, ResponseSource::Upstream, 0.0);
         assert!(m.render().contains(
             r#"spillway_requests_total{code="204",method="GET",route="a",source="upstream"} 2"#
         ));

@@ -7,16 +7,16 @@
 //! with; limiter and breaker state of routes whose policy is unchanged carries over.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{self, ConfigError, ConfigErrors, Settings};
+use crate::config::{self, ConfigError, ConfigErrors, Env, Settings};
 use crate::proxy::Runtime;
-use crate::server::tls::PreparedCertificates;
-use crate::server::Shared;
+use crate::shared::ProcessState;
+use crate::tls::certificates::PreparedCertificates;
 
 /// Quiet time after the last file event before reloading: editors and `kubectl` write in
 /// bursts (truncate, write, rename, chmod), and one reload per burst is enough.
@@ -31,64 +31,111 @@ pub struct Reloaded {
     pub changed: bool,
 }
 
-/// Reloads the config file now. Serialized: concurrent triggers run one after another.
-pub fn reload(shared: &Shared) -> Result<Reloaded, ConfigErrors> {
-    let Some(path) = shared.config_path.as_deref() else {
-        return Err(single(
-            "spillway was started without a config file; nothing to reload",
-        ));
-    };
-    let _one_at_a_time = shared.reload_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let result = try_reload(shared, path);
-    match &result {
-        Ok(r) => {
-            shared.metrics.reload(true);
-            if r.changed {
-                tracing::info!(version = %r.version, "config reloaded");
-            }
-        }
-        Err(errors) => {
-            shared.metrics.reload(false);
-            for e in &errors.0 {
-                tracing::error!(path = %path.display(), "config reload refused: {e}");
-            }
-        }
-    }
-    result
+/// Reloads a running process's config from its file: the one way a new config is applied,
+/// whatever triggered it.
+pub struct Reloader {
+    state: Arc<ProcessState>,
+    /// The config file, when spillway was started from one (else nothing can be reloaded).
+    path: Option<PathBuf>,
+    /// Variables the file may use beyond the process environment (the demo's app address).
+    env: Env,
+    /// Serializes reloads.
+    lock: Mutex<()>,
+    /// Hash of the config file's bytes at the last watch-triggered attempt (or at start).
+    last_seen_file: Mutex<Option<u64>>,
 }
 
-fn try_reload(shared: &Shared, path: &Path) -> Result<Reloaded, ConfigErrors> {
-    let loaded = config::load_file(path)?;
-    for w in &loaded.warnings {
-        tracing::warn!("{}: {w}", path.display());
+impl Reloader {
+    /// A reloader for `state`, reading `path` with `env`. `serving` is the hash of the file
+    /// bytes the serving config was loaded from ([`config::file_hash`]).
+    pub fn new(
+        state: Arc<ProcessState>,
+        path: Option<PathBuf>,
+        env: Env,
+        serving: Option<u64>,
+    ) -> Arc<Reloader> {
+        Arc::new(Reloader {
+            state,
+            path,
+            env,
+            lock: Mutex::new(()),
+            last_seen_file: Mutex::new(serving),
+        })
     }
-    let current = shared.runtime.load_full();
-    restart_needed(&current.settings, &loaded.settings)?;
-    let certificates = reread_certificates(shared, &loaded.settings)?;
-    if loaded.version == current.version {
-        certificates.commit(&current);
-        return Ok(Reloaded {
+
+    /// The config file, when there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Reloads the config file now. Serialized: concurrent triggers run one after another.
+    pub fn reload(&self) -> Result<Reloaded, ConfigErrors> {
+        let Some(path) = self.path.as_deref() else {
+            return Err(single(
+                "spillway was started without a config file; nothing to reload",
+            ));
+        };
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let result = config::read_file(path).and_then(|text| self.apply(path, &text));
+        let metrics = &self.state.metrics;
+        match &result {
+            Ok(r) => {
+                metrics.reload(true);
+                if r.changed {
+                    tracing::info!(version = %r.version, "config reloaded");
+                }
+            }
+            Err(errors) => {
+                metrics.reload(false);
+                for e in &errors.0 {
+                    tracing::error!(path = %path.display(), "config reload refused: {e}");
+                }
+            }
+        }
+        result
+    }
+
+    /// Validates `text` and, when it is good, swaps the whole runtime it describes in.
+    fn apply(&self, path: &Path, text: &str) -> Result<Reloaded, ConfigErrors> {
+        let state = &self.state;
+        let loaded = config::load_str_with(text, &self.env)?;
+        for w in &loaded.warnings {
+            tracing::warn!("{}: {w}", path.display());
+        }
+        let current = state.runtime.load_full();
+        restart_needed(&current.settings, &loaded.settings)?;
+        let certificates = reread_certificates(state, &loaded.settings)?;
+        if loaded.version == current.version {
+            commit(certificates, &current);
+            return Ok(Reloaded {
+                version: loaded.version,
+                changed: false,
+            });
+        }
+        let next = Arc::new(Runtime::build(&loaded, &state.metrics, Some(&current)));
+        state.runtime.store(next.clone());
+        commit(certificates, &next);
+        Ok(Reloaded {
             version: loaded.version,
-            changed: false,
-        });
+            changed: true,
+        })
     }
-    let next = Arc::new(Runtime::build(&loaded, &shared.metrics, Some(&current)));
-    shared.runtime.store(next.clone());
-    certificates.commit(&next);
-    Ok(Reloaded {
-        version: loaded.version,
-        changed: true,
-    })
+}
+
+/// Applies certificates read for a reload: listeners', and those of the upstreams `runtime`
+/// serves with (including upstreams carried over unchanged, with their pools).
+fn commit(certificates: PreparedCertificates, runtime: &Runtime) {
+    certificates.commit(|name| runtime.upstreams.get(name).and_then(|u| u.tls()));
 }
 
 /// Certificates, keys and CA bundles are re-read on every reload, also when the config text is
 /// unchanged (replace the files, then SIGHUP). All are read before anything is applied: one
 /// that does not load refuses the reload whole, and the previous ones keep serving.
 fn reread_certificates(
-    shared: &Shared,
+    state: &ProcessState,
     settings: &Settings,
 ) -> Result<PreparedCertificates, ConfigErrors> {
-    shared.certificates.prepare(settings)
+    state.certificates.prepare(settings)
 }
 
 /// Listener and admin addresses are bound once at start; changing them needs a restart, and a
@@ -102,20 +149,16 @@ fn restart_needed(old: &Settings, new: &Settings) -> Result<(), ConfigErrors> {
     };
     let mut errors = Vec::new();
     if addrs(old) != addrs(new) {
-        errors.push(ConfigError {
-            path: "listeners".into(),
-            message: "listeners changed (names, addresses or TLS on/off): a restart is needed; nothing was applied".into(),
-            line: None,
-            column: None,
-        });
+        errors.push(ConfigError::new(
+            "listeners",
+            "listeners changed (names, addresses or TLS on/off): a restart is needed; nothing was applied",
+        ));
     }
     if old.admin != new.admin {
-        errors.push(ConfigError {
-            path: "admin.address".into(),
-            message: "the admin address changed: a restart is needed; nothing was applied".into(),
-            line: None,
-            column: None,
-        });
+        errors.push(ConfigError::new(
+            "admin.address",
+            "the admin address changed: a restart is needed; nothing was applied",
+        ));
     }
     if errors.is_empty() {
         Ok(())
@@ -125,20 +168,14 @@ fn restart_needed(old: &Settings, new: &Settings) -> Result<(), ConfigErrors> {
 }
 
 fn single(message: &str) -> ConfigErrors {
-    ConfigErrors(vec![ConfigError {
-        path: String::new(),
-        message: message.into(),
-        line: None,
-        column: None,
-    }])
+    ConfigErrors(vec![ConfigError::new("", message)])
 }
 
 /// Watches the config file's directory and reloads when the file's content changes.
-pub fn spawn_watcher(
-    shared: Arc<Shared>,
-    path: PathBuf,
-    stop: CancellationToken,
-) -> notify::Result<()> {
+pub fn spawn_watcher(reloader: Arc<Reloader>, stop: CancellationToken) -> notify::Result<()> {
+    let Some(path) = reloader.path.clone() else {
+        return Ok(());
+    };
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -168,45 +205,48 @@ pub fn spawn_watcher(
                     more = rx.recv() => if more.is_none() { return },
                 }
             }
-            let shared = shared.clone();
+            let reloader = reloader.clone();
             // Reading and building is blocking work; keep it off the request threads' queue.
-            let _ = tokio::task::spawn_blocking(move || reload_if_changed(&shared)).await;
+            let _ = tokio::task::spawn_blocking(move || reloader.reload_if_changed()).await;
         }
     });
     Ok(())
 }
 
-/// A file event fired: reload if the file's bytes changed since the last attempt. Events for
-/// other files in the directory read the same bytes and do nothing.
-fn reload_if_changed(shared: &Shared) {
-    let Some(path) = shared.config_path.as_deref() else {
-        return;
-    };
-    let Ok(text) = std::fs::read_to_string(path) else {
-        // Mid-swap or deleted: count it only if it stays that way (the next event retries).
-        if !path.exists() {
-            tracing::warn!(path = %path.display(), "config file is missing; still serving the previous config");
-        }
-        return;
-    };
-    // Only a change of the file's bytes since the last attempt (good or bad) is worth a reload.
-    let hash = file_hash(&text);
-    {
-        let mut last = shared
-            .last_seen_file
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if *last == Some(hash) {
+impl Reloader {
+    /// A file event fired: reload if the file's bytes changed since the last attempt. Events
+    /// for other files in the directory read the same bytes and do nothing.
+    fn reload_if_changed(&self) {
+        let Some(path) = self.path.as_deref() else {
             return;
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            // Mid-swap or deleted: count it only if it stays that way (the next event retries).
+            if !path.exists() {
+                tracing::warn!(path = %path.display(), "config file is missing; still serving the previous config");
+            }
+            return;
+        };
+        // Only a change of the file's bytes since the last attempt (good or bad) is worth a
+        // reload.
+        let hash = config::file_hash(&text);
+        {
+            let mut last = self
+                .last_seen_file
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if *last == Some(hash) {
+                return;
+            }
+            *last = Some(hash);
         }
-        *last = Some(hash);
+        let _ = self.reload();
     }
-    let _ = reload(shared);
 }
 
 /// Reloads on every SIGHUP until `stop`.
 #[cfg(unix)]
-pub fn spawn_sighup(shared: Arc<Shared>, stop: CancellationToken) {
+pub fn spawn_sighup(reloader: Arc<Reloader>, stop: CancellationToken) {
     use tokio::signal::unix::{signal, SignalKind};
     let Ok(mut hup) = signal(SignalKind::hangup()) else {
         tracing::warn!("cannot install a SIGHUP handler; reload with POST /reload instead");
@@ -219,20 +259,12 @@ pub fn spawn_sighup(shared: Arc<Shared>, stop: CancellationToken) {
                 got = hup.recv() => if got.is_none() { return },
             }
             tracing::info!("SIGHUP: reloading config");
-            let shared = shared.clone();
-            let _ = tokio::task::spawn_blocking(move || reload(&shared)).await;
+            let reloader = reloader.clone();
+            let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
         }
     });
 }
 
 /// No SIGHUP outside unix.
 #[cfg(not(unix))]
-pub fn spawn_sighup(_shared: Arc<Shared>, _stop: CancellationToken) {}
-
-/// A hash of a config file's bytes, to tell whether a file event changed anything.
-pub(crate) fn file_hash(text: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    text.hash(&mut h);
-    h.finish()
-}
+pub fn spawn_sighup(_reloader: Arc<Reloader>, _stop: CancellationToken) {}

@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use spillway::config;
-use spillway::demo_app::DemoApp;
+use spillway::demo::app::DemoApp;
 use spillway::metrics::Metrics;
 use spillway::server::Server;
 use tokio::net::TcpStream;
@@ -1391,8 +1391,8 @@ async fn soak_reloads_under_keepalive_load() {
         let (text, expected) = if i % 2 == 0 { (&b, &vb) } else { (&a, &va) };
         std::fs::write(&path, text).unwrap();
         let before = tally.ok.load(Ordering::SeqCst);
-        let shared = proxy.server.shared.clone();
-        let outcome = tokio::task::spawn_blocking(move || spillway::reload::reload(&shared))
+        let reloader = proxy.server.reloader.clone();
+        let outcome = tokio::task::spawn_blocking(move || reloader.reload())
             .await
             .unwrap();
         let r = outcome.unwrap_or_else(|e| panic!("reload {i} refused: {e}"));

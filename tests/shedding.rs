@@ -126,7 +126,7 @@ fn assert_from_upstream(r: &Resp, status: u16) {
 
 /// The limiter state of the proxy's first route (to see the queue, which has no metric).
 fn limiter(p: &TestProxy) -> Arc<LimiterState> {
-    p.server.shared.runtime.load().routes[0]
+    p.server.state.runtime.load().routes[0]
         .policy
         .limiter
         .clone()
@@ -916,10 +916,10 @@ async fn breaker_state_survives_a_reload_that_does_not_change_it() {
         &reload_breaker("30s"),
         "6s",
     ));
-    let reloaded = spillway::reload::reload(&p.server.shared).expect("reload accepted");
+    let reloaded = p.server.reloader.reload().expect("reload accepted");
     assert!(reloaded.changed);
     assert_eq!(
-        p.server.shared.runtime.load().routes[1]
+        p.server.state.runtime.load().routes[1]
             .settings
             .policy
             .timeout,
@@ -950,11 +950,7 @@ async fn breaker_state_survives_a_reload_that_does_not_change_it() {
         &reload_breaker("31s"),
         "6s",
     ));
-    assert!(
-        spillway::reload::reload(&p.server.shared)
-            .expect("reload accepted")
-            .changed
-    );
+    assert!(p.server.reloader.reload().expect("reload accepted").changed);
     assert_eq!(
         p.metric(&breaker_series("a")).await,
         0.0,
@@ -983,11 +979,7 @@ async fn limiter_state_survives_a_reload_that_does_not_change_it() {
 
     // Only route b changes: the request in flight on route a still holds route a's only permit.
     file.write(&two_route_config(up_a.addr, up_b.addr, limit, "6s"));
-    assert!(
-        spillway::reload::reload(&p.server.shared)
-            .expect("reload accepted")
-            .changed
-    );
+    assert!(p.server.reloader.reload().expect("reload accepted").changed);
     assert_overloaded(&get(&p.url("/a/x")).await, RETRY_AFTER_SECS);
     assert_eq!(p.metric(&shed_series("concurrency_limit", "a")).await, 2.0);
     assert_eq!(up_a.requests(), ["GET /a/hold"]);

@@ -318,27 +318,30 @@ async fn a_config_reload_rereads_certificates_and_refuses_broken_ones() {
         pki.write("b.key", &second.key_pem),
     );
     std::fs::write(&config_path, https_config(&cert2, &key2, up.addr)).unwrap();
-    let r = spillway::reload::reload(&server.shared).expect("reload applies");
+    let r = server.reloader.reload().expect("reload applies");
     assert!(r.changed);
     assert_eq!(served_cert(&pki, addr).await, second.der);
 
     // A config naming a key that does not match: refused whole, the previous one serves on.
     std::fs::write(&config_path, https_config(&cert2, &key, up.addr)).unwrap();
-    let errors = spillway::reload::reload(&server.shared).expect_err("mismatched key refused");
+    let errors = server
+        .reloader
+        .reload()
+        .expect_err("mismatched key refused");
     assert!(errors.to_string().contains("listeners[0].tls"), "{errors}");
     assert_eq!(served_cert(&pki, addr).await, second.der);
     assert_eq!(
-        metric_value(&server.shared.metrics.render(), RELOAD_FAILURES),
+        metric_value(&server.state.metrics.render(), RELOAD_FAILURES),
         1.0
     );
 
     // Same config text, files replaced in place, reload (as SIGHUP would): re-read at once.
     std::fs::write(&config_path, https_config(&cert2, &key2, up.addr)).unwrap();
-    spillway::reload::reload(&server.shared).unwrap();
+    server.reloader.reload().unwrap();
     let third = pki.leaf("third", &[]);
     replace_file(&key2, &third.key_pem);
     replace_file(&cert2, &third.cert_pem);
-    let r = spillway::reload::reload(&server.shared).unwrap();
+    let r = server.reloader.reload().unwrap();
     assert!(!r.changed, "the config text did not change");
     assert_eq!(served_cert(&pki, addr).await, third.der);
     server.stop_now(Duration::from_secs(1)).await;

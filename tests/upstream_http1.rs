@@ -1,4 +1,4 @@
-//! spillway's own HTTP/1.1 upstream client (`src/proxy/http1.rs`) against scripted upstreams
+//! spillway's own HTTP/1.1 upstream client (`src/proxy/upstream/http1/`) against scripted upstreams
 //! that send exact bytes: response framing (chunked with trailers, Content-Length, close
 //! delimited, bodiless responses, interim 1xx responses), what makes a connection unfit for
 //! reuse, malformed responses, and requests the upstream answers before it has read them.

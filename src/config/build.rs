@@ -24,10 +24,6 @@ use super::settings::*;
 use super::{defaults, yaml, ConfigError, ConfigErrors, Loaded};
 
 /// Loads config text, expanding `${VAR}` from the process environment.
-pub(crate) fn load_str(text: &str) -> Result<Loaded, ConfigErrors> {
-    load_str_with_env(text, |name| std::env::var(name).ok())
-}
-
 /// Loads config text, expanding `${VAR}` with `lookup` (tests pass a table instead of touching
 /// the process environment).
 pub(crate) fn load_str_with_env(

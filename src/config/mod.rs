@@ -11,6 +11,7 @@ pub mod settings;
 mod summary;
 mod yaml;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
@@ -28,6 +29,18 @@ pub struct ConfigError {
     pub line: Option<usize>,
     /// 1-based column, when known.
     pub column: Option<usize>,
+}
+
+impl ConfigError {
+    /// An error at `path` (empty for the whole file), not yet located in the text.
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+            line: None,
+            column: None,
+        }
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -74,20 +87,58 @@ pub struct Loaded {
     pub warnings: Vec<String>,
 }
 
-/// Reads, expands, parses and validates a config file.
-pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigErrors(vec![ConfigError {
-            path: String::new(),
-            message: format!("cannot read {}: {e}", path.display()),
-            line: None,
-            column: None,
-        }])
-    })?;
-    load_str(&text)
+/// The variables `${VAR}` expands from: the process environment, with overrides on top (the
+/// demo passes its sample app's address this way; the process environment is never written).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Env {
+    overrides: BTreeMap<String, String>,
 }
 
-/// Expands, parses and validates config text.
+impl Env {
+    /// The process environment, plus `name` set to `value`.
+    pub fn with(mut self, name: &str, value: impl Into<String>) -> Env {
+        self.overrides.insert(name.to_owned(), value.into());
+        self
+    }
+
+    /// The value of `name`.
+    fn lookup(&self, name: &str) -> Option<String> {
+        match self.overrides.get(name) {
+            Some(v) => Some(v.clone()),
+            None => std::env::var(name).ok(),
+        }
+    }
+}
+
+/// Reads a config file's text.
+pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError::new(
+            "",
+            format!("cannot read {}: {e}", path.display()),
+        )])
+    })
+}
+
+/// A hash of a config file's bytes, to tell whether the file changed since it was last read.
+pub fn file_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut h);
+    h.finish()
+}
+
+/// Reads, expands, parses and validates a config file.
+pub fn load_file(path: &Path) -> Result<Loaded, ConfigErrors> {
+    load_str(&read_file(path)?)
+}
+
+/// Expands, parses and validates config text, expanding from the process environment.
 pub fn load_str(text: &str) -> Result<Loaded, ConfigErrors> {
-    build::load_str(text)
+    load_str_with(text, &Env::default())
+}
+
+/// Expands (with `env`), parses and validates config text.
+pub fn load_str_with(text: &str, env: &Env) -> Result<Loaded, ConfigErrors> {
+    build::load_str_with_env(text, |name| env.lookup(name))
 }

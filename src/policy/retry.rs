@@ -101,17 +101,13 @@ fn full_jitter(d: Duration) -> Duration {
     Duration::from_nanos(rand::random_range(0..=nanos))
 }
 
-/// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2).
-fn is_idempotent(method: &Method) -> bool {
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-        Method::TRACE,
-    ]
-    .contains(method)
+/// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2): the only
+/// ones a retry, or the upstream client's resend after the keep-alive race, may send again.
+pub fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// Whether an outcome is worth another attempt: a failure before the request could reach the

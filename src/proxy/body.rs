@@ -1,81 +1,19 @@
-//! Bodies: streamed both ways, never buffered whole. The response body carries the request's
-//! completion guard, so metrics and the access log see the whole exchange (including a body that
-//! the upstream cut off, or a client that went away).
+//! The downstream response body: streamed, never buffered whole. It carries the request's
+//! [`Exchange`], so metrics and the access log see the whole exchange (including a body that the
+//! upstream cut off, or a client that went away). Upgraded connections are tunnelled here too.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{HeaderValue, Method};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
-use super::http1::Upgraded;
-use super::upstream::UpstreamBody;
-use crate::error::UpstreamError;
-use crate::metrics::{RouteMetrics, Source};
-use std::sync::Arc;
-
-/// Errors a body can end with, boxed for hyper.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// A request body on its way to the upstream. `Empty` can be rebuilt at will, which is what
-/// lets bodyless idempotent requests be sent again.
-#[derive(Debug, Default)]
-pub enum RequestBody {
-    /// No body at all.
-    #[default]
-    Empty,
-    /// The client's streaming body.
-    Stream {
-        /// The downstream body.
-        inner: Incoming,
-    },
-}
-
-impl RequestBody {
-    /// Wraps a downstream body; one already at its end becomes `Empty`.
-    pub fn from_incoming(inner: Incoming) -> Self {
-        if inner.is_end_stream() {
-            RequestBody::Empty
-        } else {
-            RequestBody::Stream { inner }
-        }
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Stream { inner } => Pin::new(inner).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Empty => true,
-            RequestBody::Stream { inner } => inner.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Stream { inner } => inner.size_hint(),
-        }
-    }
-}
+use super::exchange::{Exchange, ExchangeOutcome};
+use super::upstream::http1::Upgraded;
+use super::upstream::{BoxError, UpstreamBody};
 
 pin_project! {
     /// What a response body streams from.
@@ -85,108 +23,6 @@ pin_project! {
         Upstream { #[pin] inner: UpstreamBody },
         /// A short body spillway generated.
         Full { data: Option<Bytes> },
-    }
-}
-
-/// How an exchange ended, for the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The whole body was sent.
-    Complete,
-    /// The upstream body failed after the head was sent; the downstream response was aborted.
-    UpstreamAborted,
-    /// The client went away before the body ended.
-    ClientGone,
-    /// An upgraded connection (WebSocket) ended because one side failed (a reset), or the
-    /// upgrade itself could not be completed.
-    TunnelAborted,
-}
-
-impl Outcome {
-    fn label(self) -> &'static str {
-        match self {
-            Outcome::Complete => "complete",
-            Outcome::UpstreamAborted => "upstream_aborted",
-            Outcome::ClientGone => "client_gone",
-            Outcome::TunnelAborted => "tunnel_aborted",
-        }
-    }
-}
-
-/// Everything needed to account for one exchange when it ends. Created when the request
-/// arrives (it holds the in-flight slot), finished exactly once.
-pub struct Exchange {
-    /// Route handles (`unmatched` for requests that matched none).
-    pub metrics: Arc<RouteMetrics>,
-    /// When the request arrived.
-    pub start: Instant,
-    /// The request's method.
-    pub method: Method,
-    /// The request's URI (path and query are logged).
-    pub uri: http::Uri,
-    /// The request id.
-    pub request_id: HeaderValue,
-    /// Status sent, once known.
-    pub status: u16,
-    /// Who produced the response.
-    pub source: Source,
-    /// The error kind, for generated responses.
-    pub error: Option<&'static str>,
-}
-
-impl Exchange {
-    /// Starts accounting: counts the request in flight.
-    pub fn start(
-        metrics: Arc<RouteMetrics>,
-        start: Instant,
-        method: Method,
-        uri: http::Uri,
-        request_id: HeaderValue,
-    ) -> Self {
-        metrics.in_flight.inc();
-        Exchange {
-            metrics,
-            start,
-            method,
-            uri,
-            request_id,
-            status: 0,
-            source: Source::Proxy,
-            error: None,
-        }
-    }
-
-    fn finish(&self, outcome: Outcome) {
-        let elapsed = self.start.elapsed();
-        self.metrics.response(
-            &self.method,
-            self.status,
-            self.source,
-            elapsed.as_secs_f64(),
-        );
-        if outcome == Outcome::UpstreamAborted {
-            self.metrics
-                .upstream_error(UpstreamError::ConnectionTerminated);
-        }
-        tracing::info!(
-            target: "spillway::access",
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            route = self.metrics.name(),
-            method = self.method.as_str(),
-            path = self.uri.path(),
-            status = self.status,
-            source = self.source.label(),
-            error = self.error.unwrap_or("-"),
-            outcome = outcome.label(),
-            // Whole microseconds: prints as e.g. 1.857, not 1.8570200000000001.
-            duration_ms = elapsed.as_micros() as f64 / 1000.0,
-        );
-    }
-}
-
-impl Drop for Exchange {
-    fn drop(&mut self) {
-        self.metrics.in_flight.dec();
     }
 }
 
@@ -209,7 +45,7 @@ pin_project! {
                 };
                 // A body nobody polled to the end: fine if there was nothing left to send
                 // (HEAD, 204, an empty body), otherwise the client stopped reading.
-                ex.finish(if ended { Outcome::Complete } else { Outcome::ClientGone });
+                ex.finish(if ended { ExchangeOutcome::Complete } else { ExchangeOutcome::ClientGone });
             }
         }
     }
@@ -255,7 +91,7 @@ pub async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Exchange)
         Ok(down) => down,
         Err(e) => {
             tracing::debug!(request_id = exchange.request_id.to_str().unwrap_or("-"), error = %e, "upgrade not completed");
-            exchange.finish(Outcome::TunnelAborted);
+            exchange.finish(ExchangeOutcome::TunnelAborted);
             return;
         }
     };
@@ -273,11 +109,11 @@ pub async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Exchange)
                 received,
                 "tunnel closed"
             );
-            exchange.finish(Outcome::Complete);
+            exchange.finish(ExchangeOutcome::Complete);
         }
         Err(e) => {
             tracing::debug!(request_id = exchange.request_id.to_str().unwrap_or("-"), error = %e, "tunnel aborted");
-            exchange.finish(Outcome::TunnelAborted);
+            exchange.finish(ExchangeOutcome::TunnelAborted);
         }
     }
 }
@@ -296,7 +132,7 @@ impl Body for ResponseBody {
             SourceBodyProj::Upstream { inner } => match inner.poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(ex) = this.exchange.take() {
-                        ex.finish(Outcome::UpstreamAborted);
+                        ex.finish(ExchangeOutcome::UpstreamAborted);
                     }
                     // Returning the error makes hyper abort the downstream response (HTTP/1:
                     // close without the terminating chunk; HTTP/2: RST_STREAM), so a truncated
@@ -308,7 +144,7 @@ impl Body for ResponseBody {
         };
         if let Poll::Ready(None) = polled {
             if let Some(ex) = this.exchange.take() {
-                ex.finish(Outcome::Complete);
+                ex.finish(ExchangeOutcome::Complete);
             }
         }
         polled

@@ -1,13 +1,13 @@
-//! The request's path through spillway: [`service`] takes it from a connection, [`route`]
-//! picks the route, [`stack`] runs the route's policies, [`upstream`] forwards it over
-//! [`pool`]ed connections made by the [`connector`] (HTTP/1.1 spoken by [`http1`]);
-//! [`headers`] holds every header rule and [`body`] streams both ways.
+//! The request's path through spillway, downstream side: [`service`] takes it from a
+//! connection, [`runtime`] holds the snapshot it is served under and [`route`] picks its route,
+//! [`stack`] runs the route's policies, and the [`upstream`] client forwards it. [`rescue`]
+//! turns every error into a response, [`headers`] holds every header rule, [`body`] streams
+//! the response, and [`exchange`] accounts for the request from arrival to its last byte.
 
 pub mod body;
-pub mod connector;
+pub mod exchange;
 pub mod headers;
-pub mod http1;
-pub mod pool;
+pub mod rescue;
 pub mod route;
 pub mod runtime;
 pub mod service;

@@ -1,8 +1,8 @@
 //! The drain of one listener's connections: one small atomic signal per connection.
 //!
-//! Every accepted connection registers in the listener's [`Connections`] and gets a [`Conn`]
+//! Every accepted connection registers in the listener's [`Connections`] and gets a [`ConnectionSlot`]
 //! whose signal is an atomic state (running → drain → cut) plus a waker. The connection task
-//! runs its work inside [`Conn::watch`], which on each poll reads the state once and registers
+//! runs its work inside [`ConnectionSlot::watch`], which on each poll reads the state once and registers
 //! the task's waker only when the waker or the state changed: a connection that is not being
 //! drained pays one load and one pointer comparison per wakeup, where a cancellation token and
 //! a watch channel would each poll a future on every wakeup.
@@ -49,10 +49,10 @@ impl Signal {
 
 /// The live connections of one listener, counted from accept on.
 pub struct Connections {
-    shared: Arc<Shared>,
+    state: Arc<DrainState>,
 }
 
-struct Shared {
+struct DrainState {
     registry: Mutex<Registry>,
     /// Notified when the last connection ends after a drain was requested.
     emptied: Notify,
@@ -83,7 +83,7 @@ impl Connections {
     /// An empty registry for a new listener.
     pub fn new() -> Self {
         Connections {
-            shared: Arc::new(Shared {
+            state: Arc::new(DrainState {
                 registry: Mutex::new(Registry {
                     slots: Slab::new(),
                     mode: RUNNING,
@@ -95,16 +95,16 @@ impl Connections {
 
     /// Registers a just-accepted connection: it counts for the drain until the returned
     /// handle is dropped.
-    pub fn register(&self) -> Conn {
-        let mut registry = lock(&self.shared.registry);
+    pub fn register(&self) -> ConnectionSlot {
+        let mut registry = lock(&self.state.registry);
         let signal = Arc::new(Signal {
             state: AtomicU8::new(registry.mode),
             waker: AtomicWaker::new(),
         });
         let key = registry.slots.insert(signal.clone());
-        Conn {
+        ConnectionSlot {
             signal,
-            shared: self.shared.clone(),
+            state: self.state.clone(),
             key,
             registered: None,
         }
@@ -112,24 +112,24 @@ impl Connections {
 
     /// Connections registered and not yet ended.
     pub fn live(&self) -> usize {
-        lock(&self.shared.registry).slots.len()
+        lock(&self.state.registry).slots.len()
     }
 
     /// Asks every live connection to drain, waits until all have ended or `deadline` passed,
     /// then cuts the rest; returns how many were cut.
     pub async fn finish(self, deadline: Instant) -> usize {
-        if lock(&self.shared.registry).raise(DRAIN) == 0 {
+        if lock(&self.state.registry).raise(DRAIN) == 0 {
             return 0;
         }
         // Each pass waits for a notification or the deadline; a notification left over from
         // earlier only costs one more check.
         loop {
-            let emptied = self.shared.emptied.notified();
+            let emptied = self.state.emptied.notified();
             if self.live() == 0 {
                 return 0;
             }
             if tokio::time::timeout_at(deadline, emptied).await.is_err() {
-                return lock(&self.shared.registry).raise(CUT);
+                return lock(&self.state.registry).raise(CUT);
             }
         }
     }
@@ -143,15 +143,15 @@ fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
 
 /// One connection's place in its listener's [`Connections`]; dropping it ends the connection's
 /// count.
-pub struct Conn {
+pub struct ConnectionSlot {
     signal: Arc<Signal>,
-    shared: Arc<Shared>,
+    state: Arc<DrainState>,
     key: usize,
     /// The waker last registered in `signal`, to skip registering the same one again.
     registered: Option<Waker>,
 }
 
-impl Conn {
+impl ConnectionSlot {
     /// Runs `work` until it completes (`Some(output)`) or the connection is cut (`None`, and
     /// `work` is dropped by the caller). When a drain is requested, `on_drain` is called once
     /// with `work`: e.g. to start a graceful shutdown; a no-op lets `work` run on.
@@ -188,22 +188,22 @@ impl Conn {
     }
 }
 
-impl Drop for Conn {
+impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        let mut registry = lock(&self.shared.registry);
+        let mut registry = lock(&self.state.registry);
         registry.slots.remove(self.key);
         if registry.slots.is_empty() && registry.mode != RUNNING {
-            self.shared.emptied.notify_one();
+            self.state.emptied.notify_one();
         }
     }
 }
 
 pin_project! {
-    /// Work run under a connection's drain signal: see [`Conn::watch`].
+    /// Work run under a connection's drain signal: see [`ConnectionSlot::watch`].
     pub struct Watched<'a, F, D> {
         #[pin]
         work: F,
-        conn: &'a mut Conn,
+        conn: &'a mut ConnectionSlot,
         on_drain: Option<D>,
     }
 }
@@ -356,11 +356,11 @@ mod tests {
     async fn a_connection_registered_during_the_drain_starts_draining() {
         let connections = Connections::new();
         let first = connections.register();
-        let registry = connections.shared.clone();
+        let registry = connections.state.clone();
         let drain = tokio::spawn(connections.finish(in_a_second()));
         tokio::task::yield_now().await;
         let mut late = Connections {
-            shared: registry.clone(),
+            state: registry.clone(),
         }
         .register();
         let asked = AtomicBool::new(false);
@@ -393,14 +393,14 @@ mod tests {
             .as_mut()
             .poll(&mut Context::from_waker(&waker_b))
             .is_pending());
-        lock(&connections.shared.registry).raise(DRAIN);
+        lock(&connections.state.registry).raise(DRAIN);
         assert_eq!((a.wakes(), b.wakes()), (0, 1), "the latest waker is woken");
         // The wake took the waker: the next poll must register it again for the cut.
         assert!(watched
             .as_mut()
             .poll(&mut Context::from_waker(&waker_b))
             .is_pending());
-        lock(&connections.shared.registry).raise(CUT);
+        lock(&connections.state.registry).raise(CUT);
         assert_eq!(b.wakes(), 2);
         assert_eq!(
             watched.as_mut().poll(&mut Context::from_waker(&waker_b)),

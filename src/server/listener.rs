@@ -16,11 +16,11 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::drain::{Conn, Connections};
+use super::drain::{ConnectionSlot, Connections};
 use super::timer::SpareTimer;
-use super::tls::ListenerTls;
 use crate::proxy::{ProxyService, Runtime};
 use crate::spare_timer;
+use crate::tls::server::ListenerTls;
 
 /// How long a client may take to send a request head: slow-loris protection.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -107,7 +107,7 @@ async fn serve_io<I>(
     builder: &ConnBuilder,
     io: I,
     svc: ProxyService,
-    conn: &mut Conn,
+    conn: &mut ConnectionSlot,
     peer: SocketAddr,
 ) where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,

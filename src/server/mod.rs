@@ -9,45 +9,53 @@
 mod drain;
 mod listener;
 mod timer;
-pub mod tls;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::admin;
-use crate::config::Loaded;
+use crate::config::{Env, Loaded};
 use crate::metrics::Metrics;
 use crate::proxy::Runtime;
-use crate::reload;
+use crate::reload::{self, Reloader};
+use crate::shared::ProcessState;
+use crate::tls::certificates::Certificates;
 
-/// State shared by the proxy listeners and the admin endpoint.
-pub struct Shared {
-    /// The serving snapshot; swapped whole on reload.
-    pub runtime: Arc<ArcSwap<Runtime>>,
-    /// The process's metrics.
-    pub metrics: Metrics,
-    /// False once draining has begun: `/readyz` answers 503.
-    pub ready: AtomicBool,
-    /// The config file, when spillway was started from one (enables reloads).
-    pub config_path: Option<PathBuf>,
-    /// Serializes reloads.
-    pub reload_lock: Mutex<()>,
-    /// Hash of the config file's bytes at the last watch-triggered attempt.
-    pub last_seen_file: Mutex<Option<u64>>,
-    /// TLS listeners' certificates (re-read on reload and when their files change).
-    pub certificates: tls::Certificates,
+/// Where the serving config came from, for reloads.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The config file (`None`: the config did not come from a file and cannot be reloaded).
+    pub path: Option<PathBuf>,
+    /// Variables the file may use beyond the process environment.
+    pub env: Env,
+    /// Hash of the file bytes the serving config was loaded from ([`crate::config::file_hash`]).
+    pub loaded_hash: Option<u64>,
+}
+
+impl ConfigSource {
+    /// The file at `path`, read from the process environment; the bytes it was loaded from are
+    /// not known, so the first change event re-reads it.
+    pub fn file(path: &std::path::Path) -> ConfigSource {
+        ConfigSource {
+            path: Some(path.to_path_buf()),
+            ..ConfigSource::default()
+        }
+    }
 }
 
 /// A running spillway: its bound addresses and the handle to stop it.
 pub struct Server {
-    /// Shared state (runtime snapshot, metrics, readiness).
-    pub shared: Arc<Shared>,
+    /// State shared by the listeners and the admin endpoint (runtime snapshot, metrics,
+    /// readiness, certificates).
+    pub state: Arc<ProcessState>,
+    /// Applies a new config from the file (on a file change, SIGHUP or `POST /reload`).
+    pub reloader: Arc<Reloader>,
     /// Bound proxy listener addresses, in config order.
     pub listen_addrs: Vec<SocketAddr>,
     /// Bound admin address.
@@ -70,57 +78,37 @@ impl Server {
     /// Binds every listener and the admin endpoint and starts serving a config that did not
     /// come from a file (no reloads).
     pub async fn start(loaded: &Loaded, metrics: Metrics) -> std::io::Result<Server> {
-        Self::start_inner(loaded, metrics, None).await
+        Self::start_from(loaded, metrics, ConfigSource::default()).await
     }
 
-    /// Starts serving the config loaded from `path`; `POST /reload` re-reads it. Add
-    /// [`Server::watch_file`] and [`Server::reload_on_sighup`] for the other triggers.
+    /// Starts serving the config loaded from `path`; `POST /reload` re-reads it.
     pub async fn start_with_file(
-        path: &Path,
+        path: &std::path::Path,
         loaded: &Loaded,
         metrics: Metrics,
     ) -> std::io::Result<Server> {
-        Self::start_inner(loaded, metrics, Some(path.to_path_buf())).await
+        Self::start_from(loaded, metrics, ConfigSource::file(path)).await
     }
 
-    /// Reloads when the config file changes (in place, by rename, or by a ConfigMap swap).
-    pub fn watch_file(&self) {
-        let Some(path) = self.shared.config_path.clone() else {
-            return;
-        };
-        if let Err(e) = reload::spawn_watcher(self.shared.clone(), path, self.background.clone()) {
-            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
-        }
-    }
-
-    /// Reloads on SIGHUP.
-    pub fn reload_on_sighup(&self) {
-        reload::spawn_sighup(self.shared.clone(), self.background.clone());
-    }
-
-    async fn start_inner(
+    /// Starts serving `loaded`, which came from `source`; `POST /reload` re-reads its file. Add
+    /// [`Server::watch_file`] and [`Server::reload_on_sighup`] for the other triggers.
+    pub async fn start_from(
         loaded: &Loaded,
         metrics: Metrics,
-        config_path: Option<PathBuf>,
+        source: ConfigSource,
     ) -> std::io::Result<Server> {
         // Certificate, key and CA files are read first: a config whose files are broken does
         // not start.
-        let certificates = tls::Certificates::load(&loaded.settings, &metrics)
+        let certificates = Certificates::load(&loaded.settings, &metrics)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let runtime = Runtime::build(loaded, &metrics, None);
-        let last_seen_file = config_path
-            .as_deref()
-            .and_then(|p| std::fs::read_to_string(p).ok())
-            .map(|t| reload::file_hash(&t));
-        let shared = Arc::new(Shared {
+        let state = Arc::new(ProcessState {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             metrics,
             ready: AtomicBool::new(true),
-            config_path,
-            reload_lock: Mutex::new(()),
-            last_seen_file: Mutex::new(last_seen_file),
             certificates,
         });
+        let reloader = Reloader::new(state.clone(), source.path, source.env, source.loaded_hash);
         let stop_accepting = CancellationToken::new();
         let mut listen_addrs = Vec::new();
         let mut tasks = Vec::new();
@@ -137,8 +125,8 @@ impl Server {
             tasks.push(tokio::spawn(listener::serve(
                 bound,
                 l.name.clone(),
-                shared.runtime.clone(),
-                shared.certificates.listener(&l.name),
+                state.runtime.clone(),
+                state.certificates.listener(&l.name),
                 stop_accepting.clone(),
             )));
         }
@@ -149,13 +137,19 @@ impl Server {
                     .map_err(|e| std::io::Error::new(e.kind(), format!("admin on {addr}: {e}")))?;
                 let addr = bound.local_addr()?;
                 tracing::info!(%addr, "admin listening");
-                let task = tokio::spawn(admin::serve(bound, shared.clone(), admin_stop.clone()));
+                let task = tokio::spawn(admin::serve(
+                    bound,
+                    state.clone(),
+                    reloader.clone(),
+                    admin_stop.clone(),
+                ));
                 (Some(addr), Some(task))
             }
             None => (None, None),
         };
         Ok(Server {
-            shared,
+            state,
+            reloader,
             listen_addrs,
             admin_addr,
             stop_accepting,
@@ -166,11 +160,23 @@ impl Server {
         })
     }
 
+    /// Reloads when the config file changes (in place, by rename, or by a ConfigMap swap).
+    pub fn watch_file(&self) {
+        if let Err(e) = reload::spawn_watcher(self.reloader.clone(), self.background.clone()) {
+            tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
+        }
+    }
+
+    /// Reloads on SIGHUP.
+    pub fn reload_on_sighup(&self) {
+        reload::spawn_sighup(self.reloader.clone(), self.background.clone());
+    }
+
     /// Drains and stops: readiness off, `drain_delay` of normal serving, then stop accepting
     /// and give in-flight requests up to `drain_timeout`.
     pub async fn shutdown(self) -> ShutdownReport {
-        let shutdown = self.shared.runtime.load().settings.shutdown.clone();
-        self.shared.ready.store(false, Ordering::SeqCst);
+        let shutdown = self.state.runtime.load().settings.shutdown.clone();
+        self.state.ready.store(false, Ordering::SeqCst);
         tracing::info!(drain_delay = ?shutdown.drain_delay, "draining: readiness now fails");
         tokio::time::sleep(shutdown.drain_delay).await;
         self.stop_now(shutdown.drain_timeout).await
@@ -178,7 +184,7 @@ impl Server {
 
     /// Stops accepting at once and gives in-flight requests up to `grace`.
     pub async fn stop_now(self, grace: std::time::Duration) -> ShutdownReport {
-        self.shared.ready.store(false, Ordering::SeqCst);
+        self.state.ready.store(false, Ordering::SeqCst);
         self.background.cancel();
         self.stop_accepting.cancel();
         let deadline = tokio::time::Instant::now() + grace;

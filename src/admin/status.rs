@@ -23,7 +23,7 @@ use crate::metrics::{
 };
 use crate::policy::CircuitState;
 use crate::proxy::Runtime;
-use crate::server::Shared;
+use crate::shared::ProcessState;
 
 /// The page template. The server puts the first sample into it, so the page shows the routes
 /// at once (and without JavaScript).
@@ -177,13 +177,13 @@ pub struct Latency {
 }
 
 /// Takes a sample of a running spillway.
-pub fn snapshot(shared: &Shared) -> Status {
-    let runtime = shared.runtime.load();
-    let families = shared.metrics.registry().gather();
+pub fn snapshot(state: &ProcessState) -> Status {
+    let runtime = state.runtime.load();
+    let families = state.metrics.registry().gather();
     build(
         &runtime,
         &families,
-        shared.ready.load(std::sync::atomic::Ordering::SeqCst),
+        state.ready.load(std::sync::atomic::Ordering::SeqCst),
         SystemTime::now(),
     )
 }
@@ -491,7 +491,7 @@ impl<'a> Index<'a> {
 mod tests {
     use super::*;
     use crate::error::{ShedReason, UpstreamError};
-    use crate::metrics::{Metrics, Source};
+    use crate::metrics::{Metrics, ResponseSource};
     use http::Method;
 
     const YAML: &str = "server_id: status-test\n\
@@ -589,18 +589,18 @@ mod tests {
         let rt = runtime(&metrics);
         let api = metrics.route("api");
         for _ in 0..97 {
-            api.response(&Method::GET, 200, Source::Upstream, 0.002);
+            api.response(&Method::GET, 200, ResponseSource::Upstream, 0.002);
         }
-        api.response(&Method::POST, 404, Source::Upstream, 0.002);
-        api.response(&Method::GET, 500, Source::Upstream, 0.004);
-        api.response(&Method::GET, 502, Source::Proxy, 0.001);
-        api.response(&Method::GET, 503, Source::Proxy, 0.0001);
+        api.response(&Method::POST, 404, ResponseSource::Upstream, 0.002);
+        api.response(&Method::GET, 500, ResponseSource::Upstream, 0.004);
+        api.response(&Method::GET, 502, ResponseSource::Proxy, 0.001);
+        api.response(&Method::GET, 503, ResponseSource::Proxy, 0.0001);
         api.shed(ShedReason::ConcurrencyLimit);
         api.upstream_error(UpstreamError::ALL[0]);
         api.retries.inc();
         metrics
             .route(UNMATCHED_ROUTE)
-            .response(&Method::GET, 404, Source::Proxy, 0.0001);
+            .response(&Method::GET, 404, ResponseSource::Proxy, 0.0001);
         metrics.reload(false);
         metrics.reload(true);
         metrics.reload(false);
@@ -669,7 +669,7 @@ mod tests {
         let rt = runtime(&metrics);
         metrics
             .route("gone")
-            .response(&Method::GET, 200, Source::Upstream, 0.01);
+            .response(&Method::GET, 200, ResponseSource::Upstream, 0.01);
         let s = build(&rt, &metrics.registry().gather(), true, at(0));
         assert!(s.routes.iter().all(|r| r.name != "gone"));
     }
@@ -732,7 +732,7 @@ mod tests {
         let rt = runtime(&metrics);
         metrics
             .route("web")
-            .response(&Method::GET, 204, Source::Upstream, 0.01);
+            .response(&Method::GET, 204, ResponseSource::Upstream, 0.01);
         let v =
             serde_json::to_value(build(&rt, &metrics.registry().gather(), true, at(5))).unwrap();
         // The page's script reads these exact keys.

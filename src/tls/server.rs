@@ -27,20 +27,16 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use prometheus::IntCounter;
-use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{ConfigError, ConfigErrors, ListenerTlsSettings, Settings};
+use super::crypto_provider;
+use crate::config::ListenerTlsSettings;
 use crate::metrics::Metrics;
-use crate::proxy::connector::{self, TlsClient};
-use crate::proxy::Runtime;
 
 /// Longest a client may take to complete the TLS handshake, so half-open or idle connections
 /// that never finish it do not pile up.
@@ -51,36 +47,11 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// this long: until then a writer may still be busy replacing them one by one.
 pub const SETTLE: Duration = Duration::from_secs(2);
 
-/// The crypto provider of every TLS config spillway builds: ring, which builds with nothing
-/// but a C compiler.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
 /// Reads a PEM certificate chain and its private key (PKCS#8, PKCS#1 or SEC1) and checks that
 /// they belong together. The error says which file and what is wrong, for the log.
 pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, String> {
-    let cert_pem = std::fs::read(cert_file)
-        .map_err(|e| format!("cannot read {}: {e}", cert_file.display()))?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            format!(
-                "{} is not a PEM certificate chain: {e}",
-                cert_file.display()
-            )
-        })?;
-    if chain.is_empty() {
-        return Err(format!("{} holds no PEM certificate", cert_file.display()));
-    }
-    let key_pem =
-        std::fs::read(key_file).map_err(|e| format!("cannot read {}: {e}", key_file.display()))?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
-        format!(
-            "{} holds no usable PEM private key (PKCS#8, PKCS#1 or SEC1): {e}",
-            key_file.display()
-        )
-    })?;
+    let chain = super::read_chain(cert_file)?;
+    let key = super::read_key(key_file)?;
     CertifiedKey::from_der(chain, key, &crypto_provider()).map_err(|e| {
         format!(
             "certificate {} and key {} cannot be used together: {e}",
@@ -150,12 +121,12 @@ impl ResolvesServerCert for CurrentCert {
 }
 
 /// The files a listener serves from and what they looked like when last read.
-struct Source {
+struct CertFiles {
     settings: ListenerTlsSettings,
     stamps: [Option<FileStamp>; 2],
 }
 
-impl Source {
+impl CertFiles {
     fn stamps_now(settings: &ListenerTlsSettings) -> [Option<FileStamp>; 2] {
         [
             FileStamp::of(&settings.cert_file),
@@ -169,7 +140,7 @@ pub struct ListenerTls {
     name: String,
     cert: Arc<CurrentCert>,
     config: ArcSwap<ServerConfig>,
-    source: Mutex<Source>,
+    source: Mutex<CertFiles>,
     /// Milliseconds since `epoch` before which no file check is due.
     next_check: AtomicU64,
     epoch: Instant,
@@ -185,7 +156,7 @@ impl ListenerTls {
         metrics: &Metrics,
     ) -> Result<ListenerTls, String> {
         // Stamps are taken before reading, so a write that lands in between is seen next time.
-        let stamps = Source::stamps_now(settings);
+        let stamps = CertFiles::stamps_now(settings);
         let key = load_certified_key(&settings.cert_file, &settings.key_file)?;
         let cert = Arc::new(CurrentCert(ArcSwap::from_pointee(key)));
         let config = server_config(cert.clone(), &settings.alpn)?;
@@ -193,7 +164,7 @@ impl ListenerTls {
             name: name.to_owned(),
             cert,
             config: ArcSwap::from_pointee(config),
-            source: Mutex::new(Source {
+            source: Mutex::new(CertFiles {
                 settings: settings.clone(),
                 stamps,
             }),
@@ -268,7 +239,7 @@ impl ListenerTls {
             return;
         };
         let source = &mut *guard;
-        let stamps = Source::stamps_now(&source.settings);
+        let stamps = CertFiles::stamps_now(&source.settings);
         if stamps == source.stamps {
             return;
         }
@@ -294,8 +265,11 @@ impl ListenerTls {
     }
 
     /// Reads the files `settings` names (which a reload may have changed), without applying them.
-    fn prepare(&self, settings: &ListenerTlsSettings) -> Result<PreparedListener, String> {
-        let stamps = Source::stamps_now(settings);
+    pub(super) fn prepare(
+        &self,
+        settings: &ListenerTlsSettings,
+    ) -> Result<PreparedListener, String> {
+        let stamps = CertFiles::stamps_now(settings);
         let key = load_certified_key(&settings.cert_file, &settings.key_file)?;
         let same_alpn = self
             .source
@@ -317,7 +291,7 @@ impl ListenerTls {
         })
     }
 
-    fn commit(&self, p: PreparedListener) {
+    pub(super) fn commit(&self, p: PreparedListener) {
         let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
         self.cert.0.store(Arc::new(p.key));
         if let Some(config) = p.config {
@@ -339,108 +313,10 @@ fn server_config(cert: Arc<CurrentCert>, alpn: &[String]) -> Result<ServerConfig
     Ok(config)
 }
 
-struct PreparedListener {
+/// A listener's certificate read for a reload, not applied yet.
+pub(super) struct PreparedListener {
     settings: ListenerTlsSettings,
     stamps: [Option<FileStamp>; 2],
     key: CertifiedKey,
     config: Option<ServerConfig>,
-}
-
-/// Every TLS listener's certificate state, kept for the life of the process (listeners are
-/// bound once; a reload re-reads their files).
-#[derive(Default)]
-pub struct Certificates {
-    listeners: Vec<Arc<ListenerTls>>,
-}
-
-impl Certificates {
-    /// Loads every TLS listener's certificate and checks every upstream's TLS files, so that a
-    /// config whose files are missing or broken does not start.
-    pub fn load(settings: &Settings, metrics: &Metrics) -> Result<Certificates, ConfigErrors> {
-        let mut errors = Vec::new();
-        let mut listeners = Vec::new();
-        for (i, l) in settings.listeners.iter().enumerate() {
-            let Some(tls) = &l.tls else { continue };
-            match ListenerTls::new(&l.name, tls, metrics) {
-                Ok(t) => listeners.push(Arc::new(t)),
-                Err(message) => errors.push(listener_error(i, message)),
-            }
-        }
-        if let Err(e) = connector::load_upstream_tls(settings) {
-            errors.extend(e.0);
-        }
-        if errors.is_empty() {
-            Ok(Certificates { listeners })
-        } else {
-            Err(ConfigErrors(errors))
-        }
-    }
-
-    /// The TLS state of the listener named `name`, if it terminates TLS.
-    pub fn listener(&self, name: &str) -> Option<Arc<ListenerTls>> {
-        self.listeners.iter().find(|l| l.name == name).cloned()
-    }
-
-    /// For a reload: re-reads every certificate, key and CA file the new `settings` name, and
-    /// applies none of them. Any that fails refuses the reload (nothing changes).
-    pub fn prepare(&self, settings: &Settings) -> Result<PreparedCertificates, ConfigErrors> {
-        let mut errors = Vec::new();
-        let mut listeners = Vec::new();
-        for (i, l) in settings.listeners.iter().enumerate() {
-            // Listener names and TLS on/off cannot change without a restart (checked before).
-            let (Some(tls), Some(current)) = (&l.tls, self.listener(&l.name)) else {
-                continue;
-            };
-            match current.prepare(tls) {
-                Ok(p) => listeners.push((current, p)),
-                Err(message) => errors.push(listener_error(i, message)),
-            }
-        }
-        let upstreams = match connector::load_upstream_tls(settings) {
-            Ok(u) => u,
-            Err(e) => {
-                errors.extend(e.0);
-                Vec::new()
-            }
-        };
-        if errors.is_empty() {
-            Ok(PreparedCertificates {
-                listeners,
-                upstreams,
-            })
-        } else {
-            Err(ConfigErrors(errors))
-        }
-    }
-}
-
-fn listener_error(i: usize, message: String) -> ConfigError {
-    ConfigError {
-        path: format!("listeners[{i}].tls"),
-        message,
-        line: None,
-        column: None,
-    }
-}
-
-/// Certificates read for a reload and not applied yet.
-pub struct PreparedCertificates {
-    listeners: Vec<(Arc<ListenerTls>, PreparedListener)>,
-    upstreams: Vec<(String, TlsClient)>,
-}
-
-impl PreparedCertificates {
-    /// Applies them: listeners serve the new certificates to new connections, and upstreams in
-    /// `runtime` (including those carried over unchanged, with their pools) use the new CA and
-    /// client certificate for new connections.
-    pub fn commit(self, runtime: &Runtime) {
-        for (listener, p) in self.listeners {
-            listener.commit(p);
-        }
-        for (name, client) in self.upstreams {
-            if let Some(u) = runtime.upstreams.get(&name) {
-                u.set_tls(client);
-            }
-        }
-    }
 }

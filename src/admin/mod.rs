@@ -1,5 +1,5 @@
 //! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/config`, `/reload`, and the status
-//! page (`/` and `/status.json`, see [`crate::status`]).
+//! page (`/` and `/status.json`, see [`status`]).
 //!
 //! Served on its own listener (never on the proxy ports), HTTP/1.1 only.
 
@@ -16,10 +16,25 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::Shared;
+pub mod status;
+
+use crate::reload::Reloader;
+use crate::shared::ProcessState;
+
+/// What the admin endpoint serves from.
+struct Admin {
+    state: Arc<ProcessState>,
+    reloader: Arc<Reloader>,
+}
 
 /// Serves the admin endpoint until `stop` fires.
-pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ProcessState>,
+    reloader: Arc<Reloader>,
+    stop: CancellationToken,
+) {
+    let admin = Arc::new(Admin { state, reloader });
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -32,12 +47,12 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
                 }
             },
         };
-        let shared = shared.clone();
+        let admin = admin.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, req).await) }
+                let admin = admin.clone();
+                async move { Ok::<_, Infallible>(route(&admin, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -62,7 +77,7 @@ fn text(
     r
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
     match (req.method(), req.uri().path()) {
@@ -70,7 +85,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             let mut r = text(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                crate::status::page(&crate::status::snapshot(shared)),
+                status::page(&status::snapshot(&admin.state)),
             );
             let h = r.headers_mut();
             h.insert(
@@ -79,7 +94,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             );
             h.insert(
                 http::header::CONTENT_SECURITY_POLICY,
-                http::HeaderValue::from_static(crate::status::PAGE_CSP),
+                http::HeaderValue::from_static(status::PAGE_CSP),
             );
             h.insert(
                 http::header::X_CONTENT_TYPE_OPTIONS,
@@ -91,7 +106,7 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             let mut r = text(
                 StatusCode::OK,
                 JSON,
-                serde_json::to_vec(&crate::status::snapshot(shared)).unwrap_or_default(),
+                serde_json::to_vec(&status::snapshot(&admin.state)).unwrap_or_default(),
             );
             r.headers_mut().insert(
                 http::header::CACHE_CONTROL,
@@ -102,18 +117,18 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         (&Method::GET, "/metrics") => text(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
-            shared.metrics.render(),
+            admin.state.metrics.render(),
         ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, PLAIN, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if shared.ready.load(Ordering::SeqCst) {
+            if admin.state.ready.load(Ordering::SeqCst) {
                 text(StatusCode::OK, PLAIN, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
             }
         }
         (&Method::GET, "/config") => {
-            let rt = shared.runtime.load();
+            let rt = admin.state.runtime.load();
             let body = serde_json::json!({
                 "version": rt.version,
                 "loaded_at": humantime::format_rfc3339_seconds(rt.loaded_at).to_string(),
@@ -126,15 +141,15 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             )
         }
         (&Method::POST, "/reload") => {
-            let outcome = match shared.config_path {
+            let outcome = match admin.reloader.path() {
                 // Reading and validating is blocking work: keep it off the async threads.
                 Some(_) => {
-                    let shared = shared.clone();
-                    tokio::task::spawn_blocking(move || crate::reload::reload(&shared))
+                    let reloader = admin.reloader.clone();
+                    tokio::task::spawn_blocking(move || reloader.reload())
                         .await
                         .ok()
                 }
-                None => Some(crate::reload::reload(shared)),
+                None => Some(admin.reloader.reload()),
             };
             match outcome {
                 Some(Ok(r)) => text(

@@ -1,35 +1,91 @@
-//! Upstreams: endpoints, endpoint selection, the two transports (HTTP/1.1 over spillway's own
-//! per-endpoint pools, HTTP/2 over hyper-util's multiplexing client), the keep-alive race
-//! resend, and the forward service at the bottom of every route's stack.
+//! Upstreams, the client side of the proxy: endpoints and their selection, the two transports
+//! (HTTP/1.1 over spillway's own [`http1`] client and its per-endpoint pools, HTTP/2 over [`http2`]),
+//! connections opened by the [`connector`], failures named by [`classify`], the keep-alive race
+//! resend, and [`Forward`], the service at the bottom of every route's stack.
 
-use std::error::Error as StdError;
+pub mod classify;
+pub mod connector;
+pub mod http1;
+mod http2;
+
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
-use http::Extensions;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, Uri, Version};
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tokio::time::Instant;
+use hyper::body::Incoming;
 use tower::Service as _;
 
-use super::body::{BoxError, RequestBody};
-use super::connector::{
-    classify_tls, ConnectError, Connector, Established, TlsClient, UpstreamTls,
-};
-use super::http1::{Conn, Http1Body};
-use super::pool::Http1Pool;
 use crate::config::{UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, UpstreamError};
+use crate::policy::retry::is_idempotent;
+use crate::tls::client::UpstreamTls;
+use connector::{ConnectError, Connector};
+use http1::pool::Http1Pool;
+use http1::{Http1Body, Http1Connection};
+use http2::Http2Clients;
 
-type HttpClient = Client<Connector, RequestBody>;
+/// Errors a body can end with, boxed for hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body on its way to the upstream. `Empty` can be rebuilt at will, which is what
+/// lets bodyless idempotent requests be sent again.
+#[derive(Debug, Default)]
+pub enum RequestBody {
+    /// No body at all.
+    #[default]
+    Empty,
+    /// The client's streaming body.
+    Stream {
+        /// The downstream body.
+        inner: Incoming,
+    },
+}
+
+impl RequestBody {
+    /// Wraps a downstream body; one already at its end becomes `Empty`.
+    pub fn from_incoming(inner: Incoming) -> Self {
+        if inner.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Stream { inner }
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Empty => Poll::Ready(None),
+            RequestBody::Stream { inner } => Pin::new(inner).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Empty => true,
+            RequestBody::Stream { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Empty => SizeHint::with_exact(0),
+            RequestBody::Stream { inner } => inner.size_hint(),
+        }
+    }
+}
 
 /// One endpoint of an upstream.
 struct Endpoint {
@@ -50,14 +106,6 @@ enum Transport {
     /// HTTP/2: hyper-util's client, which multiplexes requests over one connection per
     /// endpoint and coalesces concurrent connection attempts.
     Http2(Box<Http2Clients>),
-}
-
-/// The HTTP/2 transport's clients.
-struct Http2Clients {
-    /// Keep-alive pool.
-    pooled: HttpClient,
-    /// Never reuses a connection: for the one resend after a stale connection failed.
-    fresh: HttpClient,
 }
 
 /// One upstream: its endpoints and connection pools. Shared by every route that uses it and
@@ -91,19 +139,7 @@ impl Upstream {
         let transport = match settings.protocol {
             UpstreamProtocol::Http1 => Transport::Http1 { connector },
             UpstreamProtocol::Http2 => {
-                let build = |max_idle: usize| {
-                    let mut b = Client::builder(TokioExecutor::new());
-                    b.pool_timer(TokioTimer::new())
-                        .timer(TokioTimer::new())
-                        .pool_idle_timeout(settings.idle_timeout)
-                        .pool_max_idle_per_host(max_idle)
-                        .http2_only(true);
-                    b.build(connector.clone())
-                };
-                Transport::Http2(Box::new(Http2Clients {
-                    pooled: build(usize::MAX),
-                    fresh: build(0),
-                }))
+                Transport::Http2(Box::new(Http2Clients::new(settings, connector)))
             }
         };
         let endpoints = settings
@@ -142,12 +178,10 @@ impl Upstream {
         &self.name
     }
 
-    /// Uses `client` for new TLS connections (a reload re-read the CA or client certificate);
-    /// pooled connections stay as they are. Ignored for a plain-HTTP upstream.
-    pub fn set_tls(&self, client: TlsClient) {
-        if let Some(tls) = &self.tls {
-            tls.set(client);
-        }
+    /// Its TLS setup, which a reload replaces for new connections (pooled ones stay as they
+    /// are); `None` for a plain-HTTP upstream.
+    pub fn tls(&self) -> Option<&UpstreamTls> {
+        self.tls.as_ref()
     }
 
     /// How many endpoints it has.
@@ -204,89 +238,11 @@ impl Upstream {
             .await
             .map_err(|ConnectError(kind)| ProxyError::from(kind))?;
         ep.pool.ensure_sweeper();
-        Conn::new(io.into_stream())
+        Http1Connection::new(io.into_stream())
             .send(&parts, body, &ep.host, &ep.pool)
             .await
             .map(|resp| resp.map(UpstreamBody::Http1))
             .map_err(|e| e.error)
-    }
-
-    /// HTTP/2 through hyper-util's multiplexing client.
-    async fn send_http2(
-        &self,
-        pooled: &HttpClient,
-        fresh: &HttpClient,
-        ep: &Endpoint,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        *req.uri_mut() = Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(ep.authority.clone())
-            .path_and_query(path_and_query(&req))
-            .build()
-            .map_err(|_| ProxyError::BadRequest)?;
-        *req.version_mut() = Version::HTTP_2;
-        let resend = Resend::capture(&req);
-        let sent_at = Instant::now();
-        match pooled.request(req).await {
-            Ok(resp) => Ok(resp.map(UpstreamBody::Http2)),
-            Err(err) => {
-                let kind = classify(&err);
-                // As for HTTP/1.1: a connection that died under a request it had not answered.
-                if kind == UpstreamError::ConnectionTerminated && was_reused(&err, sent_at) {
-                    if let Some(again) = resend {
-                        tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
-                        return fresh
-                            .request(again.into_request())
-                            .await
-                            .map(|resp| resp.map(UpstreamBody::Http2))
-                            .map_err(|e| classify(&e).into());
-                    }
-                }
-                Err(kind.into())
-            }
-        }
-    }
-}
-
-/// The request's path and query (`/` when it has none), for the upstream request target.
-fn path_and_query(req: &Request<RequestBody>) -> PathAndQuery {
-    req.uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"))
-}
-
-/// What it takes to send a request again over HTTP/2 (hyper-util's client consumes the request):
-/// only bodyless idempotent requests qualify (a body was consumed by the first attempt, and a
-/// non-idempotent request must never be repeated).
-struct Resend {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-    extensions: Extensions,
-}
-
-impl Resend {
-    fn capture(req: &Request<RequestBody>) -> Option<Resend> {
-        (is_idempotent(req.method()) && req.body().is_end_stream()).then(|| Resend {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-            extensions: req.extensions().clone(),
-        })
-    }
-
-    fn into_request(self) -> Request<RequestBody> {
-        let mut req = Request::new(RequestBody::Empty);
-        *req.method_mut() = self.method;
-        *req.uri_mut() = self.uri;
-        *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers;
-        *req.extensions_mut() = self.extensions;
-        req
     }
 }
 
@@ -297,13 +253,13 @@ pub enum UpstreamBody {
     /// From spillway's HTTP/1.1 client.
     Http1(Http1Body),
     /// From an HTTP/2 stream.
-    Http2(hyper::body::Incoming),
+    Http2(Incoming),
 }
 
 impl UpstreamBody {
     /// After a `101 Switching Protocols` from an HTTP/1.1 upstream: the connection, for the
     /// tunnel.
-    pub fn into_upgraded(self) -> Option<super::http1::Upgraded> {
+    pub fn into_upgraded(self) -> Option<http1::Upgraded> {
         match self {
             UpstreamBody::Http1(b) => b.into_upgraded(),
             UpstreamBody::Http2(_) => None,
@@ -384,77 +340,9 @@ impl tower::Service<Request<RequestBody>> for Forward {
             match &up.transport {
                 Transport::Http1 { connector } => up.send_http1(connector, ep, req).await,
                 Transport::Http2(clients) => {
-                    up.send_http2(&clients.pooled, &clients.fresh, ep, req)
-                        .await
+                    clients.send(&up.name, &up.scheme, &ep.authority, req).await
                 }
             }
         })
     }
-}
-
-fn is_idempotent(m: &Method) -> bool {
-    matches!(
-        *m,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
-/// Whether the failed request went out on a connection that existed before it was sent.
-fn was_reused(err: &hyper_util::client::legacy::Error, sent_at: Instant) -> bool {
-    let Some(info) = err.connect_info() else {
-        return false;
-    };
-    let mut ext = Extensions::new();
-    info.get_extras(&mut ext);
-    ext.get::<Established>().is_some_and(|e| e.0 < sent_at)
-}
-
-/// Classifies a hyper-util client error by walking its cause chain (never by its message).
-pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
-    classify_chain(err.source()).unwrap_or(if err.is_connect() {
-        UpstreamError::ConnectRefused
-    } else {
-        UpstreamError::ConnectionTerminated
-    })
-}
-
-/// Classifies an I/O failure on an established connection (a TLS error inside it included).
-pub fn classify_io(err: &io::Error) -> UpstreamError {
-    classify_chain(Some(err)).unwrap_or(UpstreamError::ConnectionTerminated)
-}
-
-fn classify_chain(mut source: Option<&(dyn StdError + 'static)>) -> Option<UpstreamError> {
-    while let Some(e) = source {
-        if let Some(c) = e.downcast_ref::<ConnectError>() {
-            return Some(c.0);
-        }
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
-                return Some(UpstreamError::ProtocolError);
-            }
-            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
-                return Some(UpstreamError::ConnectionTerminated);
-            }
-        }
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(classify_tls(tls));
-        }
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            // TLS 1.3 completes the client's side of the handshake before the upstream checks
-            // our client certificate: its rejection arrives as an alert on the first read.
-            if let Some(tls) = io
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-            {
-                return Some(classify_tls(tls));
-            }
-            return Some(match io.kind() {
-                io::ErrorKind::ConnectionRefused => UpstreamError::ConnectRefused,
-                io::ErrorKind::InvalidData => UpstreamError::ProtocolError,
-                _ => UpstreamError::ConnectionTerminated,
-            });
-        }
-        source = e.source();
-    }
-    None
 }

@@ -1,10 +1,17 @@
-//! `spillway demo`: the sample app on a loopback port with spillway in front of it.
+//! `spillway demo`: the sample [`app`] on a loopback port with spillway in front of it.
+
+pub mod app;
 
 use std::path::Path;
 use std::process::ExitCode;
 
-use crate::config;
-use crate::demo_app::DemoApp;
+pub use app::DemoApp;
+
+use crate::config::{self, Env};
+use crate::server::ConfigSource;
+
+/// The variable the demo config names its sample app by.
+const DEMO_APP_VAR: &str = "SPILLWAY_DEMO_APP";
 
 /// Starts the sample app, then spillway with the demo config (from `path` when it exists,
 /// else the embedded copy), prints what to try, and serves until Ctrl-C.
@@ -16,31 +23,40 @@ pub async fn run(path: &Path, embedded: &str) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // The config names the app through ${SPILLWAY_DEMO_APP}. Set before any other thread of
-    // ours reads the environment.
-    std::env::set_var("SPILLWAY_DEMO_APP", app.local_addr().to_string());
-    let (source, file, loaded) = if path.exists() {
+    // The config names the app through ${SPILLWAY_DEMO_APP}: handed to the loader (and to
+    // every reload) rather than written into the process environment, which other threads may
+    // be reading.
+    let env = Env::default().with(DEMO_APP_VAR, app.local_addr().to_string());
+    let (source, file, text) = if path.exists() {
         (
             path.display().to_string(),
             Some(path.to_path_buf()),
-            config::load_file(path),
+            config::read_file(path),
         )
     } else {
         (
             "built-in demo config".to_string(),
             None,
-            config::load_str(embedded),
+            Ok(embedded.to_owned()),
         )
     };
-    let loaded = match loaded {
+    let loaded = text.and_then(|text| {
+        config::load_str_with(&text, &env).map(|loaded| (loaded, config::file_hash(&text)))
+    });
+    let (loaded, hash) = match loaded {
         Ok(l) => l,
         Err(errors) => {
             eprintln!("spillway demo: {source} is invalid:\n{errors}");
-            return ExitCode::from(2);
+            return ExitCode::from(crate::run::EXIT_BAD_CONFIG);
         }
     };
+    let config_source = ConfigSource {
+        loaded_hash: file.as_ref().map(|_| hash),
+        path: file,
+        env,
+    };
     let (tx, rx) = tokio::sync::oneshot::channel();
-    let serving = tokio::spawn(crate::cli::run(loaded, file, Some(tx)));
+    let serving = tokio::spawn(crate::run::run(loaded, config_source, Some(tx)));
     if let Ok(addrs) = rx.await {
         let p = addrs
             .listeners

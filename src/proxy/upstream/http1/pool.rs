@@ -2,12 +2,12 @@
 //!
 //! spillway knows its endpoints up front, so there is no keyed lookup: each endpoint has its
 //! own pool. A connection returns the moment its response body ends (see
-//! [`Http1Body`](super::http1::Http1Body)), and a checkout takes the most recently used one
+//! [`Http1Body`](super::Http1Body)), and a checkout takes the most recently used one
 //! (warm in cache, and it leaves the oldest to age out).
 //!
 //! Idle connections older than the upstream's `idle_timeout` are never handed out and are closed
 //! by a sweeper, so spillway closes an idle connection before an app with a longer idle timeout
-//! does — the first defence against the keep-alive race (the second is in `upstream.rs`).
+//! does — the first defence against the keep-alive race (the second is in `upstream/mod.rs`).
 //! Connections the app closed (or wrote to) while idle are skipped at checkout.
 
 use std::collections::VecDeque;
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::http1::Conn;
+use super::Http1Connection;
 
 /// The sweeper never runs more often than this, whatever the idle timeout.
 const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
@@ -32,7 +32,7 @@ pub struct Http1Pool {
 
 #[derive(Debug)]
 struct Idle {
-    conn: Box<Conn>,
+    conn: Box<Http1Connection>,
     since: Instant,
 }
 
@@ -48,7 +48,7 @@ impl Http1Pool {
 
     /// The most recently used idle connection that is still open and not past the idle
     /// timeout. Connections found closed or too old on the way are dropped (which closes them).
-    pub fn checkout(&self) -> Option<Box<Conn>> {
+    pub fn checkout(&self) -> Option<Box<Http1Connection>> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(mut c) = idle.pop_back() {
@@ -61,7 +61,7 @@ impl Http1Pool {
 
     /// Returns a connection whose exchange has ended. The oldest entries past the idle timeout
     /// are retired on the way.
-    pub fn put(&self, conn: Box<Conn>) {
+    pub fn put(&self, conn: Box<Http1Connection>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while idle
@@ -112,16 +112,19 @@ impl Http1Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::body::RequestBody;
-    use crate::proxy::connector::Stream;
+    use crate::proxy::upstream::connector::Stream;
+    use crate::proxy::upstream::RequestBody;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
     /// A connection to a listener that accepts and then holds the socket open.
-    async fn connection(listener: &TcpListener) -> (Box<Conn>, TcpStream) {
+    async fn connection(listener: &TcpListener) -> (Box<Http1Connection>, TcpStream) {
         let addr = listener.local_addr().unwrap();
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (Conn::new(Stream::Plain(client.unwrap())), server.unwrap().0)
+        (
+            Http1Connection::new(Stream::Plain(client.unwrap())),
+            server.unwrap().0,
+        )
     }
 
     #[tokio::test]
@@ -153,7 +156,7 @@ mod tests {
     async fn exchange(
         pool: &Arc<Http1Pool>,
         reply: &'static [u8],
-    ) -> http::Response<crate::proxy::http1::Http1Body> {
+    ) -> http::Response<crate::proxy::upstream::http1::Http1Body> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (conn, mut server) = connection(&listener).await;
         tokio::spawn(async move {

@@ -1,0 +1,232 @@
+//! Reading a response from an upstream connection: the head's framing (RFC 9112 §6) and the
+//! body's decoder (length, chunked with trailers, or until close).
+
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http_body::Frame;
+
+use crate::error::{ProxyError, UpstreamError};
+
+/// Largest trailer section accepted.
+const MAX_TRAILERS: usize = 64 * 1024;
+/// Smallest header map a response head is parsed into (see `Head::from_parsed`).
+const RESPONSE_MAP_MIN: usize = 12;
+/// Longest chunk-size line (size and extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ResponseFraming {
+    Length(u64),
+    Chunked,
+    UntilClose,
+    /// 101 Switching Protocols: what follows is the upgraded protocol.
+    Upgrade,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub(super) struct Head {
+    pub(super) status: StatusCode,
+    pub(super) headers: HeaderMap,
+    pub(super) framing: ResponseFraming,
+    pub(super) keep_alive: bool,
+}
+
+impl Head {
+    pub(super) fn from_parsed(parsed: &httparse::Response<'_, '_>) -> Result<Head, ProxyError> {
+        let bad = || ProxyError::from(UpstreamError::ProtocolError);
+        let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|_| bad())?;
+        let http11 = parsed.version == Some(1);
+        // Room for what spillway adds on the way down (x-served-by, x-request-id), so the map
+        // is allocated once. And at least RESPONSE_MAP_MIN: once hyper has written the response
+        // it keeps this map (emptied) for the next request on the client connection, and
+        // spillway adds up to six headers to that request: with room for them it never grows.
+        let mut headers =
+            HeaderMap::with_capacity((parsed.headers.len() + 3).max(RESPONSE_MAP_MIN));
+        let mut length: Option<u64> = None;
+        let mut chunked = None;
+        let mut close = !http11;
+        for h in parsed.headers.iter() {
+            let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad())?;
+            let value = HeaderValue::from_bytes(h.value).map_err(|_| bad())?;
+            if name == CONTENT_LENGTH {
+                // Repeated or listed values must all agree (RFC 9110 §8.6).
+                for v in h.value.split(|&b| b == b',') {
+                    let n = parse_length(v.trim_ascii()).ok_or_else(bad)?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(bad());
+                    }
+                    length = Some(n);
+                }
+            } else if name == TRANSFER_ENCODING {
+                // Chunked only when it is the last coding applied (RFC 9112 §6.3).
+                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
+                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            } else if name == CONNECTION {
+                for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") && !http11 {
+                        close = false;
+                    }
+                }
+            }
+            headers.append(name, value);
+        }
+        let framing = if status == StatusCode::SWITCHING_PROTOCOLS {
+            ResponseFraming::Upgrade
+        } else if status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            ResponseFraming::Length(0)
+        } else {
+            match (chunked, length) {
+                (Some(true), _) => ResponseFraming::Chunked,
+                (Some(false), _) => ResponseFraming::UntilClose,
+                (None, Some(n)) => ResponseFraming::Length(n),
+                (None, None) => ResponseFraming::UntilClose,
+            }
+        };
+        if chunked.is_some() && length.is_some() {
+            // Both: Transfer-Encoding wins, and the length must not travel on (RFC 9112 §6.3);
+            // such a message may be an attempt at smuggling, so the connection is not reused.
+            headers.remove(CONTENT_LENGTH);
+            close = true;
+        }
+        Ok(Head {
+            status,
+            headers,
+            keep_alive: !close && framing != ResponseFraming::UntilClose,
+            framing,
+        })
+    }
+}
+
+/// A `Content-Length` value: digits only.
+pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
+    if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
+}
+
+/// Where a response body stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decoder {
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+    /// Everything until the upstream closes.
+    UntilClose,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailers, then the final CRLF.
+    Trailers,
+}
+
+/// What one decoding step found in the read buffer.
+pub(super) enum Step {
+    Frame(Frame<Bytes>),
+    End,
+    NeedMore,
+}
+
+/// Decodes what the read buffer holds.
+pub(super) fn step(decoder: &mut Decoder, rbuf: &mut BytesMut) -> io::Result<Step> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    loop {
+        match decoder {
+            Decoder::Done => return Ok(Step::End),
+            Decoder::Length(0) => return Ok(Step::End),
+            Decoder::Length(left) => {
+                return Ok(take(left, rbuf).map_or(Step::NeedMore, |d| Step::Frame(Frame::data(d))));
+            }
+            Decoder::UntilClose => {
+                if rbuf.is_empty() {
+                    return Ok(Step::NeedMore);
+                }
+                return Ok(Step::Frame(Frame::data(rbuf.split().freeze())));
+            }
+            Decoder::Chunked(chunk) => match chunk {
+                Chunk::Size => match httparse::parse_chunk_size(rbuf) {
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        rbuf.advance(used);
+                        *chunk = if size == 0 {
+                            Chunk::Trailers
+                        } else {
+                            Chunk::Data(size)
+                        };
+                    }
+                    Ok(httparse::Status::Partial) if rbuf.len() <= MAX_CHUNK_LINE => {
+                        return Ok(Step::NeedMore)
+                    }
+                    _ => return Err(invalid("bad chunk size line")),
+                },
+                Chunk::Data(left) => {
+                    let Some(data) = take(left, rbuf) else {
+                        return Ok(Step::NeedMore);
+                    };
+                    if *left == 0 {
+                        *chunk = Chunk::DataEnd;
+                    }
+                    return Ok(Step::Frame(Frame::data(data)));
+                }
+                Chunk::DataEnd => {
+                    if rbuf.len() < 2 {
+                        return Ok(Step::NeedMore);
+                    }
+                    if &rbuf[..2] != b"\r\n" {
+                        return Err(invalid("chunk data not followed by CRLF"));
+                    }
+                    rbuf.advance(2);
+                    *chunk = Chunk::Size;
+                }
+                Chunk::Trailers => {
+                    let mut slots = [httparse::EMPTY_HEADER; 64];
+                    match httparse::parse_headers(rbuf, &mut slots) {
+                        Ok(httparse::Status::Complete((used, fields))) => {
+                            let mut trailers = HeaderMap::new();
+                            for f in fields {
+                                let name = HeaderName::from_bytes(f.name.as_bytes())
+                                    .map_err(|_| invalid("bad trailer name"))?;
+                                let value = HeaderValue::from_bytes(f.value)
+                                    .map_err(|_| invalid("bad trailer value"))?;
+                                trailers.append(name, value);
+                            }
+                            rbuf.advance(used);
+                            *decoder = Decoder::Done;
+                            if !trailers.is_empty() {
+                                return Ok(Step::Frame(Frame::trailers(trailers)));
+                            }
+                        }
+                        Ok(httparse::Status::Partial) if rbuf.len() <= MAX_TRAILERS => {
+                            return Ok(Step::NeedMore)
+                        }
+                        _ => return Err(invalid("bad trailer section")),
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Up to `left` bytes of what the read buffer holds (`None` when it holds nothing).
+fn take(left: &mut u64, rbuf: &mut BytesMut) -> Option<Bytes> {
+    if rbuf.is_empty() {
+        return None;
+    }
+    let n = (*left).min(rbuf.len() as u64) as usize;
+    *left -= n as u64;
+    Some(rbuf.split_to(n).freeze())
+}

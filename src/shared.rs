@@ -1,0 +1,24 @@
+//! The state of a running spillway that the proxy listeners, the admin endpoint and reloads
+//! all read: the serving snapshot, the metrics, readiness and the listeners' certificates.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::metrics::Metrics;
+use crate::proxy::Runtime;
+use crate::tls::certificates::Certificates;
+
+/// What every part of a running process shares. Built once at start; only its parts change
+/// (the runtime is swapped whole on reload, readiness flips when draining begins).
+pub struct ProcessState {
+    /// The serving snapshot; swapped whole on reload.
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    /// The process's metrics.
+    pub metrics: Metrics,
+    /// False once draining has begun: `/readyz` answers 503.
+    pub ready: AtomicBool,
+    /// TLS listeners' certificates (re-read on reload and when their files change).
+    pub certificates: Certificates,
+}
