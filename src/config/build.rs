@@ -104,12 +104,8 @@ impl Cx<'_> {
             Some(p) => located(self.expanded.original_position(p.line, p.column)),
             None => (None, None),
         };
-        self.errors.push(ConfigError {
-            path: path.to_owned(),
-            message: message.into(),
-            line,
-            column,
-        });
+        self.errors
+            .push(ConfigError::new(path, message).at(line, column));
     }
 
     /// Parses an optional duration; `positive` rejects zero where it makes no sense.
@@ -903,7 +899,7 @@ fn warnings(settings: &Settings) -> Vec<String> {
         if let Some((i, earlier)) = settings.routes[..j]
             .iter()
             .enumerate()
-            .find(|(_, e)| covers(&e.matcher, &later.matcher))
+            .find(|(_, e)| e.matcher.covers(&later.matcher))
         {
             out.push(format!(
                 "routes[{j}] ({}) is shadowed by routes[{i}] ({}): it can never match",
@@ -917,35 +913,6 @@ fn warnings(settings: &Settings) -> Vec<String> {
         }
     }
     out
-}
-
-/// Whether every request `b` matches is also matched by `a`.
-fn covers(a: &MatchSettings, b: &MatchSettings) -> bool {
-    path_covers(&a.path_prefix, &b.path_prefix)
-        && host_covers(a.host.as_ref(), b.host.as_ref())
-        && (a.methods.is_empty()
-            || (!b.methods.is_empty() && b.methods.iter().all(|m| a.methods.contains(m))))
-}
-
-/// Segment-prefix: `/api` covers `/api` and `/api/v2`, not `/apix`.
-fn path_covers(a: &str, b: &str) -> bool {
-    match b.strip_prefix(a) {
-        Some(rest) => rest.is_empty() || a.ends_with('/') || rest.starts_with('/'),
-        None => false,
-    }
-}
-
-fn host_covers(a: Option<&HostMatch>, b: Option<&HostMatch>) -> bool {
-    match (a, b) {
-        (None, _) => true,
-        (Some(_), None) => false,
-        (Some(HostMatch::Exact(a)), Some(HostMatch::Exact(b))) => a == b,
-        (Some(HostMatch::Exact(_)), Some(HostMatch::Suffix(_))) => false,
-        (Some(HostMatch::Suffix(s)), Some(HostMatch::Exact(h))) => {
-            h.len() > s.len() && h.ends_with(s.as_str())
-        }
-        (Some(HostMatch::Suffix(s)), Some(HostMatch::Suffix(t))) => t.ends_with(s.as_str()),
-    }
 }
 
 #[cfg(test)]

@@ -144,12 +144,7 @@ fn expand_line(
             }
             Err(message) => {
                 let (line, column) = line_column(text, pos);
-                errors.push(ConfigError {
-                    path: String::new(),
-                    message,
-                    line: Some(line),
-                    column: Some(column),
-                });
+                errors.push(ConfigError::new("", message).at(Some(line), Some(column)));
             }
         }
         pos += consumed;

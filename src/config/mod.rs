@@ -7,6 +7,7 @@ pub mod defaults;
 mod env;
 pub mod file;
 mod locate;
+pub mod matching;
 pub mod settings;
 mod summary;
 mod yaml;
@@ -39,6 +40,15 @@ impl ConfigError {
             message: message.into(),
             line: None,
             column: None,
+        }
+    }
+
+    /// The same error, located at `line` and `column` (1-based) when they are known.
+    pub fn at(self, line: Option<usize>, column: Option<usize>) -> ConfigError {
+        ConfigError {
+            line,
+            column,
+            ..self
         }
     }
 }

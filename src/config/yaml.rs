@@ -23,12 +23,7 @@ pub(crate) fn parse<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
 }
 
 fn empty() -> ConfigError {
-    ConfigError {
-        path: String::new(),
-        message: "config is empty".to_owned(),
-        line: None,
-        column: None,
-    }
+    ConfigError::new("", "config is empty")
 }
 
 /// Splits serde_yaml's rendering of an error into path, message and location.
@@ -43,12 +38,10 @@ fn convert(err: &serde_yaml::Error) -> ConfigError {
         }
     }
     let (path, message) = split_path(&text);
-    ConfigError {
-        path: path.to_owned(),
-        message: message.to_owned(),
-        line: location.as_ref().map(|l| l.line()),
-        column: location.as_ref().map(|l| l.column()),
-    }
+    ConfigError::new(path, message).at(
+        location.as_ref().map(|l| l.line()),
+        location.as_ref().map(|l| l.column()),
+    )
 }
 
 /// `routes[0].match: unknown field ...` -> (`routes[0].match`, `unknown field ...`).
