@@ -2,6 +2,7 @@
 
 use http::Method;
 
+use crate::config::matching::path_within;
 use crate::config::{HostMatch, MatchSettings};
 
 /// A compiled route matcher.
@@ -16,9 +17,8 @@ pub struct Matcher {
 impl Matcher {
     /// Compiles validated match settings.
     pub fn new(m: &MatchSettings) -> Self {
-        let prefix = m.path_prefix.trim_end_matches('/');
         Matcher {
-            prefix: prefix.into(),
+            prefix: m.prefix().into(),
             host: m.host.clone(),
             methods: m
                 .methods
@@ -34,23 +34,14 @@ impl Matcher {
     }
 
     fn path_matches(&self, path: &str) -> bool {
-        // `/api` matches `/api` and `/api/...`, never `/apix`.
-        match path.strip_prefix(&*self.prefix) {
-            Some(rest) => rest.is_empty() || rest.starts_with('/') || self.prefix.is_empty(),
-            None => false,
-        }
+        path_within(&self.prefix, path)
     }
 
     fn host_matches(&self, host: Option<&str>) -> bool {
         match (&self.host, host) {
             (None, _) => true,
             (Some(_), None) => false,
-            (Some(HostMatch::Exact(want)), Some(h)) => want.eq_ignore_ascii_case(h),
-            (Some(HostMatch::Suffix(suffix)), Some(h)) => {
-                h.len() > suffix.len()
-                    && h.as_bytes()[h.len() - suffix.len()..]
-                        .eq_ignore_ascii_case(suffix.as_bytes())
-            }
+            (Some(pattern), Some(h)) => pattern.matches(h),
         }
     }
 

@@ -860,34 +860,3 @@ fn endpoints_are_host_and_port() {
         assert!(err.contains(why), "{bad}: {err}");
     }
 }
-
-#[test]
-fn coverage_follows_segments_hosts_and_methods() {
-    assert!(path_covers("/", "/anything"));
-    assert!(path_covers("/api", "/api"));
-    assert!(path_covers("/api", "/api/v2"));
-    assert!(path_covers("/api/", "/api/v2"));
-    assert!(!path_covers("/api", "/apix"));
-    assert!(!path_covers("/api/v2", "/api"));
-
-    let exact = |h: &str| Some(HostMatch::Exact(h.into()));
-    let suffix = |h: &str| Some(HostMatch::Suffix(h.into()));
-    assert!(host_covers(None, exact("a.com").as_ref()));
-    assert!(!host_covers(exact("a.com").as_ref(), None));
-    assert!(host_covers(
-        suffix(".a.com").as_ref(),
-        exact("x.a.com").as_ref()
-    ));
-    assert!(!host_covers(
-        suffix(".a.com").as_ref(),
-        exact("a.com").as_ref()
-    ));
-    assert!(host_covers(
-        suffix(".a.com").as_ref(),
-        suffix(".x.a.com").as_ref()
-    ));
-    assert!(!host_covers(
-        exact("x.a.com").as_ref(),
-        suffix(".a.com").as_ref()
-    ));
-}
