@@ -1,8 +1,8 @@
 //! The binary's allocator: mimalloc.
 //!
 //! A proxied request makes about ten allocations (header values, buffers, the forward
-//! future), and glibc malloc's slow paths cost ~290 instructions per malloc/free pair there
-//! (measured with `benches/callgrind.sh`). The `mimalloc` crate's allocator calls
+//! future), and glibc malloc's slow paths are costly there (benches/RESULTS.md has the
+//! figures, from `benches/callgrind.sh`). The `mimalloc` crate's allocator calls
 //! `mi_malloc_aligned` for every layout, and for blocks over 1 KiB that takes mimalloc's
 //! over-allocating aligned path even when the alignment asked for is the natural one; this
 //! one asks for plain `mi_malloc` whenever that alignment is enough.

@@ -28,7 +28,7 @@
 //! also runs early, at `PROBE_FACTOR / STALE_RATIO` of the limit, when latency stays at
 //! [`STALE_RATIO`] × baseline for [`STALE_INTERVALS`] cohorts in a row despite the cuts: either
 //! the upstream lost capacity (the deep probe still finds free workers) or it got slower, and
-//! then the limit must not keep halving towards `min`. README.policies.md explains every value.
+//! then the limit must not keep halving towards `min`. docs/design/adaptive-limit.md explains every value.
 
 use std::time::Duration;
 
