@@ -292,7 +292,7 @@ impl UpstreamError {
 }
 
 /// Retry-After as delay-seconds: an integer, rounded up, at least 1.
-pub fn retry_after_secs(d: Duration) -> u64 {
+pub(crate) fn retry_after_secs(d: Duration) -> u64 {
     let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
     secs.max(1)
 }

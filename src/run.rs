@@ -8,12 +8,12 @@ use crate::metrics::Metrics;
 use crate::server::{ConfigSource, Server};
 
 /// Exit code when spillway could not start (e.g. an address already in use).
-pub const EXIT_START_FAILED: u8 = 1;
+pub(crate) const EXIT_START_FAILED: u8 = 1;
 /// Exit code for a config that does not validate.
-pub const EXIT_BAD_CONFIG: u8 = 2;
+pub(crate) const EXIT_BAD_CONFIG: u8 = 2;
 
 /// Runs `f` to completion on a new tokio runtime sized to the CPUs spillway may use.
-pub fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
+pub(crate) fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
     // A sidecar is usually given one CPU. With one CPU to run on, the single-threaded
     // scheduler does the same work with less cross-thread bookkeeping than a one-worker
     // multi-threaded runtime; with more, requests are spread over a worker per CPU
@@ -41,7 +41,7 @@ pub fn block_on<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
 /// Serves until SIGTERM or SIGINT, then drains; a second signal exits at once. With a config
 /// file in `source`, the file is watched and reloaded (also on SIGHUP and `POST /reload`). `started` is
 /// told the bound addresses (used by `demo`).
-pub async fn run(
+pub(crate) async fn run(
     loaded: Loaded,
     source: ConfigSource,
     started: Option<tokio::sync::oneshot::Sender<Addrs>>,
@@ -82,7 +82,7 @@ pub async fn run(
 
 /// Where a started server listens.
 #[derive(Debug, Clone)]
-pub struct Addrs {
+pub(crate) struct Addrs {
     /// Proxy listener addresses.
     pub listeners: Vec<std::net::SocketAddr>,
     /// Admin address.

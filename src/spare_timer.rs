@@ -26,12 +26,12 @@ tokio::task_local! {
 }
 
 /// Runs `task` (a connection) with a spare timer for the deadlines set while it is polled.
-pub fn scope<F: Future>(task: F) -> impl Future<Output = F::Output> {
+pub(crate) fn scope<F: Future>(task: F) -> impl Future<Output = F::Output> {
     SPARE.scope(Cell::new(None), task)
 }
 
 /// A timer for `deadline`: the task's spare, reset, when it has one; a new one otherwise.
-pub fn take(deadline: Instant) -> Pin<Box<Sleep>> {
+pub(crate) fn take(deadline: Instant) -> Pin<Box<Sleep>> {
     match SPARE.try_with(Cell::take).ok().flatten() {
         Some(mut timer) => {
             timer.as_mut().reset(deadline);
@@ -43,7 +43,7 @@ pub fn take(deadline: Instant) -> Pin<Box<Sleep>> {
 
 /// Keeps `timer` as the task's spare (outside a scope it is simply dropped; when two deadlines
 /// were live at once, the one given back last is kept).
-pub fn give_back(timer: Pin<Box<Sleep>>) {
+pub(crate) fn give_back(timer: Pin<Box<Sleep>>) {
     let _ = SPARE.try_with(move |spare| spare.set(Some(timer)));
 }
 

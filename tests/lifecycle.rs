@@ -22,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use spillway::config;
-use spillway::demo::app::DemoApp;
+use spillway::demo::DemoApp;
 use spillway::metrics::Metrics;
 use spillway::server::Server;
 use tokio::net::TcpStream;

@@ -21,7 +21,7 @@ use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use spillway::demo::app::DemoApp;
+use spillway::demo::DemoApp;
 use tokio::sync::mpsc;
 
 const SERVER_ID: &str = "spillway-test";

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub mod status;
+pub(crate) mod status;
 
 use crate::reload::Reloader;
 use crate::shared::ProcessState;
@@ -28,7 +28,7 @@ struct Admin {
 }
 
 /// Serves the admin endpoint until `stop` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<ProcessState>,
     reloader: Arc<Reloader>,

@@ -37,11 +37,11 @@ const ROWS_MARK: &str = "<!--__SPILLWAY_ROWS__-->";
 
 /// The `Content-Security-Policy` of the page: it may run its own inline script and style and
 /// fetch from its own origin, nothing else.
-pub const PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+pub(crate) const PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
 /// Everything the status page shows, as of one moment.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Status {
+pub(crate) struct Status {
     /// The `server_id` of the config serving.
     pub server_id: String,
     /// The spillway version.
@@ -63,7 +63,7 @@ pub struct Status {
 
 /// How config reloads went.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ReloadStatus {
+pub(crate) struct ReloadStatus {
     /// Whether the last reload succeeded (true before any reload).
     pub last_successful: bool,
     /// Successful reloads since start.
@@ -74,7 +74,7 @@ pub struct ReloadStatus {
 
 /// One route's counts and live policy state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RouteStatus {
+pub(crate) struct RouteStatus {
     /// The route name (the `route` label).
     pub name: String,
     /// What it matches, e.g. `shop.example.com/checkout [GET, POST]`; empty for `unmatched`.
@@ -103,7 +103,7 @@ pub struct RouteStatus {
 
 /// The concurrency limiter of a route, as it stands now.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct LimiterStatus {
+pub(crate) struct LimiterStatus {
     /// Requests holding a slot (sent to the upstream, response head not yet back).
     pub in_flight: u32,
     /// The current limit.
@@ -116,7 +116,7 @@ pub struct LimiterStatus {
 
 /// Responses by who produced them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Requests {
+pub(crate) struct Requests {
     /// Every response.
     pub total: u64,
     /// Responses the upstream produced (its status passed through).
@@ -127,7 +127,7 @@ pub struct Requests {
 
 /// Response counts by status class.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct Classes {
+pub(crate) struct Classes {
     /// 1xx.
     #[serde(rename = "1xx")]
     pub informational: u64,
@@ -162,7 +162,7 @@ impl Classes {
 
 /// A route's duration histogram, all codes together.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct Latency {
+pub(crate) struct Latency {
     /// Observations.
     pub count: u64,
     /// Sum of observed seconds.
@@ -177,7 +177,7 @@ pub struct Latency {
 }
 
 /// Takes a sample of a running spillway.
-pub fn snapshot(state: &ProcessState) -> Status {
+pub(crate) fn snapshot(state: &ProcessState) -> Status {
     let runtime = state.runtime.load();
     let families = state.metrics.registry().gather();
     build(
@@ -190,7 +190,12 @@ pub fn snapshot(state: &ProcessState) -> Status {
 
 /// Builds a sample from the runtime snapshot (routes, limiter and breaker state) and gathered
 /// metric families. Series of routes that a reload removed are left out.
-pub fn build(runtime: &Runtime, families: &[MetricFamily], ready: bool, now: SystemTime) -> Status {
+pub(crate) fn build(
+    runtime: &Runtime,
+    families: &[MetricFamily],
+    ready: bool,
+    now: SystemTime,
+) -> Status {
     let index = Index::new(families);
     let mut routes: Vec<RouteStatus> = runtime
         .routes
@@ -247,7 +252,7 @@ pub fn build(runtime: &Runtime, families: &[MetricFamily], ready: bool, now: Sys
 }
 
 /// The status page with `status` as its first sample.
-pub fn page(status: &Status) -> String {
+pub(crate) fn page(status: &Status) -> String {
     PAGE_TEMPLATE
         .replacen(INITIAL_MARK, &json_for_script(status), 1)
         .replacen(ROWS_MARK, &server_rows(status), 1)
@@ -341,7 +346,7 @@ fn describe_match(m: &crate::config::settings::MatchSettings) -> String {
 /// `histogram_quantile` does: find the bucket holding rank `q × count` and interpolate linearly
 /// inside it (the first bucket starts at 0). A rank in the `+Inf` bucket yields the highest
 /// finite bound. `None` when there are no observations.
-pub fn quantile(q: f64, bounds: &[f64], cumulative: &[u64], count: u64) -> Option<f64> {
+pub(crate) fn quantile(q: f64, bounds: &[f64], cumulative: &[u64], count: u64) -> Option<f64> {
     if count == 0 || bounds.is_empty() || bounds.len() != cumulative.len() {
         return None;
     }

@@ -13,112 +13,112 @@ use super::settings::{
 
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
 /// is reported as a 504 before most clients give up on their own.
-pub const TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `Retry-After` on generated 503s: long enough to spread a retry storm, short enough that a
 /// client comes back soon after a brief overload.
-pub const RETRY_AFTER: Duration = Duration::from_secs(5);
+pub(crate) const RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// Upstream connect timeout: the app is normally on the same host or pod, where a connection
 /// either succeeds in microseconds or is refused; a second means it is not coming.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Upstream idle timeout: below the 5 s keep-alive of Node.js and many app servers, so that
 /// spillway retires a pooled connection before the app closes it (the keep-alive race, where a
 /// request is sent on a connection the app is closing and fails for no reason of its own).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Upstream protocol: HTTP/1.1 is what almost every app speaks; HTTP/2 must be asked for.
-pub const PROTOCOL: UpstreamProtocol = UpstreamProtocol::Http1;
+pub(crate) const PROTOCOL: UpstreamProtocol = UpstreamProtocol::Http1;
 
 /// Admin address when `admin` is omitted: loopback only, because metrics and config should not
 /// be reachable from outside the pod unless someone decides so.
-pub const ADMIN_ADDRESS: SocketAddr =
+pub(crate) const ADMIN_ADDRESS: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(127, 0, 0, 1), 9901));
 
 /// `server_id` when omitted: the product name, so `Via` and `Proxy-Status` still say who
 /// answered; set it per instance to tell replicas apart.
-pub const SERVER_ID: &str = "spillway";
+pub(crate) const SERVER_ID: &str = "spillway";
 
 /// Name of the listener when there is only one and it has no name: most sidecars have exactly
 /// one plain HTTP listener, and naming it is busywork.
-pub const LISTENER_NAME: &str = "http";
+pub(crate) const LISTENER_NAME: &str = "http";
 
 /// Path prefix of a route with no `match.path_prefix`: everything.
-pub const PATH_PREFIX: &str = "/";
+pub(crate) const PATH_PREFIX: &str = "/";
 
 /// Fixed concurrency limit: high enough never to shed a healthy app by surprise, low enough to
 /// stop an unbounded pile-up of requests when the app stalls.
-pub const CONCURRENCY_MAX: u32 = 1000;
+pub(crate) const CONCURRENCY_MAX: u32 = 1000;
 
 /// Lowest adaptive limit when `adaptive.min` is omitted: one request always gets through, so
 /// the limit can still learn that the upstream recovered.
-pub const ADAPTIVE_MIN: u32 = 1;
+pub(crate) const ADAPTIVE_MIN: u32 = 1;
 
 /// Highest adaptive limit when `adaptive.max` is omitted: the same ceiling as the fixed default.
-pub const ADAPTIVE_MAX: u32 = CONCURRENCY_MAX;
+pub(crate) const ADAPTIVE_MAX: u32 = CONCURRENCY_MAX;
 
 /// Queue length: zero, so that overload is shed at once with a 503 rather than turned into
 /// latency the caller did not ask for.
-pub const QUEUE: u32 = 0;
+pub(crate) const QUEUE: u32 = 0;
 
 /// Longest wait in the queue: a queued request should wait about as long as a slow request
 /// takes, not until its client has given up.
-pub const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
+pub(crate) const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// Circuit breaker off: opening a breaker turns errors into refusals, which should be a choice.
-pub const BREAKER_ENABLED: bool = false;
+pub(crate) const BREAKER_ENABLED: bool = false;
 
 /// Breaker window: long enough to hold a meaningful sample, short enough to react within
 /// seconds.
-pub const BREAKER_WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const BREAKER_WINDOW: Duration = Duration::from_secs(10);
 
 /// Fewest requests in the window before the breaker may open, so that two failures out of two
 /// requests at night do not cut a route off.
-pub const BREAKER_MIN_REQUESTS: u32 = 20;
+pub(crate) const BREAKER_MIN_REQUESTS: u32 = 20;
 
 /// Failure ratio that opens the breaker: a majority of failures means the upstream is broken,
 /// not unlucky.
-pub const BREAKER_FAILURE_RATIO: f64 = 0.5;
+pub(crate) const BREAKER_FAILURE_RATIO: f64 = 0.5;
 
 /// How long the breaker stays open before probing: gives a restarting app time to come up.
-pub const BREAKER_OPEN_FOR: Duration = Duration::from_secs(10);
+pub(crate) const BREAKER_OPEN_FOR: Duration = Duration::from_secs(10);
 
 /// Probes let through while half-open: more than one, so a single lucky request does not close
 /// the breaker; few enough not to swamp a recovering app.
-pub const BREAKER_HALF_OPEN_REQUESTS: u32 = 3;
+pub(crate) const BREAKER_HALF_OPEN_REQUESTS: u32 = 3;
 
 /// Status codes that count as failures: the ones meaning "the upstream could not serve", not
 /// "the request was wrong" (4xx) or "the handler has a bug" (500).
-pub const BREAKER_FAILURE_CODES: [u16; 3] = [502, 503, 504];
+pub(crate) const BREAKER_FAILURE_CODES: [u16; 3] = [502, 503, 504];
 
 /// Maintenance off.
-pub const MAINTENANCE_ENABLED: bool = false;
+pub(crate) const MAINTENANCE_ENABLED: bool = false;
 
 /// Retries off: retrying is only safe when the operator knows the route is idempotent.
-pub const RETRY_ATTEMPTS: u32 = 0;
+pub(crate) const RETRY_ATTEMPTS: u32 = 0;
 
 /// Base retry backoff: long enough to skip a momentary blip (a connection being replaced),
 /// short against typical route timeouts.
-pub const RETRY_BACKOFF: Duration = Duration::from_millis(25);
+pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 
 /// Retry budget: retries may add at most 20% load, so that they cannot multiply an overload.
-pub const RETRY_BUDGET: f64 = 0.2;
+pub(crate) const RETRY_BUDGET: f64 = 0.2;
 
 /// How long readiness fails before listeners close: about one readiness-probe period plus
 /// endpoint propagation, so load balancers stop sending before spillway stops accepting.
-pub const DRAIN_DELAY: Duration = Duration::from_secs(5);
+pub(crate) const DRAIN_DELAY: Duration = Duration::from_secs(5);
 
 /// How long in-flight requests get after that: the default route timeout, so a request that
 /// started just before shutdown can still finish (set the orchestrator's grace period above
 /// `drain_delay + drain_timeout`).
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// ALPN offered by TLS listeners: HTTP/2 preferred, HTTP/1.1 for everything else.
-pub const TLS_ALPN: [&str; 2] = ["h2", "http/1.1"];
+pub(crate) const TLS_ALPN: [&str; 2] = ["h2", "http/1.1"];
 
 /// The effective policy of a route when neither `defaults` nor the route set anything.
-pub fn policy() -> PolicySettings {
+pub(crate) fn policy() -> PolicySettings {
     PolicySettings {
         timeout: TIMEOUT,
         retry_after: RETRY_AFTER,

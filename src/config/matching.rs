@@ -7,7 +7,7 @@ use super::settings::{HostMatch, MatchSettings};
 /// Whether `path` lies within `prefix` on a segment boundary: `/api` takes `/api` and
 /// `/api/...`, never `/apix`. `prefix` is written without a trailing `/` (see
 /// [`MatchSettings::prefix`]); the empty prefix takes every path.
-pub fn path_within(prefix: &str, path: &str) -> bool {
+pub(crate) fn path_within(prefix: &str, path: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => prefix.is_empty() || rest.is_empty() || rest.starts_with('/'),
         None => false,

@@ -3,11 +3,11 @@
 //! line and column it stands on.
 
 mod build;
-pub mod defaults;
+pub(crate) mod defaults;
 mod env;
 pub mod file;
 mod locate;
-pub mod matching;
+pub(crate) mod matching;
 pub mod settings;
 mod summary;
 mod yaml;

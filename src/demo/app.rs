@@ -42,42 +42,42 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 
 /// Value of the `x-served-by` header the demo app puts on every response.
-pub const SERVED_BY: &str = "demo-app";
+pub(super) const SERVED_BY: &str = "demo-app";
 
 /// Name of the header carrying [`SERVED_BY`].
-pub const SERVED_BY_HEADER: &str = "x-served-by";
+pub(super) const SERVED_BY_HEADER: &str = "x-served-by";
 
 /// Longest sleep `/slow` performs; larger `ms` values are capped to it.
-pub const MAX_SLOW: Duration = Duration::from_secs(60);
+pub(super) const MAX_SLOW: Duration = Duration::from_secs(60);
 
 /// Sleep of `/slow` when no `ms` parameter is given, in milliseconds.
-pub const DEFAULT_SLOW_MS: u64 = 1000;
+pub(super) const DEFAULT_SLOW_MS: u64 = 1000;
 
 /// Probability of a `500` from `/flaky` when no `p` parameter is given.
-pub const DEFAULT_FLAKY_P: f64 = 0.3;
+pub(super) const DEFAULT_FLAKY_P: f64 = 0.3;
 
 /// Number of chunks `/stream` sends when no `chunks` parameter is given.
-pub const DEFAULT_STREAM_CHUNKS: u32 = 10;
+pub(super) const DEFAULT_STREAM_CHUNKS: u32 = 10;
 
 /// Pause between two `/stream` chunks when no `interval_ms` parameter is given, in milliseconds.
-pub const DEFAULT_STREAM_INTERVAL_MS: u64 = 100;
+pub(super) const DEFAULT_STREAM_INTERVAL_MS: u64 = 100;
 
 /// Most chunks one `/stream` response sends; larger `chunks` values are capped to it.
-pub const MAX_STREAM_CHUNKS: u32 = 1000;
+pub(super) const MAX_STREAM_CHUNKS: u32 = 1000;
 
 /// Longest a `/stream` response lasts: the interval is reduced so that
 /// `(chunks - 1) × interval_ms` stays within it.
-pub const MAX_STREAM_DURATION: Duration = Duration::from_secs(60);
+pub(super) const MAX_STREAM_DURATION: Duration = Duration::from_secs(60);
 
 /// How long [`serve`] waits, after its shutdown future completed, for in-flight requests
 /// (a long `/slow` or `/stream`) to finish before it closes their connections.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Pause after a failed `accept` (e.g. out of file descriptors) before the next one.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Body type of every demo-app response: a full body, or the `/stream` chunk stream.
-pub type DemoBody = UnsyncBoxBody<Bytes, Infallible>;
+pub(super) type DemoBody = UnsyncBoxBody<Bytes, Infallible>;
 
 /// Serves the demo app on `listener` until `shutdown` completes.
 ///
@@ -89,7 +89,7 @@ pub type DemoBody = UnsyncBoxBody<Bytes, Infallible>;
 ///
 /// Failed `accept`s (e.g. `EMFILE`) are logged and retried after a short pause; this function
 /// never fails.
-pub async fn serve<F>(listener: TcpListener, shutdown: F)
+pub(super) async fn serve<F>(listener: TcpListener, shutdown: F)
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -214,7 +214,7 @@ async fn service(req: Request<hyper::body::Incoming>) -> Result<Response<DemoBod
 /// Answers one request the way the demo app does (routing table in the [module docs](self)).
 ///
 /// Only the request's URI is looked at. Useful to run the demo app in-process, without a socket.
-pub async fn handle<B>(req: &Request<B>) -> Response<DemoBody> {
+pub(super) async fn handle<B>(req: &Request<B>) -> Response<DemoBody> {
     let path = req.uri().path();
     let query = req.uri().query().unwrap_or("");
     let mut resp = match path {

@@ -1,6 +1,6 @@
 //! `spillway demo`: the sample [`app`] on a loopback port with spillway in front of it.
 
-pub mod app;
+mod app;
 
 use std::path::Path;
 use std::process::ExitCode;

@@ -36,80 +36,80 @@ use tokio::time::Instant;
 
 /// Requests a measurement needs before the limit is recomputed: fewer make the average too
 /// noisy to act on.
-pub const MIN_SAMPLES: u32 = 10;
+pub(super) const MIN_SAMPLES: u32 = 10;
 
 /// Shortest admission window of a measurement: several round trips of a typical upstream, so
 /// one measurement's average is not one burst's.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+pub(super) const MIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The admission window also lasts at least this many baselines, so that it holds many
 /// requests' worth of variation even for a slow upstream.
-pub const INTERVAL_BASELINES: f64 = 2.0;
+pub(super) const INTERVAL_BASELINES: f64 = 2.0;
 
 /// Latency up to this multiple of the baseline counts as "not queueing": absorbs measurement
 /// noise, which would otherwise read as congestion and stall growth.
-pub const TOLERANCE: f64 = 1.05;
+pub(super) const TOLERANCE: f64 = 1.05;
 
 /// Standard errors of the average subtracted before comparing it with the baseline: latency
 /// must rise beyond noise (two standard errors, ~98% one-sided) to count as queueing.
-pub const NOISE_Z: f64 = 2.0;
+pub(super) const NOISE_Z: f64 = 2.0;
 
 /// Deepest cut per measurement (halving): enough to undo any overshoot of slow start in one
 /// step, while a single bad measurement cannot throw the limit to the floor.
-pub const MIN_GRADIENT: f64 = 0.5;
+pub(super) const MIN_GRADIENT: f64 = 0.5;
 
 /// Standing queue allowed at the upstream, times `√limit`: a worker that finishes always finds
 /// the next request already there (full throughput), while the extra latency stays at
 /// `0.5 / √capacity` of the baseline (about 9% for 32 workers).
-pub const QUEUE_ALLOWANCE: f64 = 0.5;
+pub(super) const QUEUE_ALLOWANCE: f64 = 0.5;
 
 /// Growth per measurement until latency first rises: from `min` = 1 to 32 in nine
 /// measurements, and an overshoot past capacity of at most 1.5× (latency at most 1.5× for one
 /// measurement).
-pub const SLOW_START_FACTOR: f64 = 1.5;
+pub(super) const SLOW_START_FACTOR: f64 = 1.5;
 
 /// A limit grows only if at least this share of it was in use (or requests were turned away)
 /// during the measurement: otherwise low latency says nothing about a higher limit.
-pub const USAGE_TO_GROW: f64 = 0.5;
+pub(super) const USAGE_TO_GROW: f64 = 0.5;
 
 /// One sample counts at most this multiple of the baseline, and a timeout counts as exactly that:
 /// a rare very slow request or timeout moves the average a little, a flood of them a lot.
-pub const SAMPLE_CAP: f64 = 3.0;
+pub(super) const SAMPLE_CAP: f64 = 3.0;
 
 /// Latency at this multiple of the baseline is "as slow as cutting can explain"…
-pub const STALE_RATIO: f64 = 2.0;
+pub(super) const STALE_RATIO: f64 = 2.0;
 
 /// …and staying there for this many measurements after cuts means the baseline is stale (or the
 /// capacity fell steeply): probe now.
-pub const STALE_INTERVALS: u32 = 2;
+pub(super) const STALE_INTERVALS: u32 = 2;
 
 /// How often the baseline is re-measured: rarely enough that the cost (a quarter of the limit
 /// for one measurement, ~0.1 s + a round trip) is negligible, often enough to follow a slower or
 /// faster deploy.
-pub const PROBE_EVERY: Duration = Duration::from_secs(30);
+pub(super) const PROBE_EVERY: Duration = Duration::from_secs(30);
 
 /// Probes are spread by ±25% so that replicas started together do not probe together.
-pub const PROBE_JITTER: f64 = 0.25;
+pub(super) const PROBE_JITTER: f64 = 0.25;
 
 /// Limit during a probe, as a share of the limit: at equilibrium the limit is about
 /// `capacity × 1.05 + 0.5√limit`, so three quarters of it leaves every worker free of a queue.
-pub const PROBE_FACTOR: f64 = 0.75;
+pub(super) const PROBE_FACTOR: f64 = 0.75;
 
 /// Requests a probe measures (at least) before their average becomes the baseline; a probe
 /// whose answers are mostly errors keeps the old baseline.
-pub const PROBE_SAMPLES: u32 = 2 * MIN_SAMPLES;
+pub(super) const PROBE_SAMPLES: u32 = 2 * MIN_SAMPLES;
 
 /// A probe waits this many baselines (and at least [`PROBE_STRAGGLER_MIN`]) for its last answers
 /// before measuring without them: a probe holds the limit down, so it must not wait for a hung
 /// request until the route timeout.
-pub const PROBE_STRAGGLER_BASELINES: f64 = 10.0;
+pub(super) const PROBE_STRAGGLER_BASELINES: f64 = 10.0;
 
 /// See [`PROBE_STRAGGLER_BASELINES`].
-pub const PROBE_STRAGGLER_MIN: Duration = Duration::from_secs(1);
+pub(super) const PROBE_STRAGGLER_MIN: Duration = Duration::from_secs(1);
 
 /// How a request admitted under the limit ended, as far as the limit is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(super) enum Outcome {
     /// A response head arrived (any status): its latency is a sample.
     Success,
     /// The upstream timed out: the strongest congestion signal.
@@ -120,7 +120,7 @@ pub enum Outcome {
 
 /// The gradient limiter's state; kept inside the concurrency limiter's lock.
 #[derive(Debug)]
-pub struct GradientLimit {
+pub(super) struct GradientLimit {
     min: f64,
     max: f64,
     limit: f64,
@@ -206,7 +206,7 @@ impl Cohort {
 impl GradientLimit {
     /// Starts at `min` (clamped to at least 1; `max` to at least `min`): a cold upstream is never
     /// handed more than the operator's floor before it has shown it copes.
-    pub fn new(min: u32, max: u32) -> Self {
+    pub(super) fn new(min: u32, max: u32) -> Self {
         let min = f64::from(min.max(1));
         let max = f64::from(max).max(min);
         let now = Instant::now();
@@ -225,24 +225,24 @@ impl GradientLimit {
     }
 
     /// The limit in whole requests.
-    pub fn current(&self) -> usize {
+    pub(super) fn current(&self) -> usize {
         // `limit` is kept within [min, max], both whole numbers, so flooring stays inside.
         self.limit.floor() as usize
     }
 
     /// The no-load latency currently assumed, once measured.
-    pub fn baseline(&self) -> Option<Duration> {
+    pub(super) fn baseline(&self) -> Option<Duration> {
         self.baseline.mean().map(Duration::from_secs_f64)
     }
 
     /// Records that `demand` requests wanted to be in flight at once.
-    pub fn note_demand(&mut self, demand: usize) {
+    pub(super) fn note_demand(&mut self, demand: usize) {
         self.max_demand = self.max_demand.max(demand);
     }
 
     /// Records the admission of a request, `in_flight` counting it; returns the tag to hand back
     /// to [`on_complete`](Self::on_complete). May change [`current`](Self::current).
-    pub fn on_admit(&mut self, now: Instant, in_flight: usize) -> Option<u64> {
+    pub(super) fn on_admit(&mut self, now: Instant, in_flight: usize) -> Option<u64> {
         let id = self.cohort.id;
         self.advance(now, in_flight.saturating_sub(1));
         self.note_demand(in_flight);
@@ -257,7 +257,7 @@ impl GradientLimit {
 
     /// Records the end of a request admitted at `started` with `tag`; `in_flight` is what
     /// remains in flight. May change [`current`](Self::current).
-    pub fn on_complete(
+    pub(super) fn on_complete(
         &mut self,
         tag: Option<u64>,
         started: Instant,

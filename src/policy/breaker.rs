@@ -277,13 +277,13 @@ impl Drop for Admission {
 
 /// Builds [`CircuitBreaker`] services sharing one [`BreakerState`].
 #[derive(Debug, Clone)]
-pub struct CircuitBreakerLayer {
+pub(crate) struct CircuitBreakerLayer {
     state: Arc<BreakerState>,
 }
 
 impl CircuitBreakerLayer {
     /// A layer guarded by `state`.
-    pub fn new(state: Arc<BreakerState>) -> Self {
+    pub(crate) fn new(state: Arc<BreakerState>) -> Self {
         CircuitBreakerLayer { state }
     }
 }

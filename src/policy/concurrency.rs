@@ -344,13 +344,13 @@ fn take_grant(shared: &mut Shared, id: u64) -> bool {
 
 /// Builds [`ConcurrencyLimit`] services sharing one [`LimiterState`].
 #[derive(Debug, Clone)]
-pub struct ConcurrencyLimitLayer {
+pub(crate) struct ConcurrencyLimitLayer {
     state: Arc<LimiterState>,
 }
 
 impl ConcurrencyLimitLayer {
     /// A layer enforcing `state`'s limit.
-    pub fn new(state: Arc<LimiterState>) -> Self {
+    pub(crate) fn new(state: Arc<LimiterState>) -> Self {
         ConcurrencyLimitLayer { state }
     }
 }

@@ -16,14 +16,14 @@ use crate::error::{ProxyError, ShedReason};
 /// Builds [`Maintenance`] services. The settings are the whole state: there is nothing to keep
 /// across reloads.
 #[derive(Debug, Clone, Copy)]
-pub struct MaintenanceLayer {
+pub(crate) struct MaintenanceLayer {
     enabled: bool,
     retry_after: Duration,
 }
 
 impl MaintenanceLayer {
     /// A layer that sheds everything when `settings.enabled`, and is transparent otherwise.
-    pub fn new(settings: &MaintenanceSettings) -> Self {
+    pub(crate) fn new(settings: &MaintenanceSettings) -> Self {
         MaintenanceLayer {
             enabled: settings.enabled,
             retry_after: settings.retry_after,

@@ -10,19 +10,21 @@
 //! route's settings, so a config reload can keep the state of a route whose settings did not
 //! change.
 
-pub mod adaptive;
-pub mod breaker;
-pub mod concurrency;
-pub mod maintenance;
-pub mod retry;
-pub mod timeout;
+mod adaptive;
+mod breaker;
+mod concurrency;
+mod maintenance;
+pub(crate) mod retry;
+mod timeout;
 mod window;
 
 #[cfg(test)]
 mod test_support;
 
-pub use breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitState};
-pub use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer, LimiterState};
-pub use maintenance::{Maintenance, MaintenanceLayer};
-pub use retry::{Retry, RetryLayer, RetryState};
-pub use timeout::{Timeout, TimeoutLayer};
+pub use concurrency::LimiterState;
+
+pub(crate) use breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitState};
+pub(crate) use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};
+pub(crate) use maintenance::{Maintenance, MaintenanceLayer};
+pub(crate) use retry::{Retry, RetryLayer, RetryState};
+pub(crate) use timeout::{Timeout, TimeoutLayer};

@@ -19,7 +19,7 @@ use crate::error::ProxyError;
 
 /// Span of the budget's sliding window: long enough to smooth bursts, short enough that the
 /// budget reflects current traffic.
-pub const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
 /// Slack in the budget comparison, so that float rounding of `budget × requests` (0.29 × 100 =
 /// 28.999…) does not refuse a retry the exact rule allows.
@@ -103,7 +103,7 @@ fn full_jitter(d: Duration) -> Duration {
 
 /// Methods whose repetition has the same effect as one request (RFC 9110 §9.2.2): the only
 /// ones a retry, or the upstream client's resend after the keep-alive race, may send again.
-pub fn is_idempotent(method: &Method) -> bool {
+pub(crate) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
@@ -157,13 +157,13 @@ impl Template {
 
 /// Builds [`Retry`] services sharing one [`RetryState`].
 #[derive(Debug, Clone)]
-pub struct RetryLayer {
+pub(crate) struct RetryLayer {
     state: Arc<RetryState>,
 }
 
 impl RetryLayer {
     /// A layer retrying within `state`'s settings and budget.
-    pub fn new(state: Arc<RetryState>) -> Self {
+    pub(crate) fn new(state: Arc<RetryState>) -> Self {
         RetryLayer { state }
     }
 }

@@ -16,13 +16,13 @@ use crate::spare_timer;
 
 /// Builds [`Timeout`] services for one route timeout.
 #[derive(Debug, Clone, Copy)]
-pub struct TimeoutLayer {
+pub(crate) struct TimeoutLayer {
     timeout: Duration,
 }
 
 impl TimeoutLayer {
     /// A layer giving every request `timeout` (the route's `timeout`) to get its response head.
-    pub fn new(timeout: Duration) -> Self {
+    pub(crate) fn new(timeout: Duration) -> Self {
         TimeoutLayer { timeout }
     }
 }

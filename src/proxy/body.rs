@@ -53,7 +53,7 @@ pin_project! {
 
 impl ResponseBody {
     /// Streams the upstream's body.
-    pub fn upstream(inner: UpstreamBody, exchange: Exchange) -> Self {
+    pub(crate) fn upstream(inner: UpstreamBody, exchange: Exchange) -> Self {
         ResponseBody {
             source: SourceBody::Upstream { inner },
             exchange: Some(exchange),
@@ -61,7 +61,7 @@ impl ResponseBody {
     }
 
     /// A short generated body.
-    pub fn full(data: &'static str, exchange: Option<Exchange>) -> Self {
+    pub(crate) fn full(data: &'static str, exchange: Option<Exchange>) -> Self {
         ResponseBody {
             source: SourceBody::Full {
                 data: Some(Bytes::from_static(data.as_bytes())),
@@ -72,7 +72,7 @@ impl ResponseBody {
 
     /// No body at all: the end of the stream is known up front, so HTTP/2 ends the stream on
     /// the HEADERS frame (what a gRPC "Trailers-Only" response needs).
-    pub fn empty(exchange: Option<Exchange>) -> Self {
+    pub(crate) fn empty(exchange: Option<Exchange>) -> Self {
         ResponseBody {
             source: SourceBody::Full { data: None },
             exchange,
@@ -85,7 +85,7 @@ impl ResponseBody {
 /// passed on to the other as a close of that direction), or until either side fails, which
 /// closes both. `exchange` is held for the tunnel's life, so the request stays in flight while
 /// it is open and is counted (status 101, its whole duration) when it ends.
-pub async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Exchange) {
+pub(super) async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Exchange) {
     use tokio::io::AsyncWriteExt as _;
     let down = match downstream.await {
         Ok(down) => down,

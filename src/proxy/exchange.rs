@@ -11,7 +11,7 @@ use crate::metrics::{ResponseSource, RouteMetrics};
 
 /// How an exchange ended, for the access log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExchangeOutcome {
+pub(super) enum ExchangeOutcome {
     /// The whole body was sent.
     Complete,
     /// The upstream body failed after the head was sent; the downstream response was aborted.
@@ -36,7 +36,7 @@ impl ExchangeOutcome {
 
 /// Everything needed to account for one exchange when it ends. Created when the request
 /// arrives (it holds the in-flight slot), finished exactly once.
-pub struct Exchange {
+pub(crate) struct Exchange {
     /// Route handles (`unmatched` for requests that matched none).
     pub metrics: Arc<RouteMetrics>,
     /// When the request arrived.
@@ -57,7 +57,7 @@ pub struct Exchange {
 
 impl Exchange {
     /// Starts accounting: counts the request in flight.
-    pub fn start(
+    pub(crate) fn start(
         metrics: Arc<RouteMetrics>,
         start: Instant,
         method: Method,

@@ -4,15 +4,15 @@
 //! turns every error into a response, [`headers`] holds every header rule, [`body`] streams
 //! the response, and [`exchange`] accounts for the request from arrival to its last byte.
 
-pub mod body;
-pub mod exchange;
+mod body;
+mod exchange;
 pub mod headers;
-pub mod rescue;
+mod rescue;
 pub mod route;
 pub mod runtime;
-pub mod service;
-pub mod stack;
-pub mod upstream;
+mod service;
+mod stack;
+mod upstream;
 
 pub use runtime::Runtime;
-pub use service::ProxyService;
+pub(crate) use service::ProxyService;

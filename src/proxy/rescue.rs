@@ -12,13 +12,13 @@ use crate::error::{retry_after_secs, ProxyError, UpstreamError};
 use crate::metrics::ResponseSource;
 
 /// `grpc-status`: the gRPC status code of a response.
-pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+pub(super) const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 /// `grpc-message`: the percent-encoded text that goes with a non-zero `grpc-status`.
-pub const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+pub(super) const GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
 /// How the errors spillway generates are expressed to the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorStyle {
+pub(super) enum ErrorStyle {
     /// An HTTP status and a short plain-text body.
     Http,
     /// For gRPC clients (the request's `content-type` is `application/grpc…`): HTTP 200 with
@@ -32,7 +32,7 @@ pub enum ErrorStyle {
 
 impl ErrorStyle {
     /// The style the request's `content-type` calls for.
-    pub fn of(headers: &HeaderMap) -> ErrorStyle {
+    pub(super) fn of(headers: &HeaderMap) -> ErrorStyle {
         let Some(ct) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
             return ErrorStyle::Http;
         };
@@ -68,7 +68,7 @@ impl ErrorStyle {
 /// For gRPC requests (`style`), the same error is a gRPC status instead: HTTP 200,
 /// `grpc-status` ([`grpc_status`]) and `grpc-message` (the body's text), no body. The other
 /// headers stay, and metrics and the access log still record spillway's own status (e.g. 503).
-pub fn rescue(
+pub(super) fn rescue(
     stamps: &Stamps,
     err: ProxyError,
     mut exchange: Exchange,
@@ -129,7 +129,7 @@ pub fn rescue(
 /// | no route | 404 | 12 `UNIMPLEMENTED` |
 /// | routing loop (a misconfiguration; retrying cannot help) | 508 | 13 `INTERNAL` |
 /// | unusable request | 400 | 13 `INTERNAL` |
-pub fn grpc_status(err: &ProxyError) -> u8 {
+pub(super) fn grpc_status(err: &ProxyError) -> u8 {
     match err {
         ProxyError::Upstream(UpstreamError::ResponseTimeout) => 4,
         ProxyError::Upstream(_) | ProxyError::Shed { .. } => 14,

@@ -35,7 +35,7 @@ use crate::metrics::ResponseSource;
 
 /// The ingress service of one downstream connection.
 #[derive(Clone)]
-pub struct ProxyService {
+pub(crate) struct ProxyService {
     runtime: Arc<ArcSwap<Runtime>>,
     client_ip: HeaderValue,
     proto: &'static str,
@@ -43,7 +43,7 @@ pub struct ProxyService {
 
 impl ProxyService {
     /// A service for a connection from `client` (`proto` is `http` or `https`).
-    pub fn new(
+    pub(crate) fn new(
         runtime: Arc<ArcSwap<Runtime>>,
         client: std::net::SocketAddr,
         proto: &'static str,

@@ -15,7 +15,8 @@ use crate::policy::{
 };
 
 /// A route's composed service (a concrete type: no boxing on the request path).
-pub type RouteService = Maintenance<ConcurrencyLimit<CircuitBreaker<Timeout<Retry<Forward>>>>>;
+pub(super) type RouteService =
+    Maintenance<ConcurrencyLimit<CircuitBreaker<Timeout<Retry<Forward>>>>>;
 
 /// Per-route policy state. Each part is kept across a reload while the settings it was built
 /// from are unchanged (keyed by route name + those settings), and starts fresh otherwise.
@@ -76,7 +77,7 @@ impl PolicyState {
 }
 
 /// Composes one route's stack.
-pub fn route_service(state: &PolicyState, upstream: Arc<Upstream>) -> RouteService {
+pub(super) fn route_service(state: &PolicyState, upstream: Arc<Upstream>) -> RouteService {
     ServiceBuilder::new()
         // Maintenance first: when the route is down on purpose nothing else should run.
         .layer(MaintenanceLayer::new(&state.settings.maintenance))

@@ -48,7 +48,7 @@ impl Signal {
 }
 
 /// The live connections of one listener, counted from accept on.
-pub struct Connections {
+pub(super) struct Connections {
     state: Arc<DrainState>,
 }
 
@@ -81,7 +81,7 @@ impl Registry {
 
 impl Connections {
     /// An empty registry for a new listener.
-    pub fn new() -> Self {
+    pub(super) fn new() -> Self {
         Connections {
             state: Arc::new(DrainState {
                 registry: Mutex::new(Registry {
@@ -95,7 +95,7 @@ impl Connections {
 
     /// Registers a just-accepted connection: it counts for the drain until the returned
     /// handle is dropped.
-    pub fn register(&self) -> ConnectionSlot {
+    pub(super) fn register(&self) -> ConnectionSlot {
         let mut registry = lock(&self.state.registry);
         let signal = Arc::new(Signal {
             state: AtomicU8::new(registry.mode),
@@ -111,13 +111,13 @@ impl Connections {
     }
 
     /// Connections registered and not yet ended.
-    pub fn live(&self) -> usize {
+    pub(super) fn live(&self) -> usize {
         lock(&self.state.registry).slots.len()
     }
 
     /// Asks every live connection to drain, waits until all have ended or `deadline` passed,
     /// then cuts the rest; returns how many were cut.
-    pub async fn finish(self, deadline: Instant) -> usize {
+    pub(super) async fn finish(self, deadline: Instant) -> usize {
         if lock(&self.state.registry).raise(DRAIN) == 0 {
             return 0;
         }
@@ -143,7 +143,7 @@ fn lock(registry: &Mutex<Registry>) -> MutexGuard<'_, Registry> {
 
 /// One connection's place in its listener's [`Connections`]; dropping it ends the connection's
 /// count.
-pub struct ConnectionSlot {
+pub(super) struct ConnectionSlot {
     signal: Arc<Signal>,
     state: Arc<DrainState>,
     key: usize,
@@ -155,7 +155,7 @@ impl ConnectionSlot {
     /// Runs `work` until it completes (`Some(output)`) or the connection is cut (`None`, and
     /// `work` is dropped by the caller). When a drain is requested, `on_drain` is called once
     /// with `work`: e.g. to start a graceful shutdown; a no-op lets `work` run on.
-    pub fn watch<F, D>(&mut self, work: F, on_drain: D) -> Watched<'_, F, D>
+    pub(super) fn watch<F, D>(&mut self, work: F, on_drain: D) -> Watched<'_, F, D>
     where
         F: Future,
         D: FnOnce(Pin<&mut F>),

@@ -28,7 +28,7 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Binds with SO_REUSEADDR (quick restarts) and a deep backlog (bursts of new connections).
-pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(super) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -44,7 +44,7 @@ type ConnBuilder = auto::Builder<TokioExecutor>;
 /// Accepts and serves until `stop` fires, then returns the open connections for draining.
 /// With `tls`, every connection does the TLS handshake first (in its own task, so a slow
 /// client never holds up the accept loop).
-pub async fn serve(
+pub(super) async fn serve(
     listener: TcpListener,
     name: String,
     runtime: Arc<ArcSwap<Runtime>>,

@@ -15,7 +15,7 @@ use crate::spare_timer;
 
 /// hyper's timer (HTTP/1 and HTTP/2): one for every connection, each using its own spare.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct SpareTimer;
+pub(super) struct SpareTimer;
 
 impl hyper::rt::Timer for SpareTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {

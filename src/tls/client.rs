@@ -160,7 +160,9 @@ fn system_roots() -> &'static Arc<RootCertStore> {
 }
 
 /// Loads the TLS setup of every upstream that has one: all of them, or every problem found.
-pub fn load_upstream_tls(settings: &Settings) -> Result<Vec<(String, TlsClient)>, ConfigErrors> {
+pub(crate) fn load_upstream_tls(
+    settings: &Settings,
+) -> Result<Vec<(String, TlsClient)>, ConfigErrors> {
     let mut ok = Vec::new();
     let mut errors = Vec::new();
     for (name, u) in &settings.upstreams {
@@ -185,7 +187,7 @@ pub fn load_upstream_tls(settings: &Settings) -> Result<Vec<(String, TlsClient)>
 pub struct UpstreamTls(Arc<ArcSwap<Result<TlsClient, Arc<str>>>>);
 
 /// An upstream's TLS setup at one moment: the client, or why it is unusable.
-pub type CurrentTls = Arc<Result<TlsClient, Arc<str>>>;
+pub(crate) type CurrentTls = Arc<Result<TlsClient, Arc<str>>>;
 
 impl UpstreamTls {
     /// Loads it. It cannot fail here (start and reload already refused broken files); if the
@@ -215,7 +217,7 @@ impl UpstreamTls {
 /// Classifies a failed TLS handshake: the rustls error inside the I/O error when there is one;
 /// anything else (the peer closed or reset mid-handshake, e.g. a plain-HTTP server) is a
 /// protocol failure.
-pub fn classify_tls_io(e: &io::Error) -> UpstreamError {
+pub(crate) fn classify_tls_io(e: &io::Error) -> UpstreamError {
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -227,7 +229,7 @@ pub fn classify_tls_io(e: &io::Error) -> UpstreamError {
 
 /// Certificate problems (ours rejected by the upstream, or theirs by us: unknown issuer, wrong
 /// name, expired, missing) are `TlsCertificate`; every other TLS failure is `TlsProtocol`.
-pub fn classify_tls(e: &rustls::Error) -> UpstreamError {
+pub(crate) fn classify_tls(e: &rustls::Error) -> UpstreamError {
     use rustls::Error as E;
     match e {
         E::InvalidCertificate(_)

@@ -5,9 +5,9 @@
 //! Everything here uses one crypto provider and one set of PEM readers, so a broken file reads
 //! the same in every error message whichever side it belongs to.
 
-pub mod certificates;
-pub mod client;
-pub mod server;
+pub(crate) mod certificates;
+pub(crate) mod client;
+pub(crate) mod server;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The crypto provider of every TLS config spillway builds: ring, which builds with nothing
 /// but a C compiler.
-pub fn crypto_provider() -> Arc<CryptoProvider> {
+pub(crate) fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 

@@ -40,16 +40,19 @@ use crate::metrics::Metrics;
 
 /// Longest a client may take to complete the TLS handshake, so half-open or idle connections
 /// that never finish it do not pile up.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Certificate files are checked for changes at most this often per listener.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// A changed certificate that fails to load is only reported once its files have been still
 /// this long: until then a writer may still be busy replacing them one by one.
-pub const SETTLE: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 
 /// Reads a PEM certificate chain and its private key (PKCS#8, PKCS#1 or SEC1) and checks that
 /// they belong together. The error says which file and what is wrong, for the log.
-pub fn load_certified_key(cert_file: &Path, key_file: &Path) -> Result<CertifiedKey, String> {
+pub(crate) fn load_certified_key(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<CertifiedKey, String> {
     let chain = super::read_chain(cert_file)?;
     let key = super::read_key(key_file)?;
     CertifiedKey::from_der(chain, key, &crypto_provider()).map_err(|e| {

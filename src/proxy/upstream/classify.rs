@@ -9,7 +9,7 @@ use crate::error::UpstreamError;
 use crate::tls::client::classify_tls;
 
 /// Classifies a hyper-util client error by walking its cause chain (never by its message).
-pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
+pub(crate) fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
     classify_chain(err.source()).unwrap_or(if err.is_connect() {
         UpstreamError::ConnectRefused
     } else {
@@ -18,7 +18,7 @@ pub fn classify(err: &hyper_util::client::legacy::Error) -> UpstreamError {
 }
 
 /// Classifies an I/O failure on an established connection (a TLS error inside it included).
-pub fn classify_io(err: &io::Error) -> UpstreamError {
+pub(crate) fn classify_io(err: &io::Error) -> UpstreamError {
     classify_chain(Some(err)).unwrap_or(UpstreamError::ConnectionTerminated)
 }
 

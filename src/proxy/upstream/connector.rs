@@ -25,24 +25,24 @@ use crate::tls::client::UpstreamTls;
 /// chain.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("{0}")]
-pub struct ConnectError(pub UpstreamError);
+pub(crate) struct ConnectError(pub UpstreamError);
 
 /// When a connection was established; carried in the connection's metadata so a failed request
 /// can tell whether it went out on a reused (possibly stale) pooled connection.
 #[derive(Debug, Clone, Copy)]
-pub struct Established(pub Instant);
+pub(crate) struct Established(pub Instant);
 
 /// Connects TCP to `host:port` from the URI, then TLS when configured, all within
 /// `connect_timeout` (name resolution included).
 #[derive(Clone)]
-pub struct Connector {
+pub(crate) struct Connector {
     connect_timeout: Duration,
     tls: Option<UpstreamTls>,
 }
 
 impl Connector {
     /// A connector with this connect timeout, speaking TLS when `tls` is set.
-    pub fn new(connect_timeout: Duration, tls: Option<UpstreamTls>) -> Self {
+    pub(crate) fn new(connect_timeout: Duration, tls: Option<UpstreamTls>) -> Self {
         Connector {
             connect_timeout,
             tls,
@@ -115,7 +115,7 @@ impl AsyncWrite for Stream {
 
 /// A connection to an upstream endpoint.
 #[derive(Debug)]
-pub struct UpstreamIo {
+pub(crate) struct UpstreamIo {
     io: TokioIo<Stream>,
     established: Instant,
     h2: bool,
@@ -123,7 +123,7 @@ pub struct UpstreamIo {
 
 impl UpstreamIo {
     /// The byte stream, for spillway's own HTTP/1.1 client.
-    pub fn into_stream(self) -> Stream {
+    pub(crate) fn into_stream(self) -> Stream {
         self.io.into_inner()
     }
 }

@@ -3,9 +3,9 @@
 //! connections opened by the [`connector`], failures named by [`classify`], the keep-alive race
 //! resend, and [`Forward`], the service at the bottom of every route's stack.
 
-pub mod classify;
-pub mod connector;
-pub mod http1;
+pub(super) mod classify;
+pub(super) mod connector;
+pub(super) mod http1;
 mod http2;
 
 use std::future::Future;
@@ -31,7 +31,7 @@ use http1::{Http1Body, Http1Connection};
 use http2::Http2Clients;
 
 /// Errors a body can end with, boxed for hyper.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body on its way to the upstream. `Empty` can be rebuilt at will, which is what
 /// lets bodyless idempotent requests be sent again.
@@ -300,7 +300,7 @@ impl Body for UpstreamBody {
 /// retries copy), so that a retry goes to a different endpoint than the attempt that failed.
 /// Only attached when a route can retry and its upstream has several endpoints.
 #[derive(Debug, Clone)]
-pub struct EndpointHint(Arc<AtomicUsize>);
+pub(super) struct EndpointHint(Arc<AtomicUsize>);
 
 impl Default for EndpointHint {
     fn default() -> Self {

@@ -16,7 +16,7 @@
 mod body;
 mod decode;
 mod encode;
-pub mod pool;
+pub(crate) mod pool;
 
 use std::future::poll_fn;
 use std::io;
@@ -33,7 +33,7 @@ use super::classify::classify_io;
 use super::connector::Stream;
 use super::RequestBody;
 use crate::error::{ProxyError, UpstreamError};
-pub use body::Http1Body;
+pub(crate) use body::Http1Body;
 use decode::{Chunk, Decoder, Head, ResponseFraming};
 use encode::{encode_head, request_framing, RequestFraming, Sending, WriteError};
 use pool::Http1Pool;
@@ -49,7 +49,7 @@ const MAX_READ: usize = 256 * 1024;
 
 /// One HTTP/1.1 connection to an upstream endpoint, with its buffers.
 #[derive(Debug)]
-pub struct Http1Connection {
+pub(crate) struct Http1Connection {
     io: Stream,
     /// Bytes read and not yet consumed.
     rbuf: BytesMut,
@@ -63,7 +63,7 @@ pub struct Http1Connection {
 
 /// Why an exchange failed.
 #[derive(Debug)]
-pub struct SendError {
+pub(crate) struct SendError {
     /// What the client is told.
     pub error: ProxyError,
     /// The connection had served before and died before any byte of the response arrived: for
@@ -75,7 +75,7 @@ pub struct SendError {
 impl Http1Connection {
     /// A fresh connection over `io`. Boxed: it moves between pool, request and response
     /// body, and a pointer is cheaper to move than its buffers.
-    pub fn new(io: Stream) -> Box<Self> {
+    pub(crate) fn new(io: Stream) -> Box<Self> {
         Box::new(Http1Connection {
             io,
             rbuf: BytesMut::with_capacity(MIN_READ),
@@ -88,7 +88,7 @@ impl Http1Connection {
     /// Whether the connection still looks usable after sitting idle: nothing arrived on it (no
     /// close, no reset, no stray bytes such as an unsolicited 408). While nothing arrived this
     /// costs no system call: tokio's readiness state answers first.
-    pub fn is_open(&mut self) -> bool {
+    pub(crate) fn is_open(&mut self) -> bool {
         let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
         let mut probe = [0u8; 1];
         let mut buf = ReadBuf::new(&mut probe);
@@ -103,7 +103,7 @@ impl Http1Connection {
     /// [`Http1Body`], which hands the connection back to `home` when it ends cleanly.
     /// `default_host` is the `Host` sent when the request has none (an HTTP/1.0 client's):
     /// HTTP/1.1 requires one.
-    pub async fn send(
+    pub(crate) async fn send(
         mut self: Box<Self>,
         parts: &request::Parts,
         body: RequestBody,

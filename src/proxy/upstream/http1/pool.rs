@@ -24,7 +24,7 @@ const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
 
 /// Idle keep-alive connections to one endpoint, most recently used last.
 #[derive(Debug)]
-pub struct Http1Pool {
+pub(crate) struct Http1Pool {
     idle: Mutex<VecDeque<Idle>>,
     idle_timeout: Duration,
     sweeper_started: AtomicBool,
@@ -38,7 +38,7 @@ struct Idle {
 
 impl Http1Pool {
     /// An empty pool whose connections retire after `idle_timeout` unused.
-    pub fn new(idle_timeout: Duration) -> Arc<Self> {
+    pub(crate) fn new(idle_timeout: Duration) -> Arc<Self> {
         Arc::new(Http1Pool {
             idle: Mutex::new(VecDeque::new()),
             idle_timeout,
@@ -48,7 +48,7 @@ impl Http1Pool {
 
     /// The most recently used idle connection that is still open and not past the idle
     /// timeout. Connections found closed or too old on the way are dropped (which closes them).
-    pub fn checkout(&self) -> Option<Box<Http1Connection>> {
+    pub(crate) fn checkout(&self) -> Option<Box<Http1Connection>> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(mut c) = idle.pop_back() {
@@ -61,7 +61,7 @@ impl Http1Pool {
 
     /// Returns a connection whose exchange has ended. The oldest entries past the idle timeout
     /// are retired on the way.
-    pub fn put(&self, conn: Box<Http1Connection>) {
+    pub(crate) fn put(&self, conn: Box<Http1Connection>) {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while idle
@@ -74,7 +74,8 @@ impl Http1Pool {
     }
 
     /// How many connections sit idle (closed ones not yet noticed included).
-    pub fn idle_count(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn idle_count(&self) -> usize {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -91,7 +92,7 @@ impl Http1Pool {
     /// Starts the sweeper the first time a connection is made (it needs a runtime, and a pool
     /// that never connects needs none). It ends when the pool is dropped (e.g. a reload
     /// replaced the upstream).
-    pub fn ensure_sweeper(self: &Arc<Self>) {
+    pub(crate) fn ensure_sweeper(self: &Arc<Self>) {
         if self.sweeper_started.swap(true, Ordering::Relaxed) {
             return;
         }
