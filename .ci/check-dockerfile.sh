@@ -55,12 +55,12 @@ if [ -n "$rust_arg" ] && [ -n "$msrv" ]; then
   else fail "rust $rust_arg is older than rust-version $msrv"; fi
 else fail "ARG RUST_VERSION=<x.y> and Cargo.toml rust-version expected"; fi
 
-# The shipped build is deploy/pgo-build.sh (cargo build --locked, profile `dist`).
-grep -qE 'bash deploy/pgo-build\.sh' <<<"$joined" && ok "built by deploy/pgo-build.sh" \
-  || fail "the build stage should run bash deploy/pgo-build.sh"
-grep -qE 'cargo build --locked --profile dist' deploy/pgo-build.sh \
-  && ok "deploy/pgo-build.sh runs cargo build --locked --profile dist" \
-  || fail "deploy/pgo-build.sh should run cargo build --locked --profile dist"
+# The shipped build is scripts/pgo-build.sh (cargo build --locked, profile `dist`).
+grep -qE 'bash scripts/pgo-build\.sh' <<<"$joined" && ok "built by scripts/pgo-build.sh" \
+  || fail "the build stage should run bash scripts/pgo-build.sh"
+grep -qE 'cargo build --locked --profile dist' scripts/pgo-build.sh \
+  && ok "scripts/pgo-build.sh runs cargo build --locked --profile dist" \
+  || fail "scripts/pgo-build.sh should run cargo build --locked --profile dist"
 grep -qE 'CARGO_PROFILE_DIST_STRIP=(symbols|true)' <<<"$joined" && ok "binary stripped" \
   || fail "the binary should be stripped (CARGO_PROFILE_DIST_STRIP)"
 

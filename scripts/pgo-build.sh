@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# deploy/pgo-build.sh — the release build we ship: profile-guided (PGO) and fat-LTO.
+# scripts/pgo-build.sh — the release build we ship: profile-guided (PGO) and fat-LTO.
 #
-#   bash deploy/pgo-build.sh            # -> target/pgo/spillway (about 7 minutes on 2 cores)
+#   bash scripts/pgo-build.sh           # -> target/pgo/spillway (about 7 minutes on 2 cores)
 #
 # 1. builds an instrumented binary (cargo profile `dist`: release with fat LTO);
 # 2. trains it: `spillway demo` (its built-in sample app as the upstream) with a training
