@@ -34,7 +34,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
 COPY benches ./benches
-COPY scripts/pgo-build.sh ./scripts/
+COPY scripts/lib.sh scripts/pgo-build.sh ./scripts/
 # The registry and target caches persist across builds (BuildKit); the binary is copied out of
 # the cache mount so the next stage can see it. The script runs `cargo build --locked` with
 # the `dist` profile (release with fat LTO).
