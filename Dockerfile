@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 #
-# spillway as a container image: a profile-guided release build (deploy/pgo-build.sh) on the
+# spillway as a container image: a profile-guided release build (scripts/pgo-build.sh) on the
 # official Rust image (Debian bookworm), copied onto distroless/cc-debian12 (bookworm's glibc
 # and libgcc, CA certificates, no shell, no package manager), running as the distroless
 # `nonroot` user (65532).
@@ -22,7 +22,7 @@ WORKDIR /src
 ENV CARGO_PROFILE_DIST_STRIP=symbols \
     CARGO_PROFILE_DIST_DEBUG=false \
     CARGO_TERM_COLOR=never
-# The shipped binary is profile-guided (deploy/pgo-build.sh): built instrumented, trained on
+# The shipped binary is profile-guided (scripts/pgo-build.sh): built instrumented, trained on
 # loopback against the built-in sample app, built again with the profile. What the training
 # needs stays in this stage. Unpinned: the stage is thrown away, only the binary is kept.
 # hadolint ignore=DL3008
@@ -34,13 +34,13 @@ COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY config ./config
 COPY benches ./benches
-COPY deploy/pgo-build.sh ./deploy/
+COPY scripts/lib.sh scripts/pgo-build.sh ./scripts/
 # The registry and target caches persist across builds (BuildKit); the binary is copied out of
 # the cache mount so the next stage can see it. The script runs `cargo build --locked` with
 # the `dist` profile (release with fat LTO).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    bash deploy/pgo-build.sh \
+    bash scripts/pgo-build.sh \
     && install -D -m 0755 target/pgo/spillway /out/spillway
 
 FROM gcr.io/distroless/cc-debian12:nonroot

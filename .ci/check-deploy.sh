@@ -18,43 +18,25 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 t0=$SECONDS
+# shellcheck source=SCRIPTDIR/../scripts/lib.sh
+source scripts/lib.sh
 declare -a timings=()
 section() { printf '\n== deploy: %s\n' "$*"; t_section=$SECONDS; section_name=$*; }
 done_section() { timings+=("$(printf '%-12s %3ds' "$section_name" $((SECONDS - t_section)))"); }
 work=$(mktemp -d)
-trace_pid=
 cleanup() {
-  [ -n "$trace_pid" ] && { kill "$trace_pid" 2>/dev/null || true; wait "$trace_pid" 2>/dev/null || true; }
+  stop_demo TERM || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-# Where pip puts console scripts (kubernetes-validate, hadolint), in case it is not on PATH.
-PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-export PATH
-
 section tools
-need_apt=()
-command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
-command -v jq >/dev/null 2>&1 || need_apt+=(jq)
-command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
-command -v strace >/dev/null 2>&1 || need_apt+=(strace)
-command -v openssl >/dev/null 2>&1 || need_apt+=(openssl)
-if ! command -v kubectl >/dev/null 2>&1; then
-  # Debian's kubectl is old (1.20) and its kustomize may not read `patches:`; the machine image
-  # ships a current one.
-  need_apt+=(kubernetes-client)
-fi
-if [ ${#need_apt[@]} -gt 0 ]; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
-pip_install() {
-  python3 -m pip install -q --disable-pip-version-check "$@" >/dev/null 2>&1 \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@"
-}
-command -v kubernetes-validate >/dev/null 2>&1 || pip_install kubernetes-validate
+# Debian's kubectl (kubernetes-client) is old (1.20) and its kustomize may not read `patches:`;
+# the machine image ships a current one, so Debian's is only the fallback.
+need_tools promtool:prometheus jq systemd-analyze:systemd strace openssl curl \
+  kubectl:kubernetes-client
+# pip's scripts folder goes on PATH here (for hadolint in check-dockerfile.sh too).
+need_pip_tool kubernetes-validate
 python3 -c 'import yaml' 2>/dev/null || pip_install pyyaml
 echo "kubectl $(kubectl version --client 2>/dev/null | head -1 | awk '{print $3}'), kubernetes-validate $(kubernetes-validate --version), $(promtool --version 2>&1 | head -1 | awk '{print $1, $3}'), systemd $(systemd-analyze --version | head -1 | awk '{print $2}')"
 done_section
@@ -118,6 +100,7 @@ exposure=$(systemd-analyze security --offline=yes --threshold=100 "$work/unit/sp
 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 2.0) }' \
   || { echo "systemd-analyze security: exposure ${exposure:-unknown} > 2.0"; exit 1; }
 echo "  ok: systemd-analyze security: exposure $exposure (<= 2.0)"
+# shellcheck disable=SC2016 # $MAINPID is the unit's, not ours
 for want in 'ExecReload=/bin/kill -HUP $MAINPID' 'KillSignal=SIGTERM' 'Restart=on-failure' \
             'AmbientCapabilities=CAP_NET_BIND_SERVICE' 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' \
             'NoNewPrivileges=yes' 'ProtectSystem=strict' 'SystemCallFilter=@system-service'; do
@@ -131,31 +114,26 @@ line = sys.stdin.read()
 def s(t): return sum(float(n) * {"ms": .001, "s": 1, "m": 60, "h": 3600}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)", t))
 d, t = re.search(r"drain_delay (.+?), drain_timeout (.+)", line).groups()
 print(int(s(d) + s(t)))')
-[ -n "$stop" ] && [ "$stop" -ge $((drain + 10)) ] \
-  || { echo "TimeoutStopSec=${stop:-unset} must be >= drain_delay + drain_timeout ($drain s) + 10 s"; exit 1; }
+if [ -z "$stop" ] || [ "$stop" -lt $((drain + 10)) ]; then
+  echo "TimeoutStopSec=${stop:-unset} must be >= drain_delay + drain_timeout ($drain s) + 10 s"; exit 1
+fi
 echo "  ok: TimeoutStopSec=${stop}s >= drain_delay + drain_timeout (${drain}s) + 10s margin"
 
 # Syscalls: run spillway (its demo, loopback ports, a reload and a shutdown) under strace and
 # compare with what SystemCallFilter=@system-service ~@privileged ~@resources allows.
 if strace -f -qq -o /dev/null true 2>/dev/null; then
-  free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-  proxy=$(free_port); admin=$(free_port)
-  sed -e "s/127.0.0.1:8080/127.0.0.1:$proxy/" -e "s/127.0.0.1:9901/127.0.0.1:$admin/" \
-      -e 's/drain_delay: .*/drain_delay: 0s/' config/demo.yaml > "$work/demo.yaml"
-  RUST_LOG=warn timeout 60 strace -f -qq -o "$work/trace.txt" "$bin" demo --config "$work/demo.yaml" \
-    > "$work/demo.log" 2>&1 &
-  trace_pid=$!
-  for _ in $(seq 1 100); do curl -fsS "http://127.0.0.1:$admin/healthz" >/dev/null 2>&1 && break; sleep 0.2; done
+  mkdir -p "$work/demo"
+  DEMO_TIMEOUT=60 start_demo "$bin" "$work/demo" strace -f -qq -o "$work/trace.txt"
   for path in /ok /broken /status/500 '/slow?ms=10' '/slow?ms=1500' /stream; do
     curl -s -o /dev/null --max-time 5 "http://127.0.0.1:$proxy$path" || true
   done
   curl -s -o /dev/null "http://127.0.0.1:$admin/" || true
   curl -s -o /dev/null "http://127.0.0.1:$admin/status.json" || true
   curl -s -o /dev/null -X POST "http://127.0.0.1:$admin/reload" || true
-  echo "# touched" >> "$work/demo.yaml"; sleep 1
-  # The traced process is `timeout`'s child; SIGTERM to the strace'd tree through timeout.
-  kill -TERM "$trace_pid" 2>/dev/null || true
-  wait "$trace_pid" 2>/dev/null || true; trace_pid=
+  echo "# touched" >> "$demo_config"; sleep 1
+  # The demo runs as timeout -> strace -> spillway; timeout passes SIGTERM to its process group,
+  # so spillway drains and exits, and strace (which ignores it) ends with it.
+  stop_demo TERM
   python3 - "$work/trace.txt" <<'EOF'
 import re, subprocess, sys
 cache = {}
@@ -211,6 +189,7 @@ jq -e '[.panels[] | .id] | length == (unique | length)' "$dash" >/dev/null || { 
 panels=$(jq '[.panels[] | select(.type != "row")] | length' "$dash")
 queries=$(jq '[.panels[].targets[]?.expr] | length' "$dash")
 # Every query must parse: as recording rules, Grafana's variables replaced by what they expand to.
+# shellcheck disable=SC2016 # Grafana's $variables, not the shell's
 jq -r '.panels[].targets[]?.expr' "$dash" \
   | sed -e 's/\$__rate_interval/5m/g' -e 's/\$__range/1h/g' -e 's/\$[a-z_]*/.*/g' \
   | python3 -c '
@@ -230,8 +209,8 @@ used=$(cat deploy/grafana/spillway.json deploy/prometheus/alerts.yaml deploy/pro
 unknown=$(comm -23 <(echo "$used") <(echo "$exported"))
 if [ -n "$unknown" ]; then echo "names spillway does not export: $unknown"; exit 1; fi
 echo "  ok: $(wc -l <<<"$used") metric names used, all exported by src/metrics.rs"
-unused=$(comm -13 <(cat deploy/grafana/spillway.json | grep -oE 'spillway_[a-z_]+' | sed -E 's/_(bucket|sum|count)$//' | sort -u) <(echo "$exported"))
-[ -z "$unused" ] || echo "  note: not on the dashboard: $(echo $unused)"
+unused=$(comm -13 <(grep -oE 'spillway_[a-z_]+' deploy/grafana/spillway.json | sed -E 's/_(bucket|sum|count)$//' | sort -u) <(echo "$exported"))
+[ -z "$unused" ] || echo "  note: not on the dashboard: ${unused//$'\n'/ }"
 done_section
 
 section docker

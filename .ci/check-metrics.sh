@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Starts spillway (release build of this tree) in front of its own sample app, sends traffic
-# that exercises every metric family, and asks promtool to lint the exposition.
+# that exercises every metric family, and asks promtool to lint the exposition. Installs
+# promtool (Debian package prometheus) when it is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=SCRIPTDIR/../scripts/lib.sh
+source scripts/lib.sh
+need_tool promtool prometheus
 cargo build --release -q
 bin=target/release/spillway
 work=$(mktemp -d)
-pid=
-trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; rm -rf "$work"' EXIT
+trap 'stop_demo TERM || true; rm -rf "$work"' EXIT
 
-source .ci/demo-lib.sh
-start_demo "$bin" "$work" || exit 1
-pid=$demo_pid
+start_demo "$bin" "$work"
 for path in /ok /status/500 /broken '/slow?ms=1500' /nope; do
   curl -s -o /dev/null "http://127.0.0.1:$proxy$path" || true
 done

@@ -10,12 +10,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 started=$SECONDS
-
-if ! command -v chromium >/dev/null 2>&1; then
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq chromium >/dev/null
-fi
+# shellcheck source=SCRIPTDIR/../scripts/lib.sh
+source scripts/lib.sh
+need_tool chromium
 
 bin=${SPILLWAY_BIN:-}
 if [ -z "$bin" ]; then
@@ -23,18 +20,15 @@ if [ -z "$bin" ]; then
   bin=target/release/spillway
 fi
 work=$(mktemp -d)
-pid=
 traffic=
 cleanup() {
-  [ -n "$traffic" ] && kill "$traffic" 2>/dev/null || true
-  [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
+  if [ -n "$traffic" ]; then kill "$traffic" 2>/dev/null || true; fi
+  stop_demo TERM || true
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-source .ci/demo-lib.sh
-start_demo "$bin" "$work" || exit 1
-pid=$demo_pid
+start_demo "$bin" "$work"
 
 # A bounded mix of answers from every layer: app 2xx/4xx/5xx, proxy 502 (/broken), proxy 504
 # (/slow beyond the route timeout), unmatched methods. Runs on while the page samples.

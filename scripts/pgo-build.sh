@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# deploy/pgo-build.sh — the release build we ship: profile-guided (PGO) and fat-LTO.
+# scripts/pgo-build.sh — the release build we ship: profile-guided (PGO) and fat-LTO.
 #
-#   bash deploy/pgo-build.sh            # -> target/pgo/spillway (about 7 minutes on 2 cores)
+#   bash scripts/pgo-build.sh           # -> target/pgo/spillway (about 7 minutes on 2 cores)
 #
 # 1. builds an instrumented binary (cargo profile `dist`: release with fat LTO);
 # 2. trains it: `spillway demo` (its built-in sample app as the upstream) with a training
@@ -15,12 +15,13 @@
 # request against 22,731 for `cargo build --release` (README, "Benchmarks").
 #
 # Needs: cargo and rustup, wrk, curl, openssl (installed with apt-get when missing and run
-# as root). Listens on 127.0.0.1 only: PGO_PORT (plain), PGO_PORT+1 (TLS), PGO_PORT+2
-# (admin); every step is bounded in time.
+# as root; scripts/lib.sh). Listens on free ports of 127.0.0.1 only (plain, TLS and admin,
+# picked by lib.sh's start_demo); every step is bounded in time.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PORT=${PGO_PORT:-18480}
+# shellcheck source=SCRIPTDIR/lib.sh
+source "$REPO/scripts/lib.sh"
 TRAIN_SECONDS=${PGO_TRAIN_SECONDS:-5}
 WORK=${PGO_WORK_DIR:-$REPO/target/pgo-work}
 OUT=${PGO_OUT:-$REPO/target/pgo}
@@ -29,27 +30,13 @@ HOST=$(rustc -vV | sed -n 's/^host: //p')
 say() { printf '[pgo %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 fail() { printf 'pgo-build: %s\n' "$*" >&2; exit 1; }
 
-need() { # TOOL PACKAGE
-    command -v "$1" >/dev/null && return 0
-    if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-        say "installing $2"
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
-    fi
-    command -v "$1" >/dev/null || fail "$1 is needed (apt-get install $2)"
-}
-need wrk wrk
-need curl curl
-need openssl openssl
+need_tools wrk curl openssl
 PROFDATA=$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata
 if [[ ! -x $PROFDATA ]]; then
     say "adding rustup's llvm-tools (llvm-profdata)"
     rustup component add llvm-tools >/dev/null 2>&1 || fail "rustup component add llvm-tools failed"
     [[ -x $PROFDATA ]] || fail "llvm-profdata not found at $PROFDATA"
 fi
-for p in "$PORT" $((PORT + 1)) $((PORT + 2)); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null && fail "port $p is taken (set PGO_PORT)"
-done
-
 rm -rf "$WORK" && mkdir -p "$WORK/raw" "$OUT"
 # An explicit --target keeps RUSTFLAGS off build scripts and proc macros: only spillway's
 # own binary is instrumented and optimized with the profile.
@@ -65,16 +52,17 @@ GEN=$REPO/target/pgo-gen/$HOST/dist/spillway
 say "2/4 training"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
     -subj "/CN=localhost" -keyout "$WORK/key.pem" -out "$WORK/cert.pem" 2>/dev/null
+# start_demo moves 127.0.0.1:8080, :8443 and :9901 to free ports ($proxy, $proxy_tls, $admin).
 cat >"$WORK/train.yaml" <<EOF
 server_id: pgo-train
 listeners:
   - name: http
-    address: 127.0.0.1:$PORT
+    address: 127.0.0.1:8080
   - name: https
-    address: 127.0.0.1:$((PORT + 1))
+    address: 127.0.0.1:8443
     tls: { cert_file: $WORK/cert.pem, key_file: $WORK/key.pem }
 admin:
-  address: 127.0.0.1:$((PORT + 2))
+  address: 127.0.0.1:9901
 upstreams:
   app:
     endpoints: ["\${SPILLWAY_DEMO_APP}"]
@@ -134,46 +122,32 @@ request = function()
 end
 EOF
 
-# Starts BIN as `spillway demo` with the training config and sets DEMO_PID once it answers.
-# (Not run in a command substitution: the demo must be this shell's child for stop_demo's wait.)
-start_demo() { # BIN LOG [RUST_LOG]
-    RUST_LOG=${3:-info} "$1" demo --config "$WORK/train.yaml" >"$2" 2>&1 &
-    local pid=$!
-    for _ in $(seq 100); do
-        curl -fso /dev/null "http://127.0.0.1:$PORT/ok" && { DEMO_PID=$pid; return 0; }
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill "$pid" 2>/dev/null
-    fail "$1 did not start (see $2)"
-}
-# SIGINT: a clean shutdown (for the instrumented build, the one that writes the profile).
-stop_demo() { # PID
-    kill -INT "$1"
-    for _ in $(seq 100); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$1" 2>/dev/null && { kill -9 "$1"; fail "spillway demo did not stop"; }
-    wait "$1" || true
-}
+# The demo (lib.sh's start_demo) runs the training config, as this shell's own child (no
+# `timeout` in between): stop_demo's SIGINT, a clean shutdown, then reaches the instrumented
+# build once, and it writes the profile as it exits.
+DEMO_CONFIG=$WORK/train.yaml
+DEMO_TIMEOUT=0
+trap 'stop_demo INT || true' EXIT
 train() { # RUST_LOG value
     say "  training with RUST_LOG=$1"
     local slow=()
-    start_demo "$GEN" "$WORK/demo.log" "$1"
+    DEMO_RUST_LOG=$1 start_demo "$GEN" "$WORK"
     # Alongside: route timeouts (504), HEAD (which wrk cannot parse), HTTP/2 over TLS.
     for _ in 1 2 3 4; do
-        curl -so /dev/null --max-time 5 "http://127.0.0.1:$PORT/slow?ms=1500" &
+        curl -so /dev/null --max-time 5 "http://127.0.0.1:$proxy/slow?ms=1500" &
         slow+=($!)
     done
     for _ in $(seq 20); do
-        curl -fsIo /dev/null "http://127.0.0.1:$PORT/ok"
-        curl -ksSo /dev/null --http2 "https://127.0.0.1:$((PORT + 1))/ok" || true
+        curl -fsIo /dev/null "http://127.0.0.1:$proxy/ok"
+        curl -ksSo /dev/null --http2 "https://127.0.0.1:$proxy_tls/ok" || true
     done
     timeout $((TRAIN_SECONDS + 20)) wrk -t1 -c32 -d"${TRAIN_SECONDS}s" -s "$WORK/mix.lua" \
-        "http://127.0.0.1:$PORT" >/dev/null
+        "http://127.0.0.1:$proxy" >/dev/null
     timeout $((TRAIN_SECONDS + 20)) wrk -t1 -c16 -d"${TRAIN_SECONDS}s" -s "$WORK/mix.lua" \
-        "https://127.0.0.1:$((PORT + 1))" >/dev/null
-    curl -fso /dev/null "http://127.0.0.1:$((PORT + 2))/metrics"
+        "https://127.0.0.1:$proxy_tls" >/dev/null
+    curl -fso /dev/null "http://127.0.0.1:$admin/metrics"
     wait "${slow[@]}" || true
-    stop_demo "$DEMO_PID"
+    stop_demo INT
 }
 train "info"
 train "info,spillway::access=off"
@@ -185,6 +159,8 @@ build "$REPO/target/pgo-use" "-Cprofile-use=$WORK/spillway.profdata"
 install -m 0755 "$REPO/target/pgo-use/$HOST/dist/spillway" "$OUT/spillway"
 
 say "4/4 checking the result"
-start_demo "$OUT/spillway" "$WORK/check.log"
-stop_demo "$DEMO_PID"
+mkdir -p "$WORK/check"
+DEMO_RUST_LOG=info start_demo "$OUT/spillway" "$WORK/check"
+curl -fso /dev/null "http://127.0.0.1:$proxy/ok" || fail "$OUT/spillway does not answer (see $demo_log)"
+stop_demo INT
 say "done: $OUT/spillway ($("$OUT/spillway" --version))"
