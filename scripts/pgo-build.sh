@@ -11,8 +11,7 @@
 #    once with the access log on (the default) and once with it off;
 # 3. merges the profile (llvm-profdata from rustup's llvm-tools) and builds again with it;
 # 4. checks the result answers a request.
-# On the proxy benchmark (benches/callgrind.sh) the PGO build needed 17,107 instructions per
-# request against 22,731 for `cargo build --release` (README, "Benchmarks").
+# What it gains over `cargo build --release` is measured in benches/RESULTS.md.
 #
 # Needs: cargo and rustup, wrk, curl, openssl (installed with apt-get when missing and run
 # as root; scripts/lib.sh). Listens on free ports of 127.0.0.1 only (plain, TLS and admin,
