@@ -230,3 +230,171 @@ fn take(left: &mut u64, rbuf: &mut BytesMut) -> Option<Bytes> {
     *left -= n as u64;
     Some(rbuf.split_to(n).freeze())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Parses a complete response head the way the client does.
+    fn head(raw: &str) -> Result<Head, ProxyError> {
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut parsed = httparse::Response::new(&mut slots);
+        let status = parsed.parse(raw.as_bytes()).expect("valid HTTP");
+        assert!(status.is_complete(), "{raw:?} is not a complete head");
+        Head::from_parsed(&parsed)
+    }
+
+    fn framing(raw: &str) -> (ResponseFraming, bool) {
+        let h = head(raw).unwrap();
+        (h.framing, h.keep_alive)
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        use ResponseFraming::*;
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n",
+                (Length(5), true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+                (Length(5), true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                (Chunked, true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                (Chunked, true),
+            ),
+            // Not chunked last: the body runs until the connection closes.
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+                (UntilClose, false),
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", (UntilClose, false)),
+            (
+                "HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n",
+                (Length(0), true),
+            ),
+            ("HTTP/1.1 304 Not Modified\r\n\r\n", (Length(0), true)),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+                (Upgrade, true),
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-length: 1\r\nconnection: close\r\n\r\n",
+                (Length(1), false),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\n\r\n",
+                (Length(1), false),
+            ),
+            (
+                "HTTP/1.0 200 OK\r\ncontent-length: 1\r\nconnection: keep-alive\r\n\r\n",
+                (Length(1), true),
+            ),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(framing(raw), want, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn chunked_wins_over_a_length_that_is_then_dropped_and_the_connection_retired() {
+        let h = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n")
+            .unwrap();
+        assert_eq!(h.framing, ResponseFraming::Chunked);
+        assert!(!h.keep_alive);
+        assert!(!h.headers.contains_key(CONTENT_LENGTH));
+    }
+
+    #[test]
+    fn lengths_that_disagree_or_are_not_digits_are_protocol_errors() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+        ] {
+            assert_eq!(
+                head(raw).unwrap_err(),
+                ProxyError::from(UpstreamError::ProtocolError),
+                "{raw:?}"
+            );
+        }
+        // Up to 19 digits (any such length fits in a u64); longer ones are refused outright.
+        assert_eq!(parse_length(b"9999999999999999999"), Some(9_999_999_999_999_999_999));
+        assert_eq!(parse_length(b"18446744073709551615"), None);
+        assert_eq!(parse_length(b"00012"), Some(12));
+    }
+
+    /// Runs the decoder over `wire` fed in pieces of `step_len` bytes; returns the body, the
+    /// trailers and whether it ended.
+    fn decode(
+        mut decoder: Decoder,
+        wire: &[u8],
+        step_len: usize,
+    ) -> io::Result<(Vec<u8>, Option<HeaderMap>, bool)> {
+        let (mut rbuf, mut body, mut trailers) = (BytesMut::new(), Vec::new(), None);
+        let mut fed = 0;
+        loop {
+            match step(&mut decoder, &mut rbuf)? {
+                Step::Frame(f) => match f.into_data() {
+                    Ok(d) => body.extend_from_slice(&d),
+                    Err(f) => trailers = f.into_trailers().ok(),
+                },
+                Step::End => return Ok((body, trailers, true)),
+                Step::NeedMore if fed < wire.len() => {
+                    let n = step_len.min(wire.len() - fed);
+                    rbuf.extend_from_slice(&wire[fed..fed + n]);
+                    fed += n;
+                }
+                Step::NeedMore => return Ok((body, trailers, false)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_whatever_the_read_boundaries() {
+        let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-checksum: abc\r\n\r\n";
+        for step_len in [1, 2, 3, 7, wire.len()] {
+            let (body, trailers, ended) =
+                decode(Decoder::Chunked(Chunk::Size), wire, step_len).unwrap();
+            assert_eq!(body, b"hello world", "step {step_len}");
+            assert!(ended);
+            assert_eq!(trailers.unwrap()["x-checksum"], "abc");
+        }
+    }
+
+    #[test]
+    fn a_length_body_stops_at_its_length() {
+        let (body, _, ended) = decode(Decoder::Length(5), b"helloEXTRA", 3).unwrap();
+        assert_eq!(body, b"hello");
+        assert!(ended);
+        let (body, _, ended) = decode(Decoder::Length(5), b"hel", 3).unwrap();
+        assert_eq!(
+            (body.as_slice(), ended),
+            (&b"hel"[..], false),
+            "waits for the rest"
+        );
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_an_error() {
+        for wire in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            &b"5\r\nhelloXX0\r\n\r\n"[..],
+            &b"0\r\nbad trailer\r\n\r\n"[..],
+        ] {
+            let err = decode(Decoder::Chunked(Chunk::Size), wire, 4).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{wire:?}");
+        }
+        // A chunk-size line that never ends is cut off at the limit.
+        let endless = vec![b'1'; MAX_CHUNK_LINE + 1];
+        assert!(decode(Decoder::Chunked(Chunk::Size), &endless, 512).is_err());
+    }
+}

@@ -229,3 +229,60 @@ impl Sending {
         Poll::Ready(Ok(()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> request::Parts {
+        let mut b = http::Request::builder().method(method).uri(uri);
+        for (n, v) in headers {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn encoded(p: &request::Parts, framing: RequestFraming) -> String {
+        let mut buf = Vec::new();
+        encode_head(&mut buf, p, framing, &HeaderValue::from_static("app:8080"));
+        String::from_utf8(buf).unwrap()
+    }
+
+    #[test]
+    fn the_head_is_origin_form_with_host_kept_or_supplied() {
+        let p = parts(
+            "GET",
+            "http://a.test/x?y=1",
+            &[("host", "a.test"), ("accept", "*/*")],
+        );
+        assert_eq!(
+            encoded(&p, RequestFraming::None),
+            "GET /x?y=1 HTTP/1.1\r\nhost: a.test\r\naccept: */*\r\n\r\n"
+        );
+        // An HTTP/1.0 client sent no Host: HTTP/1.1 needs one, the endpoint's.
+        let p = parts("GET", "/", &[]);
+        assert_eq!(
+            encoded(&p, RequestFraming::None),
+            "GET / HTTP/1.1\r\nhost: app:8080\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_body_without_length_goes_chunked_and_a_given_length_is_kept() {
+        let p = parts("POST", "/up", &[("host", "a")]);
+        assert_eq!(
+            encoded(&p, RequestFraming::Chunked),
+            "POST /up HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let with_length = parts("POST", "/up", &[("content-length", " 12 ")]);
+        assert_eq!(
+            request_framing(&with_length.headers, &RequestBody::Empty),
+            RequestFraming::Length(12)
+        );
+        let none = parts("GET", "/", &[]);
+        assert_eq!(
+            request_framing(&none.headers, &RequestBody::Empty),
+            RequestFraming::None
+        );
+    }
+}
