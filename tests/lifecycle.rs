@@ -262,10 +262,6 @@ async fn metric_settles(admin: SocketAddr, series: &str, expected: f64) -> f64 {
     }
 }
 
-fn in_flight(route: &str) -> String {
-    format!(r#"spillway_in_flight_requests{{route="{route}"}}"#)
-}
-
 /// Writes `text` to `path` by writing a temporary file in the same directory and renaming it
 /// over `path` (what most editors and config management tools do).
 fn write_by_rename(path: &Path, text: &str) {
@@ -734,7 +730,7 @@ async fn requests_in_flight_finish_under_their_snapshot() {
     let url = proxy.url("/slow?ms=1000");
     let slow = tokio::spawn(async move { try_get(&url, STEP).await });
     assert_eq!(
-        metric_settles(proxy.admin, &in_flight("default"), 1.0).await,
+        metric_settles(proxy.admin, &in_flight_series("default"), 1.0).await,
         1.0,
         "the slow request is in flight"
     );
@@ -766,7 +762,7 @@ async fn requests_in_flight_finish_under_their_snapshot() {
     let url = proxy.url("/slow?ms=1000");
     let slow = tokio::spawn(async move { try_get(&url, STEP).await });
     assert_eq!(
-        metric_settles(proxy.admin, &in_flight("default"), 1.0).await,
+        metric_settles(proxy.admin, &in_flight_series("default"), 1.0).await,
         1.0
     );
     let maint = config(app.local_addr(), nowhere, "", "5s").replace(
@@ -1087,7 +1083,7 @@ async fn sigterm_drains_the_binary() {
     let slow_url = format!("http://{proxy}/slow?ms=1500");
     let slow = tokio::spawn(async move { try_get(&slow_url, STEP).await });
     assert_eq!(
-        metric_settles(s.admin, &in_flight("default"), 1.0).await,
+        metric_settles(s.admin, &in_flight_series("default"), 1.0).await,
         1.0,
         "the slow request is in flight"
     );
@@ -1192,7 +1188,7 @@ async fn sigterm_exits_when_drain_timeout_passes() {
     let slow_url = format!("http://{}/slow?ms=8000", s.proxy);
     let slow = tokio::spawn(async move { try_get(&slow_url, STEP).await });
     assert_eq!(
-        metric_settles(s.admin, &in_flight("default"), 1.0).await,
+        metric_settles(s.admin, &in_flight_series("default"), 1.0).await,
         1.0
     );
 
@@ -1831,7 +1827,7 @@ async fn stop_drains_every_listeners_connections_at_once() {
         (r, Instant::now())
     });
     assert_eq!(
-        metric_settles(proxy.admin, &in_flight("default"), 1.0).await,
+        metric_settles(proxy.admin, &in_flight_series("default"), 1.0).await,
         1.0
     );
 
@@ -1906,7 +1902,10 @@ async fn shutdown_drains_idle_and_busy_connections() {
             .to_bytes();
         Ok::<_, String>((status, headers, body, Instant::now()))
     });
-    assert_eq!(metric_settles(admin, &in_flight("default"), 1.0).await, 1.0);
+    assert_eq!(
+        metric_settles(admin, &in_flight_series("default"), 1.0).await,
+        1.0
+    );
 
     let started = Instant::now();
     let shutdown = tokio::spawn(proxy.server.shutdown());
@@ -2002,7 +2001,7 @@ async fn stop_now_cuts_what_outlasts_the_grace_period() {
         (r, Instant::now())
     });
     assert_eq!(
-        metric_settles(proxy.admin, &in_flight("default"), 1.0).await,
+        metric_settles(proxy.admin, &in_flight_series("default"), 1.0).await,
         1.0
     );
     let started = Instant::now();

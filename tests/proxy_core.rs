@@ -24,9 +24,6 @@ use hyper_util::rt::TokioExecutor;
 use spillway::demo_app::DemoApp;
 use tokio::sync::mpsc;
 
-const SERVER_ID: &str = "spillway-test";
-const DEFAULT_ROUTE: &str = "default";
-
 /// A config with one upstream `app` (with extra upstream YAML) and one route `default` for `/`.
 fn config(upstream: SocketAddr, upstream_extra: &str, route_extra: &str) -> String {
     format!(
@@ -38,22 +35,8 @@ fn config(upstream: SocketAddr, upstream_extra: &str, route_extra: &str) -> Stri
     )
 }
 
-fn requests_series(code: u16, method: &str, route: &str, source: &str) -> String {
-    format!(
-        r#"spillway_requests_total{{code="{code}",method="{method}",route="{route}",source="{source}"}}"#
-    )
-}
-
-fn upstream_errors_series(kind: &str, route: &str) -> String {
-    format!(r#"spillway_upstream_errors_total{{kind="{kind}",route="{route}"}}"#)
-}
-
 fn duration_count_series(code: u16, route: &str) -> String {
     format!(r#"spillway_request_duration_seconds_count{{code="{code}",route="{route}"}}"#)
-}
-
-fn in_flight_series(route: &str) -> String {
-    format!(r#"spillway_in_flight_requests{{route="{route}"}}"#)
 }
 
 fn req(method: Method, url: &str) -> Request<Full<Bytes>> {
@@ -1019,17 +1002,9 @@ async fn metrics_count_each_response_exactly_once() {
     }
     let text = p.metrics().await;
     // Nothing else was counted: the totals over all series match the number of responses.
-    let total: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("spillway_requests_total{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
+    let total = metric_sum(&text, "spillway_requests_total");
     assert_eq!(total, 10.0, "{text}");
-    let errors: f64 = text
-        .lines()
-        .filter(|l| l.starts_with("spillway_upstream_errors_total{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum();
+    let errors = metric_sum(&text, "spillway_upstream_errors_total");
     assert_eq!(errors, 3.0, "{text}");
     assert_eq!(
         metric_value(&text, &requests_series(503, "GET", "app", "proxy")),

@@ -23,8 +23,8 @@ use spillway::policy::LimiterState;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-const SERVER_ID: &str = "spillway-test";
-const ROUTE: &str = "default";
+/// The route of [`TestProxy::simple_config`].
+const ROUTE: &str = DEFAULT_ROUTE;
 
 /// Route `retry_after` used by most tests, and the header it must produce.
 const RETRY_AFTER_YAML: &str = "    retry_after: 7s\n";
@@ -32,10 +32,6 @@ const RETRY_AFTER_SECS: &str = "7";
 
 fn shed_series(reason: &str, route: &str) -> String {
     format!(r#"spillway_shed_total{{reason="{reason}",route="{route}"}}"#)
-}
-
-fn in_flight_series(route: &str) -> String {
-    format!(r#"spillway_in_flight_requests{{route="{route}"}}"#)
 }
 
 fn limit_series(route: &str) -> String {
@@ -48,16 +44,6 @@ fn breaker_series(route: &str) -> String {
 
 fn retries_series(route: &str) -> String {
     format!(r#"spillway_retries_total{{route="{route}"}}"#)
-}
-
-fn requests_series(code: u16, method: &str, route: &str, source: &str) -> String {
-    format!(
-        r#"spillway_requests_total{{code="{code}",method="{method}",route="{route}",source="{source}"}}"#
-    )
-}
-
-fn upstream_errors_series(kind: &str, route: &str) -> String {
-    format!(r#"spillway_upstream_errors_total{{kind="{kind}",route="{route}"}}"#)
 }
 
 fn req(method: Method, url: &str, body: &'static str) -> Request<Full<Bytes>> {

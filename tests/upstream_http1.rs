@@ -27,8 +27,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::AbortOnDropHandle;
 
-const SERVER_ID: &str = "spillway-test";
-const ROUTE: &str = "default";
+/// The route of [`TestProxy::simple_config`].
+const ROUTE: &str = DEFAULT_ROUTE;
 
 /// A plain keep-alive answer: `200`, body `second`.
 const PLAIN_200: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\nsecond";
@@ -307,29 +307,14 @@ async fn read_request_body(io: &mut BufReader<TcpStream>, head: &Head) -> std::i
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-fn requests_series(code: u16, method: &str, source: &str) -> String {
-    format!(
-        r#"spillway_requests_total{{code="{code}",method="{method}",route="{ROUTE}",source="{source}"}}"#
-    )
-}
-
-fn upstream_errors_series(kind: &str) -> String {
-    format!(r#"spillway_upstream_errors_total{{kind="{kind}",route="{ROUTE}"}}"#)
-}
-
 /// Sum of every `spillway_upstream_errors_total` series.
 async fn upstream_errors_total(p: &TestProxy) -> f64 {
-    p.metrics()
-        .await
-        .lines()
-        .filter(|l| l.starts_with("spillway_upstream_errors_total{"))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
+    metric_sum(&p.metrics().await, "spillway_upstream_errors_total")
 }
 
 /// `n` responses passed through from the upstream with `code`, and no upstream error at all.
 async fn assert_clean(p: &TestProxy, code: u16, method: &str, n: f64) {
-    let s = requests_series(code, method, "upstream");
+    let s = requests_series(code, method, ROUTE, "upstream");
     assert_eq!(p.metric_at_least(&s, n).await, n, "{s}");
     assert_eq!(upstream_errors_total(p).await, 0.0, "{}", p.metrics().await);
 }
@@ -344,10 +329,10 @@ async fn assert_protocol_error(p: &TestProxy, r: &Resp, n: f64) {
     );
     assert_eq!(r.header("x-served-by"), SERVER_ID, "{r:?}");
     assert_eq!(r.text(), "upstream sent a malformed response\n");
-    let s = requests_series(502, "GET", "proxy");
+    let s = requests_series(502, "GET", ROUTE, "proxy");
     assert_eq!(p.metric_at_least(&s, n).await, n, "{s}");
     assert_eq!(
-        p.metric(&upstream_errors_series("http_protocol_error"))
+        p.metric(&upstream_errors_series("http_protocol_error", ROUTE))
             .await,
         n
     );
@@ -533,7 +518,7 @@ async fn content_lengths_that_disagree_are_502_http_protocol_error() {
     let r = get(&p.url("/agreeing")).await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     assert_eq!(r.text(), "hello");
-    let s = requests_series(200, "GET", "upstream");
+    let s = requests_series(200, "GET", ROUTE, "upstream");
     assert_eq!(p.metric_at_least(&s, 1.0).await, 1.0);
     assert_eq!(upstream_errors_total(&p).await, 2.0);
 }
@@ -834,7 +819,11 @@ async fn an_early_413_then_close_reaches_the_client() {
     assert_eq!(r.text(), "second");
     assert_eq!(up.accepted(), 2);
     assert_clean(&p, 413, "POST", 1.0).await;
-    assert_eq!(p.metric(&requests_series(502, "POST", "proxy")).await, 0.0);
+    assert_eq!(
+        p.metric(&requests_series(502, "POST", ROUTE, "proxy"))
+            .await,
+        0.0
+    );
 }
 
 /// The same early 413 on a connection the app leaves open: the client gets it, and the
@@ -939,11 +928,14 @@ async fn an_invalid_chunk_size_mid_body_aborts_the_response() {
     assert!(!text.contains("more"), "{text:?}");
 
     assert_eq!(up.accepted(), 2, "a failed body's connection is not reused");
-    let s = requests_series(200, "GET", "upstream");
+    let s = requests_series(200, "GET", ROUTE, "upstream");
     assert_eq!(p.metric_at_least(&s, 2.0).await, 2.0);
-    let e = upstream_errors_series("connection_terminated");
+    let e = upstream_errors_series("connection_terminated", ROUTE);
     assert_eq!(p.metric_at_least(&e, 2.0).await, 2.0);
-    assert_eq!(p.metric(&requests_series(502, "GET", "proxy")).await, 0.0);
+    assert_eq!(
+        p.metric(&requests_series(502, "GET", ROUTE, "proxy")).await,
+        0.0
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1011,7 +1003,7 @@ async fn a_request_body_that_breaks_mid_upload_is_400_not_an_upstream_error() {
         !text.starts_with("HTTP/1.1 200") && !text.starts_with("HTTP/1.1 502"),
         "{text}"
     );
-    let s = requests_series(400, "POST", "proxy");
+    let s = requests_series(400, "POST", ROUTE, "proxy");
     assert_eq!(
         p.metric_at_least(&s, 1.0).await,
         1.0,

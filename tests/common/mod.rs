@@ -34,6 +34,13 @@ use spillway::server::Server;
 /// Upper bound for any single step of a test, so nothing can hang CI.
 pub const STEP: Duration = Duration::from_secs(10);
 
+/// The `server_id` of [`TestProxy::simple_config`]: what spillway stamps into `x-served-by`,
+/// `Via` and `Proxy-Status`.
+pub const SERVER_ID: &str = "spillway-test";
+
+/// The name of the one route of [`TestProxy::simple_config`].
+pub const DEFAULT_ROUTE: &str = "default";
+
 /// A spillway started in this process from a YAML string.
 pub struct TestProxy {
     /// First proxy listener.
@@ -63,11 +70,11 @@ impl TestProxy {
     /// extra YAML appended to the route.
     pub fn simple_config(upstream: SocketAddr, route_extra: &str) -> String {
         format!(
-            "server_id: spillway-test\n\
+            "server_id: {SERVER_ID}\n\
              listeners:\n  - name: http\n    address: 127.0.0.1:0\n\
              admin:\n  address: 127.0.0.1:0\n\
              upstreams:\n  app:\n    endpoints: [\"{upstream}\"]\n    connect_timeout: 500ms\n\
-             routes:\n  - name: default\n    match: {{ path_prefix: / }}\n    upstream: app\n{route_extra}"
+             routes:\n  - name: {DEFAULT_ROUTE}\n    match: {{ path_prefix: / }}\n    upstream: app\n{route_extra}"
         )
     }
 
@@ -125,6 +132,33 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         })
         .map(|v| v.trim().parse().expect("numeric sample"))
         .unwrap_or(0.0)
+}
+
+/// The sum of every series of the metric `name` in exposition text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name}{{");
+    text.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// `spillway_requests_total` for one status code, method, route and source (`upstream` for
+/// answers passed through, `proxy` for the ones spillway generated).
+pub fn requests_series(code: u16, method: &str, route: &str, source: &str) -> String {
+    format!(
+        r#"spillway_requests_total{{code="{code}",method="{method}",route="{route}",source="{source}"}}"#
+    )
+}
+
+/// `spillway_upstream_errors_total` for one error kind and route.
+pub fn upstream_errors_series(kind: &str, route: &str) -> String {
+    format!(r#"spillway_upstream_errors_total{{kind="{kind}",route="{route}"}}"#)
+}
+
+/// `spillway_in_flight_requests` for one route.
+pub fn in_flight_series(route: &str) -> String {
+    format!(r#"spillway_in_flight_requests{{route="{route}"}}"#)
 }
 
 /// Waits (bounded by [`STEP`]) until `check` holds, polling every 20 ms; returns whether it did.
