@@ -23,8 +23,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use spillway::config;
 use spillway::demo_app::DemoApp;
-use spillway::metrics::Metrics;
-use spillway::server::Server;
 use tokio::net::TcpStream;
 
 /// One test at a time in this file: timing bounds and load figures mean little when the
@@ -44,37 +42,6 @@ const PICKUP_POLL_BOUND: Duration = Duration::from_secs(3);
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// A directory under the temp dir, unique to this process and call; removed (recursively) on
-/// drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let n = N.fetch_add(1, Ordering::SeqCst);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "spillway-lifecycle-{}-{tag}-{n}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A config with upstreams `app` (the demo app) and `nowhere` (refuses connections), the
 /// `extra_routes` YAML (route items, indented by two spaces) before a catch-all route
@@ -127,42 +94,14 @@ fn version_of(text: &str) -> String {
         .version
 }
 
-/// A spillway started in-process from a config file.
-struct FileProxy {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    server: Server,
-}
-
-impl FileProxy {
-    async fn start(path: &Path) -> FileProxy {
-        let loaded =
-            config::load_file(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
-        let server = Server::start_with_file(path, &loaded, Metrics::new())
-            .await
-            .expect("server starts");
-        FileProxy {
-            addr: server.listen_addrs[0],
-            admin: server.admin_addr.expect("admin configured"),
-            server,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    async fn metric(&self, series: &str) -> f64 {
-        let r = get(&format!("http://{}/metrics", self.admin)).await;
-        assert_eq!(r.status, StatusCode::OK);
-        metric_value(&r.text(), series)
-    }
-
+/// The admin calls of the reload tests.
+impl TestProxy {
     /// `(version, loaded_at)` from `GET /config`.
     async fn serving(&self) -> (String, String) {
         serving(self.admin).await
     }
 
+    /// `POST /reload`: the status and the JSON answer.
     async fn post_reload(&self) -> (StatusCode, serde_json::Value) {
         let r = send(
             Request::post(format!("http://{}/reload", self.admin))
@@ -262,14 +201,6 @@ async fn metric_settles(admin: SocketAddr, series: &str, expected: f64) -> f64 {
     }
 }
 
-/// Writes `text` to `path` by writing a temporary file in the same directory and renaming it
-/// over `path` (what most editors and config management tools do).
-fn write_by_rename(path: &Path, text: &str) {
-    let tmp = path.with_extension("yaml.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// The layout kubelet gives a mounted ConfigMap: `dir/spillway.yaml` → `..data/spillway.yaml`,
 /// `..data` → a timestamped directory holding the real file.
 struct ConfigMapDir {
@@ -350,13 +281,13 @@ async fn watch_picks_up(trigger: Trigger) {
             p
         }
         Trigger::ConfigMap => {
-            let cm = ConfigMapDir::create(&dir.0, &a);
+            let cm = ConfigMapDir::create(dir.path(), &a);
             let p = cm.file();
             configmap = Some(cm);
             p
         }
     };
-    let proxy = FileProxy::start(&path).await;
+    let proxy = TestProxy::start_file(&path).await;
     proxy.server.watch_file();
 
     assert_eq!(proxy.serving().await.0, version_of(&a));
@@ -453,7 +384,7 @@ async fn watch_refuses_a_bad_file_and_recovers() {
     let path = dir.join("spillway.yaml");
     let a = config(app.local_addr(), nowhere, "", "5s");
     std::fs::write(&path, &a).unwrap();
-    let proxy = FileProxy::start(&path).await;
+    let proxy = TestProxy::start_file(&path).await;
     proxy.server.watch_file();
 
     // Refusing /x would be observable if anything of the bad file were applied.
@@ -514,7 +445,7 @@ async fn watcher_is_quiet_when_nothing_changes() {
     let a = config(app.local_addr(), nowhere, "", "5s");
     let b = config(app.local_addr(), nowhere, X_REFUSED, "4s");
     std::fs::write(&path, &a).unwrap();
-    let proxy = FileProxy::start(&path).await;
+    let proxy = TestProxy::start_file(&path).await;
     proxy.server.watch_file();
 
     let opens = Arc::new(AtomicUsize::new(0));
@@ -531,7 +462,7 @@ async fn watcher_is_quiet_when_nothing_changes() {
         }
     })
     .unwrap();
-    spy.watch(&dir.0, notify::RecursiveMode::NonRecursive)
+    spy.watch(dir.path(), notify::RecursiveMode::NonRecursive)
         .unwrap();
 
     let since = Instant::now();
@@ -565,7 +496,7 @@ async fn post_reload_applies_good_configs_and_refuses_bad_ones_whole() {
     let path = dir.join("spillway.yaml");
     let a = config(app.local_addr(), nowhere, "", "5s");
     std::fs::write(&path, &a).unwrap();
-    let proxy = FileProxy::start(&path).await;
+    let proxy = TestProxy::start_file(&path).await;
     // No watcher: every reload below is the POST's doing.
     assert_eq!(proxy.metric(SUCCESS).await, 0.0);
     assert_eq!(proxy.metric(LAST_OK).await, 1.0);
@@ -725,7 +656,7 @@ async fn requests_in_flight_finish_under_their_snapshot() {
     let dir = TempDir::new("snapshot");
     let path = dir.join("spillway.yaml");
     std::fs::write(&path, config(app.local_addr(), nowhere, "", "5s")).unwrap();
-    let proxy = FileProxy::start(&path).await;
+    let proxy = TestProxy::start_file(&path).await;
 
     let url = proxy.url("/slow?ms=1000");
     let slow = tokio::spawn(async move { try_get(&url, STEP).await });
@@ -1362,7 +1293,7 @@ async fn soak_reloads_under_keepalive_load() {
     let (va, vb) = (version_of(&a), version_of(&b));
     assert_ne!(va, vb);
     std::fs::write(&path, &a).unwrap();
-    let proxy = FileProxy::start(&path).await;
+    let proxy = TestProxy::start_file(&path).await;
 
     let tally = Arc::new(LoadTally::default());
     let stop = Arc::new(AtomicBool::new(false));

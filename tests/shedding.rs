@@ -11,7 +11,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -832,61 +831,16 @@ fn reload_breaker(open_for: &str) -> String {
     )
 }
 
-/// Starts a server from `file` (so that it can be reloaded).
-async fn start_from_file(file: &TempConfig) -> TestProxy {
-    let loaded = spillway::config::load_file(&file.0).expect("valid config");
-    let server = spillway::server::Server::start_with_file(
-        &file.0,
-        &loaded,
-        spillway::metrics::Metrics::new(),
-    )
-    .await
-    .expect("server starts");
-    TestProxy {
-        addr: server.listen_addrs[0],
-        admin: server.admin_addr.expect("admin configured"),
-        server,
-    }
-}
-
-/// A config file in the temp dir, removed on drop.
-struct TempConfig(PathBuf);
-
-impl TempConfig {
-    fn new(tag: &str) -> TempConfig {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        TempConfig(std::env::temp_dir().join(format!(
-            "spillway-shedding-{}-{tag}-{nanos}.yaml",
-            std::process::id()
-        )))
-    }
-
-    fn write(&self, text: &str) {
-        std::fs::write(&self.0, text).unwrap();
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn breaker_state_survives_a_reload_that_does_not_change_it() {
     let (up_a, up_b) = (GatedUpstream::start().await, GatedUpstream::start().await);
     up_a.set_status(502);
-    let file = TempConfig::new("reload");
-    file.write(&two_route_config(
-        up_a.addr,
-        up_b.addr,
-        &reload_breaker("30s"),
-        "5s",
-    ));
-    let p = start_from_file(&file).await;
+    let dir = TempDir::new("shedding-reload");
+    let file = dir.write(
+        "spillway.yaml",
+        &two_route_config(up_a.addr, up_b.addr, &reload_breaker("30s"), "5s"),
+    );
+    let p = TestProxy::start_file(&file).await;
 
     for _ in 0..4 {
         assert_from_upstream(&get(&p.url("/a/x")).await, 502);
@@ -896,12 +850,10 @@ async fn breaker_state_survives_a_reload_that_does_not_change_it() {
     assert_eq!(up_a.total(), 4);
 
     // Only route b changes: route a keeps its open breaker.
-    file.write(&two_route_config(
-        up_a.addr,
-        up_b.addr,
-        &reload_breaker("30s"),
-        "6s",
-    ));
+    dir.write(
+        "spillway.yaml",
+        &two_route_config(up_a.addr, up_b.addr, &reload_breaker("30s"), "6s"),
+    );
     let reloaded = spillway::reload::reload(&p.server.shared).expect("reload accepted");
     assert!(reloaded.changed);
     assert_eq!(
@@ -930,12 +882,10 @@ async fn breaker_state_survives_a_reload_that_does_not_change_it() {
     assert_eq!(up_b.requests(), ["GET /b/y"]);
 
     // Route a's breaker settings change: it starts fresh, closed.
-    file.write(&two_route_config(
-        up_a.addr,
-        up_b.addr,
-        &reload_breaker("31s"),
-        "6s",
-    ));
+    dir.write(
+        "spillway.yaml",
+        &two_route_config(up_a.addr, up_b.addr, &reload_breaker("31s"), "6s"),
+    );
     assert!(
         spillway::reload::reload(&p.server.shared)
             .expect("reload accepted")
@@ -958,17 +908,23 @@ async fn breaker_state_survives_a_reload_that_does_not_change_it() {
 #[tokio::test]
 async fn limiter_state_survives_a_reload_that_does_not_change_it() {
     let (up_a, up_b) = (GatedUpstream::start().await, GatedUpstream::start().await);
-    let file = TempConfig::new("reload-limit");
+    let dir = TempDir::new("shedding-reload-limit");
     let limit = "    concurrency: { max: 1, queue: 0 }\n";
-    file.write(&two_route_config(up_a.addr, up_b.addr, limit, "5s"));
-    let p = start_from_file(&file).await;
+    let file = dir.write(
+        "spillway.yaml",
+        &two_route_config(up_a.addr, up_b.addr, limit, "5s"),
+    );
+    let p = TestProxy::start_file(&file).await;
 
     let held = spawn_get(p.url("/a/hold"));
     assert_eq!(up_a.wait_held(1).await, 1);
     assert_overloaded(&get(&p.url("/a/x")).await, RETRY_AFTER_SECS);
 
     // Only route b changes: the request in flight on route a still holds route a's only permit.
-    file.write(&two_route_config(up_a.addr, up_b.addr, limit, "6s"));
+    dir.write(
+        "spillway.yaml",
+        &two_route_config(up_a.addr, up_b.addr, limit, "6s"),
+    );
     assert!(
         spillway::reload::reload(&p.server.shared)
             .expect("reload accepted")

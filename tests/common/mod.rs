@@ -24,6 +24,7 @@ pub use pki::*;
 pub use upstreams::*;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use http::StatusCode;
@@ -52,13 +53,27 @@ pub struct TestProxy {
 }
 
 impl TestProxy {
-    /// Starts spillway from `yaml`. Every `@UPSTREAM@` is replaced by `upstream`; listeners
-    /// and admin should use port 0.
+    /// Starts spillway from `yaml`; listeners and admin should use port 0.
     pub async fn start(yaml: &str) -> TestProxy {
         let loaded = config::load_str(yaml).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let server = Server::start(&loaded, Metrics::new())
             .await
             .expect("server starts");
+        TestProxy::of(server)
+    }
+
+    /// Starts spillway from the config file at `path`, so that it can be reloaded (with
+    /// `spillway::reload::reload`, `POST /reload` or `server.watch_file()`).
+    pub async fn start_file(path: &Path) -> TestProxy {
+        let loaded =
+            config::load_file(path).unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let server = Server::start_with_file(path, &loaded, Metrics::new())
+            .await
+            .expect("server starts");
+        TestProxy::of(server)
+    }
+
+    fn of(server: Server) -> TestProxy {
         TestProxy {
             addr: server.listen_addrs[0],
             admin: server.admin_addr.expect("admin configured"),
@@ -177,4 +192,58 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A directory under the temp dir, unique to this process and call; removed (recursively) on
+/// drop.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates it; `tag` goes into its name.
+    pub fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "spillway-test-{}-{tag}-{n}-{nanos}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// The path of `name` in the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// Writes `contents` to `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let path = self.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Replaces the file at `path` with `text` the way editors, config management and deploy tools
+/// do: writes a sibling `<name>.tmp`, then renames it over `path`.
+pub fn write_by_rename(path: &Path, text: &str) {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }

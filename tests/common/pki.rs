@@ -10,12 +10,12 @@ use hyper_util::rt::TokioExecutor;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::AbortOnDropHandle;
 
-use super::STEP;
+use super::{TempDir, STEP};
 
 /// A private CA in a scratch directory (removed on drop) that issues leaf certificates.
 pub struct TestPki {
     /// The scratch directory.
-    pub dir: std::path::PathBuf,
+    pub dir: TempDir,
     /// The CA certificate, PEM.
     pub ca_pem: String,
     ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
@@ -31,23 +31,10 @@ pub struct Leaf {
     pub der: Vec<u8>,
 }
 
-impl Drop for TestPki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 impl TestPki {
     /// A new CA named `name`, in a fresh scratch directory.
     pub fn new(name: &str) -> TestPki {
-        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "spillway-pki-{}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("pki");
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         params
@@ -86,9 +73,7 @@ impl TestPki {
 
     /// Writes `contents` to `name` in the scratch directory; returns its path.
     pub fn write(&self, name: &str, contents: &str) -> std::path::PathBuf {
-        let path = self.dir.join(name);
-        std::fs::write(&path, contents).unwrap();
-        path
+        self.dir.write(name, contents)
     }
 
     /// Writes the CA certificate as `ca.pem`; returns its path.
