@@ -19,8 +19,7 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use spillway::config;
 use spillway::demo_app::DemoApp;
 use tokio::net::TcpStream;
@@ -160,45 +159,6 @@ fn assert_loaded_between(
         t + slack >= before && t <= after + slack,
         "loaded_at {loaded_at} is not within the reload's window"
     );
-}
-
-/// `GET url` that reports failure instead of panicking (for polling and for checking that
-/// something is refused).
-async fn try_get(url: &str, bound: Duration) -> Result<Resp, String> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let fut = async {
-        let resp = client
-            .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
-            .await
-            .map_err(|e| format!("request: {e:?}"))?;
-        let (parts, body) = resp.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e| format!("body: {e:?}"))?
-            .to_bytes();
-        Ok(Resp {
-            status: parts.status,
-            headers: parts.headers,
-            body,
-        })
-    };
-    tokio::time::timeout(bound, fut)
-        .await
-        .map_err(|_| format!("no answer within {bound:?}"))?
-}
-
-/// Waits (bounded) until `series` equals `expected` on an admin endpoint; returns the value.
-async fn metric_settles(admin: SocketAddr, series: &str, expected: f64) -> f64 {
-    let deadline = Instant::now() + STEP;
-    loop {
-        let r = get(&format!("http://{admin}/metrics")).await;
-        let v = metric_value(&r.text(), series);
-        if v == expected || Instant::now() >= deadline {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The layout kubelet gives a mounted ConfigMap: `dir/spillway.yaml` → `..data/spillway.yaml`,
@@ -872,8 +832,7 @@ impl Spillway {
     }
 
     async fn metric(&self, series: &str) -> f64 {
-        let r = get(&format!("http://{}/metrics", self.admin)).await;
-        metric_value(&r.text(), series)
+        admin_metric(self.admin, series).await
     }
 }
 

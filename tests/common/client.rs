@@ -2,6 +2,7 @@
 //! raw exchanges on a TCP connection, and one request over a connection the test set up.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
@@ -97,6 +98,32 @@ pub async fn send_partial(req: Request<Full<Bytes>>) -> PartialResp {
     tokio::time::timeout(STEP, fut)
         .await
         .expect("response within the step bound")
+}
+
+/// `GET url` that reports failure instead of panicking (for polling and for checking that
+/// something is refused).
+pub async fn try_get(url: &str, bound: Duration) -> Result<Resp, String> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let fut = async {
+        let resp = client
+            .request(Request::get(url).body(Full::new(Bytes::new())).unwrap())
+            .await
+            .map_err(|e| format!("request: {e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e:?}"))?
+            .to_bytes();
+        Ok(Resp {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
+    };
+    tokio::time::timeout(bound, fut)
+        .await
+        .map_err(|_| format!("no answer within {bound:?}"))?
 }
 
 /// Writes `request` on a new connection to `addr` and reads until the peer closes (bounded).

@@ -100,15 +100,13 @@ impl TestProxy {
 
     /// The admin `/metrics` text.
     pub async fn metrics(&self) -> String {
-        let r = get(&format!("http://{}/metrics", self.admin)).await;
-        assert_eq!(r.status, StatusCode::OK);
-        r.text()
+        admin_metrics(self.admin).await
     }
 
     /// The value of one series, e.g. `spillway_requests_total{code="502",method="GET",route="default",source="proxy"}`
     /// (labels in alphabetical order, as the exposition format prints them); 0 when absent.
     pub async fn metric(&self, series: &str) -> f64 {
-        metric_value(&self.metrics().await, series)
+        admin_metric(self.admin, series).await
     }
 
     /// Waits (bounded by [`STEP`]) until `series` reaches at least `expected`, then returns its
@@ -127,14 +125,33 @@ impl TestProxy {
 
     /// Waits (bounded by [`STEP`]) until `series` equals `expected`, then returns its value.
     pub async fn metric_settles_at(&self, series: &str, expected: f64) -> f64 {
-        let deadline = tokio::time::Instant::now() + STEP;
-        loop {
-            let v = self.metric(series).await;
-            if v == expected || tokio::time::Instant::now() >= deadline {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        metric_settles(self.admin, series, expected).await
+    }
+}
+
+/// The `/metrics` text of the admin listener at `admin` (of a [`TestProxy`] or of a spillway
+/// process).
+pub async fn admin_metrics(admin: SocketAddr) -> String {
+    let r = get(&format!("http://{admin}/metrics")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    r.text()
+}
+
+/// The value of one series on the admin listener at `admin`; 0 when absent.
+pub async fn admin_metric(admin: SocketAddr, series: &str) -> f64 {
+    metric_value(&admin_metrics(admin).await, series)
+}
+
+/// Waits (bounded by [`STEP`]) until `series` equals `expected` on the admin listener at
+/// `admin`, then returns its value.
+pub async fn metric_settles(admin: SocketAddr, series: &str, expected: f64) -> f64 {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let v = admin_metric(admin, series).await;
+        if v == expected || tokio::time::Instant::now() >= deadline {
+            return v;
         }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
