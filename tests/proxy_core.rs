@@ -39,14 +39,6 @@ fn duration_count_series(code: u16, route: &str) -> String {
     format!(r#"spillway_request_duration_seconds_count{{code="{code}",route="{route}"}}"#)
 }
 
-fn req(method: Method, url: &str) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
 /// Everything a generated error response must be: exact status and `Proxy-Status`,
 /// `x-served-by: <server_id>`, a short plain-text body, and nothing internal.
 fn assert_generated(r: &Resp, status: u16, error_type: &str, upstream: SocketAddr) {
@@ -406,7 +398,7 @@ async fn upstream_body_failure_resets_the_h2_stream() {
         .build_http();
     let fut = async {
         let resp = client
-            .request(req(Method::GET, &p.url("/x")))
+            .request(req(Method::GET, &p.url("/x"), ""))
             .await
             .unwrap();
         let status = resp.status();
@@ -963,16 +955,16 @@ async fn metrics_count_each_response_exactly_once() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     assert_eq!(
-        send(req(Method::DELETE, &p.url("/ok"))).await.status,
+        send(req(Method::DELETE, &p.url("/ok"), "")).await.status,
         StatusCode::OK
     );
     let brew = Method::from_bytes(b"BREW").unwrap();
     assert_eq!(
-        send(req(brew.clone(), &p.url("/ok"))).await.status,
+        send(req(brew.clone(), &p.url("/ok"), "")).await.status,
         StatusCode::OK
     );
     assert_eq!(
-        send(req(brew, &p.url("/broken"))).await.status,
+        send(req(brew, &p.url("/broken"), "")).await.status,
         StatusCode::BAD_GATEWAY
     );
     for _ in 0..2 {

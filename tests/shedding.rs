@@ -14,10 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use common::*;
-use http::{Method, Request, StatusCode};
-use http_body_util::Full;
+use http::{Method, StatusCode};
 use spillway::policy::LimiterState;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -43,14 +41,6 @@ fn breaker_series(route: &str) -> String {
 
 fn retries_series(route: &str) -> String {
     format!(r#"spillway_retries_total{{route="{route}"}}"#)
-}
-
-fn req(method: Method, url: &str, body: &'static str) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(Bytes::from_static(body.as_bytes())))
-        .unwrap()
 }
 
 /// Sends `GET url` in its own task (its own connection).

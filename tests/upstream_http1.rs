@@ -343,14 +343,6 @@ async fn proxy(up: &Script, route_extra: &str) -> TestProxy {
     TestProxy::start(&TestProxy::simple_config(up.addr, route_extra)).await
 }
 
-fn request(method: Method, url: String) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(url)
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
 /// A scripted upstream that answers `/first` with `first` and everything else with
 /// [`PLAIN_200`], keep-alive; a proxy in front of it; and two GETs through it, `/first` and
 /// then `/second`, one after the other. Returns the first response for the caller to judge,
@@ -479,7 +471,7 @@ async fn chunked_response_with_trailers_arrives_whole_and_the_connection_is_reus
 
     // Over h2c the trailer section is passed on as trailers.
     let tcp = TcpStream::connect(p.addr).await.unwrap();
-    let (r2, trailers) = send_over(tcp, true, request(Method::GET, p.url("/second"))).await;
+    let (r2, trailers) = send_over(tcp, true, req(Method::GET, &p.url("/second"), "")).await;
     assert_eq!(r2.status, StatusCode::OK);
     assert_eq!(&r2.body[..], b"hello, world");
     let trailers = trailers.expect("the upstream's trailers");
@@ -609,7 +601,7 @@ async fn head_response_has_no_body_and_the_connection_is_reused() {
     .await;
     let p = proxy(&up, "").await;
 
-    let r = send(request(Method::HEAD, p.url("/doc"))).await;
+    let r = send(req(Method::HEAD, &p.url("/doc"), "")).await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     assert_eq!(r.header("x-head"), "yes");
     assert_eq!(r.header("content-length"), "100", "{r:?}");
@@ -915,7 +907,7 @@ async fn an_invalid_chunk_size_mid_body_aborts_the_response() {
     let up = Script::always(Reply::hold(HEAD).then_send(BAD)).await;
     let p = proxy(&up, "").await;
 
-    let r = send_partial(request(Method::GET, p.url("/x"))).await;
+    let r = send_partial(req(Method::GET, &p.url("/x"), "")).await;
     assert_eq!(r.status, StatusCode::OK, "the head was already sent");
     assert_eq!(r.headers["x-served-by"], SERVER_ID);
     assert!(

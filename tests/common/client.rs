@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode};
+use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -60,6 +60,15 @@ pub async fn send(req: Request<Full<Bytes>>) -> Resp {
 /// `GET url`.
 pub async fn get(url: &str) -> Resp {
     send(Request::get(url).body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// `method url` with `body` (`""` for none).
+pub fn req(method: Method, url: &str, body: &'static str) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
 }
 
 /// Empty body helper for clients that want one.
