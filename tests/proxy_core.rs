@@ -8,16 +8,12 @@
 #[allow(deprecated)]
 mod common;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode, Version};
-use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -701,20 +697,6 @@ async fn keep_alive_race_is_resent_on_a_fresh_connection() {
 // ---------------------------------------------------------------------------------------------
 // Bodies
 // ---------------------------------------------------------------------------------------------
-
-/// A request body fed from a channel, so the test decides when each chunk is sent.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
-}
 
 #[tokio::test]
 async fn bodies_stream_both_ways_without_buffering() {

@@ -2,15 +2,19 @@
 //! raw exchanges on a TCP connection, and one request over a connection the test set up.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, StatusCode};
+use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 
 use super::STEP;
 
@@ -74,6 +78,24 @@ pub fn req(method: Method, url: &str, body: &'static str) -> Request<Full<Bytes>
 /// Empty body helper for clients that want one.
 pub fn empty() -> Empty<Bytes> {
     Empty::new()
+}
+
+/// A request body the test feeds chunk by chunk through a channel, so it decides when each
+/// chunk is sent; it ends when the sender is dropped.
+pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
 }
 
 /// Head of a response whose body is read separately.
