@@ -749,16 +749,7 @@ async fn eight_mib_body_streams_intact_both_ways() {
     const CHUNK: usize = 64 * 1024;
     let up = EchoUpstream::start().await;
     let p = TestProxy::start(&TestProxy::simple_config(up.addr, "")).await;
-    // Deterministic, non-repeating-ish content so a reordered or dropped chunk shows.
-    let mut data = Vec::with_capacity(SIZE);
-    let mut x: u32 = 0x1234_5678;
-    while data.len() < SIZE {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    let data = Bytes::from(data);
+    let data = pattern(SIZE);
 
     let client: Client<_, ChannelBody> = Client::builder(TokioExecutor::new()).build_http();
     let (tx, rx) = mpsc::channel(4);

@@ -719,20 +719,6 @@ async fn bytes_after_a_complete_response_retire_the_connection() {
 // Upstreams that answer before reading the whole request
 // ---------------------------------------------------------------------------------------------
 
-/// Deterministic, non-repeating-ish bytes, so a dropped or reordered piece shows.
-fn pattern(len: usize) -> Bytes {
-    let mut data = Vec::with_capacity(len + 4);
-    let mut x: u32 = 0x9e37_79b9;
-    while data.len() < len {
-        x ^= x << 13;
-        x ^= x >> 17;
-        x ^= x << 5;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    data.truncate(len);
-    Bytes::from(data)
-}
-
 /// An app that sends its response head at once and streams the request body back while it is
 /// still arriving: 1 MiB with a Content-Length and 1 MiB chunked come back intact, and the
 /// connection is reused afterwards (the request was sent whole by the time the response ended).

@@ -80,6 +80,20 @@ pub fn empty() -> Empty<Bytes> {
     Empty::new()
 }
 
+/// Deterministic, non-repeating-ish bytes, so a dropped or reordered piece shows.
+pub fn pattern(len: usize) -> Bytes {
+    let mut data = Vec::with_capacity(len + 4);
+    let mut x: u32 = 0x9e37_79b9;
+    while data.len() < len {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(len);
+    Bytes::from(data)
+}
+
 /// A request body the test feeds chunk by chunk through a channel, so it decides when each
 /// chunk is sent; it ends when the sender is dropped.
 pub struct ChannelBody(pub mpsc::Receiver<Bytes>);
