@@ -163,6 +163,14 @@ async fn wait_for_version(admin: SocketAddr, expected: &str, since: Instant) -> 
     }
 }
 
+/// `GET path` with `addr` as its `Host`.
+fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    Request::get(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
 /// A connect that failed because the listener is closed or closing: refused, or reset while
 /// the handshake was queued on the listener being closed.
 fn refused_at_connect(e: &std::io::Error) -> bool {

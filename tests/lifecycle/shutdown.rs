@@ -3,14 +3,6 @@
 
 use super::*;
 
-/// `GET path` with `addr` as its `Host`.
-fn get_request(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
-    Request::get(path)
-        .header("host", addr.to_string())
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
 /// A keep-alive connection to `addr` that has served one `GET /ok` and is now idle, and a task
 /// that ends (with the time) when the proxy closes it.
 async fn idle_keep_alive(

@@ -37,10 +37,7 @@ async fn keepalive_client(
         };
     let conn = tokio::spawn(conn);
     while !stop.load(Ordering::SeqCst) {
-        let req = Request::get("/ok")
-            .header("host", addr.to_string())
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = get_request(addr, "/ok");
         let exchange = async {
             sender.ready().await.map_err(|e| format!("ready: {e}"))?;
             let resp = sender
@@ -257,10 +254,7 @@ async fn fresh_connection_get(addr: SocketAddr) -> Outcome {
             Err(e) => return Outcome::ClosedBeforeHead(format!("handshake: {e}")),
         };
     tokio::spawn(conn);
-    let req = Request::get("/")
-        .header("host", addr.to_string())
-        .body(Full::new(Bytes::new()))
-        .unwrap();
+    let req = get_request(addr, "/");
     let resp = match sender.send_request(req).await {
         Ok(r) => r,
         Err(e) => return Outcome::ClosedBeforeHead(format!("send: {e:?}")),
