@@ -1,10 +1,17 @@
-//! Test support, shared by the integration-test binaries: an in-process spillway on ephemeral
-//! loopback ports ([`TestProxy`]) and the metric and polling helpers around it, here; a small
-//! HTTP client ([`client`]); upstreams that misbehave on purpose, mostly raw TCP so every byte is
-//! under the test's control ([`upstreams`]); a steerable upstream for the shedding tests
-//! ([`gated`]); and certificates, TLS clients and TLS upstreams made at test time ([`pki`]).
+//! Test support, shared by the integration-test binaries:
 //!
-//! Every binary uses only part of this, hence `dead_code` is allowed here.
+//! - here: an in-process spillway on ephemeral loopback ports ([`TestProxy`]), reading and
+//!   polling its metrics and the names of the series tests assert on, [`eventually`], and
+//!   scratch files ([`TempDir`], [`write_by_rename`])
+//! - [`client`]: a small HTTP client, raw exchanges, and request bodies the test feeds
+//! - [`upstreams`]: upstreams that misbehave on purpose (mostly raw TCP, so every byte is under
+//!   the test's control) and an echo upstream that records what it received
+//! - [`gated`]: a steerable upstream for the shedding tests
+//! - [`pki`]: certificates, TLS clients and an HTTPS upstream, made at test time
+//!
+//! A binary takes it in with `mod common;` (from `tests/<name>/main.rs`: `#[path =
+//! "../common/mod.rs"] mod common;`) and `use common::*`. Each uses only part of it, hence
+//! `dead_code` is allowed here.
 #![allow(dead_code)]
 
 mod client;
