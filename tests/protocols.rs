@@ -26,23 +26,6 @@ use tokio::task::JoinHandle;
 // Bodies and upstreams
 // ---------------------------------------------------------------------------------------------
 
-/// A request body the test feeds chunk by chunk; it ends when the sender is dropped.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
-    }
-}
-
 /// The gRPC-style upstream's response body: each request data frame is sent straight back,
 /// and when the request ends, trailers `grpc-status: 0`, `grpc-message: all good`.
 struct EchoThenTrailers {

@@ -46,13 +46,6 @@ fn upstream_tls_config(upstream: std::net::SocketAddr, protocol: &str, tls_block
     )
 }
 
-/// Replaces a file the way deploy tools do: write a sibling, then rename over.
-fn replace_file(path: &Path, contents: &str) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
 /// The certificate a new TLS connection to `addr` is served.
 async fn served_cert(pki: &TestPki, addr: std::net::SocketAddr) -> Vec<u8> {
     let tls = tls_connect(addr, pki.client_config(&["http/1.1"], None))
@@ -232,8 +225,8 @@ async fn a_rotated_certificate_is_served_to_new_connections_without_a_restart() 
         .unwrap();
 
     let new = pki.leaf("new", &[]);
-    replace_file(&key, &new.key_pem);
-    replace_file(&cert, &new.cert_pem);
+    write_by_rename(&key, &new.key_pem);
+    write_by_rename(&cert, &new.cert_pem);
     let (pki_ref, want) = (&pki, &new.der);
     assert!(
         eventually(|| async move { served_cert(pki_ref, p.addr).await == *want }).await,
@@ -258,7 +251,7 @@ async fn a_bad_new_certificate_keeps_the_old_one_and_counts_a_failed_reload() {
     let p = TestProxy::start(&https_config(&cert, &key, up.addr)).await;
     assert_eq!(served_cert(&pki, p.addr).await, old.der);
 
-    replace_file(
+    write_by_rename(
         &cert,
         "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n",
     );
@@ -288,8 +281,8 @@ async fn a_bad_new_certificate_keeps_the_old_one_and_counts_a_failed_reload() {
 
     // Fixed files are picked up again.
     let fixed = pki.leaf("fixed", &[]);
-    replace_file(&key, &fixed.key_pem);
-    replace_file(&cert, &fixed.cert_pem);
+    write_by_rename(&key, &fixed.key_pem);
+    write_by_rename(&cert, &fixed.cert_pem);
     let want = &fixed.der;
     assert!(eventually(|| async move { served_cert(pki_ref, proxy.addr).await == *want }).await);
 }
@@ -304,10 +297,7 @@ async fn a_config_reload_rereads_certificates_and_refuses_broken_ones() {
     );
     let up = EchoUpstream::start().await;
     let config_path = pki.write("spillway.yaml", &https_config(&cert, &key, up.addr));
-    let loaded = config::load_file(&config_path).unwrap();
-    let server = Server::start_with_file(&config_path, &loaded, Metrics::new())
-        .await
-        .unwrap();
+    let TestProxy { server, .. } = TestProxy::start_file(&config_path).await;
     let addr = server.listen_addrs[0];
     assert_eq!(served_cert(&pki, addr).await, first.der);
 
@@ -339,8 +329,8 @@ async fn a_config_reload_rereads_certificates_and_refuses_broken_ones() {
     std::fs::write(&config_path, https_config(&cert2, &key2, up.addr)).unwrap();
     server.reloader.reload().unwrap();
     let third = pki.leaf("third", &[]);
-    replace_file(&key2, &third.key_pem);
-    replace_file(&cert2, &third.cert_pem);
+    write_by_rename(&key2, &third.key_pem);
+    write_by_rename(&cert2, &third.cert_pem);
     let r = server.reloader.reload().unwrap();
     assert!(!r.changed, "the config text did not change");
     assert_eq!(served_cert(&pki, addr).await, third.der);

@@ -327,7 +327,10 @@ mod tests {
             );
         }
         // Up to 19 digits (any such length fits in a u64); longer ones are refused outright.
-        assert_eq!(parse_length(b"9999999999999999999"), Some(9_999_999_999_999_999_999));
+        assert_eq!(
+            parse_length(b"9999999999999999999"),
+            Some(9_999_999_999_999_999_999)
+        );
         assert_eq!(parse_length(b"18446744073709551615"), None);
         assert_eq!(parse_length(b"00012"), Some(12));
     }
