@@ -6,10 +6,11 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// The whole file.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// Stamped into `x-served-by`, `Via` and `Proxy-Status`.
@@ -33,7 +34,7 @@ pub struct FileConfig {
 }
 
 /// One listener.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
     /// Unique name, used in logs and metrics.
@@ -45,7 +46,7 @@ pub struct ListenerFile {
 }
 
 /// TLS termination settings for a listener.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTlsFile {
     /// PEM certificate chain.
@@ -57,7 +58,7 @@ pub struct ListenerTlsFile {
 }
 
 /// The admin endpoint.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     /// `ip:port` to bind.
@@ -65,7 +66,7 @@ pub struct AdminFile {
 }
 
 /// Graceful shutdown timings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownFile {
     /// How long readiness fails before listeners stop accepting.
@@ -75,7 +76,7 @@ pub struct ShutdownFile {
 }
 
 /// One upstream (the app, possibly several endpoints of it).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     /// `host:port` of each endpoint; requests are spread across them.
@@ -92,7 +93,7 @@ pub struct UpstreamFile {
 }
 
 /// TLS settings towards an upstream.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpstreamTlsFile {
     /// SNI and verification name.
@@ -106,7 +107,7 @@ pub struct UpstreamTlsFile {
 }
 
 /// One route.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteFile {
     /// Unique name, the `route` label of every metric.
@@ -147,7 +148,7 @@ impl RouteFile {
 }
 
 /// Request matching.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MatchFile {
     /// `/api` matches `/api` and `/api/...`, not `/apix`.
@@ -159,7 +160,7 @@ pub struct MatchFile {
 }
 
 /// Per-route policy settings; the same shape in `defaults` and in each route.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     /// Response head must arrive within this, else 504.
@@ -177,7 +178,7 @@ pub struct PolicyFile {
 }
 
 /// Concurrency limit settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConcurrencyFile {
     /// Fixed limit on in-flight requests.
@@ -191,7 +192,7 @@ pub struct ConcurrencyFile {
 }
 
 /// Adaptive concurrency limit bounds.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdaptiveFile {
     /// Lowest limit.
@@ -201,7 +202,7 @@ pub struct AdaptiveFile {
 }
 
 /// Circuit breaker settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerFile {
     /// Whether the breaker is active.
@@ -221,7 +222,7 @@ pub struct BreakerFile {
 }
 
 /// Maintenance mode settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MaintenanceFile {
     /// Whether every request is answered 503.
@@ -231,7 +232,7 @@ pub struct MaintenanceFile {
 }
 
 /// Retry settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetriesFile {
     /// Extra attempts after the first.

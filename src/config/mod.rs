@@ -8,6 +8,7 @@ mod env;
 pub mod file;
 mod locate;
 pub(crate) mod matching;
+mod schema;
 pub mod settings;
 mod summary;
 mod yaml;
@@ -16,6 +17,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 
+pub use schema::{key_paths, schema};
 pub use settings::*;
 pub use summary::summary;
 
