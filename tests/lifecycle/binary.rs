@@ -335,22 +335,7 @@ async fn sigterm_drains_the_binary() {
     );
 
     // Then new connections are refused, while the slow request is still in flight.
-    let refused = loop {
-        match TcpStream::connect(proxy).await {
-            Err(e) if refused_at_connect(&e) => break signalled.elapsed(),
-            Err(e) => panic!(
-                "unexpected connect error: {e} ({:?}, {:?})",
-                e.kind(),
-                e.raw_os_error()
-            ),
-            Ok(_) => {}
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(3),
-            "listener still accepting after 3 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let refused = wait_until_refused(proxy, signalled).await;
     assert!(
         refused >= drain_delay - Duration::from_millis(100),
         "stopped accepting after {refused:?}, before drain_delay"

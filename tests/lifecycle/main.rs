@@ -179,3 +179,24 @@ fn refused_at_connect(e: &std::io::Error) -> bool {
         std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
     )
 }
+
+/// Connects to `addr` every 20 ms until the listener refuses; returns how long after `since`
+/// that was. Fails if it still accepts 3 s after `since`, or on any other connect error.
+async fn wait_until_refused(addr: SocketAddr, since: Instant) -> Duration {
+    loop {
+        match TcpStream::connect(addr).await {
+            Err(e) if refused_at_connect(&e) => return since.elapsed(),
+            Err(e) => panic!(
+                "unexpected connect error: {e} ({:?}, {:?})",
+                e.kind(),
+                e.raw_os_error()
+            ),
+            Ok(_) => {}
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(3),
+            "listener still accepting after 3 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

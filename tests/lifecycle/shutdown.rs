@@ -157,22 +157,7 @@ async fn shutdown_drains_idle_and_busy_connections() {
     );
 
     // After drain_delay: refused, and the idle connection closed, while the slow one runs.
-    let refused_at = loop {
-        match TcpStream::connect(addr).await {
-            Err(e) if refused_at_connect(&e) => break started.elapsed(),
-            Err(e) => panic!(
-                "unexpected connect error: {e} ({:?}, {:?})",
-                e.kind(),
-                e.raw_os_error()
-            ),
-            Ok(_) => {}
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "still accepting after 3 s"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let refused_at = wait_until_refused(addr, started).await;
     assert!(
         refused_at >= Duration::from_millis(380),
         "stopped accepting after {refused_at:?}, before drain_delay"
