@@ -77,6 +77,45 @@ impl ShedReason {
     ];
 }
 
+/// What is wrong with a request itself: the client's fault, answered by spillway and never
+/// forwarded, counted as an upstream failure, or held against the app by the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not a valid HTTP request: a malformed head, framing that could smuggle a second
+    /// request (a length and chunked together, lengths that disagree), `Host` rules broken, or
+    /// a request body that broke while it was being forwarded.
+    #[error("bad request")]
+    Malformed,
+    /// The request head is over `max_request_header_bytes` or has more than
+    /// `max_request_headers` fields.
+    #[error("request head too large")]
+    HeadTooLarge,
+    /// The request line alone is over `max_request_header_bytes`.
+    #[error("request target too long")]
+    UriTooLong,
+    /// The body uses a transfer coding spillway does not decode (anything but chunked).
+    #[error("transfer coding not supported")]
+    UnsupportedTransferCoding,
+    /// `CONNECT` on a route that does not allow it.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// The route timeout passed while the client had stopped sending its request body.
+    #[error("request body did not arrive in time")]
+    Timeout,
+}
+
+impl RequestError {
+    /// Every variant, for tables and tests.
+    pub const ALL: [RequestError; 6] = [
+        RequestError::Malformed,
+        RequestError::HeadTooLarge,
+        RequestError::UriTooLong,
+        RequestError::UnsupportedTransferCoding,
+        RequestError::MethodNotAllowed,
+        RequestError::Timeout,
+    ];
+}
+
 /// Every way the proxy itself answers instead of the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
@@ -97,9 +136,9 @@ pub enum ProxyError {
     /// No route matches the request.
     #[error("no route matches")]
     NoRoute,
-    /// The request itself is unusable (for example a URI that cannot be forwarded).
-    #[error("bad request")]
-    BadRequest,
+    /// The request itself is unusable (see [`RequestError`]).
+    #[error(transparent)]
+    Request(#[from] RequestError),
 }
 
 /// How a [`ProxyError`] is presented: status, Proxy-Status error type, short body.
@@ -194,13 +233,38 @@ impl ProxyError {
                     body: "no route\n",
                 }
             }
-            ProxyError::BadRequest => {
-                return Presentation {
-                    status: StatusCode::BAD_REQUEST,
-                    proxy_status: None,
-                    body: "bad request\n",
-                }
-            }
+            ProxyError::Request(e) => match e {
+                RequestError::Malformed => (
+                    StatusCode::BAD_REQUEST,
+                    "http_request_error",
+                    "bad request\n",
+                ),
+                RequestError::HeadTooLarge => (
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                    "http_request_error",
+                    "request header fields too large\n",
+                ),
+                RequestError::UriTooLong => (
+                    StatusCode::URI_TOO_LONG,
+                    "http_request_error",
+                    "request target too long\n",
+                ),
+                RequestError::UnsupportedTransferCoding => (
+                    StatusCode::NOT_IMPLEMENTED,
+                    "http_request_error",
+                    "transfer coding not supported\n",
+                ),
+                RequestError::MethodNotAllowed => (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "http_request_denied",
+                    "method not allowed\n",
+                ),
+                RequestError::Timeout => (
+                    StatusCode::REQUEST_TIMEOUT,
+                    "http_request_error",
+                    "request body did not arrive in time\n",
+                ),
+            },
         };
         Presentation {
             status,
@@ -227,11 +291,8 @@ impl ProxyError {
                 reason,
                 retry_after: Duration::ZERO,
             }))
-            .chain([
-                ProxyError::LoopDetected,
-                ProxyError::NoRoute,
-                ProxyError::BadRequest,
-            ])
+            .chain(RequestError::ALL.into_iter().map(ProxyError::Request))
+            .chain([ProxyError::LoopDetected, ProxyError::NoRoute])
     }
 
     /// `Retry-After` for responses that carry one (all sheds).
@@ -249,7 +310,14 @@ impl ProxyError {
             ProxyError::Shed { reason, .. } => reason.label(),
             ProxyError::LoopDetected => "loop_detected",
             ProxyError::NoRoute => "no_route",
-            ProxyError::BadRequest => "bad_request",
+            ProxyError::Request(e) => match e {
+                RequestError::Malformed => "bad_request",
+                RequestError::HeadTooLarge => "head_too_large",
+                RequestError::UriTooLong => "uri_too_long",
+                RequestError::UnsupportedTransferCoding => "unsupported_transfer_coding",
+                RequestError::MethodNotAllowed => "method_not_allowed",
+                RequestError::Timeout => "client_timeout",
+            },
         }
     }
 }
@@ -344,7 +412,36 @@ mod tests {
             ),
             (ProxyError::LoopDetected, 508, Some("proxy_loop_detected")),
             (ProxyError::NoRoute, 404, None),
-            (ProxyError::BadRequest, 400, None),
+            (
+                RequestError::Malformed.into(),
+                400,
+                Some("http_request_error"),
+            ),
+            (
+                RequestError::HeadTooLarge.into(),
+                431,
+                Some("http_request_error"),
+            ),
+            (
+                RequestError::UriTooLong.into(),
+                414,
+                Some("http_request_error"),
+            ),
+            (
+                RequestError::UnsupportedTransferCoding.into(),
+                501,
+                Some("http_request_error"),
+            ),
+            (
+                RequestError::MethodNotAllowed.into(),
+                405,
+                Some("http_request_denied"),
+            ),
+            (
+                RequestError::Timeout.into(),
+                408,
+                Some("http_request_error"),
+            ),
         ];
         for (err, status, ps) in table {
             let p = err.presentation();
@@ -354,7 +451,7 @@ mod tests {
         }
         assert_eq!(
             table.len(),
-            UpstreamError::ALL.len() + ShedReason::ALL.len() + 3
+            UpstreamError::ALL.len() + ShedReason::ALL.len() + RequestError::ALL.len() + 2
         );
     }
 

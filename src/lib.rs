@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 mod error;
+mod http1;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

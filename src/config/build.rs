@@ -23,6 +23,9 @@ use super::locate::{self, Locations, Position};
 use super::settings::*;
 use super::{defaults, yaml, ConfigError, ConfigErrors, Loaded};
 
+/// Smallest request head limit accepted: a request line and a few fields.
+const MIN_REQUEST_HEAD_BYTES: u32 = 1024;
+
 /// Loads config text, expanding `${VAR}` from the process environment.
 /// Loads config text, expanding `${VAR}` with `lookup` (tests pass a table instead of touching
 /// the process environment).
@@ -257,9 +260,52 @@ impl Cx<'_> {
                 .tls
                 .as_ref()
                 .and_then(|t| self.listener_tls(&format!("{base}.tls"), t));
+            let max_connections = self
+                .at_least_one(&format!("{base}.max_connections"), l.max_connections)
+                .unwrap_or(defaults::MAX_CONNECTIONS);
+            let max_request_header_bytes = match l.max_request_header_bytes {
+                Some(n) if n < MIN_REQUEST_HEAD_BYTES => {
+                    self.error(
+                        &format!("{base}.max_request_header_bytes"),
+                        format!("must be at least {MIN_REQUEST_HEAD_BYTES} bytes"),
+                    );
+                    n
+                }
+                Some(n) => n,
+                None => defaults::MAX_REQUEST_HEADER_BYTES,
+            };
+            let max_request_headers = self
+                .at_least_one(
+                    &format!("{base}.max_request_headers"),
+                    l.max_request_headers,
+                )
+                .unwrap_or(defaults::MAX_REQUEST_HEADERS);
+            let header_timeout = self
+                .duration(
+                    &format!("{base}.header_timeout"),
+                    l.header_timeout.as_ref(),
+                    true,
+                )
+                .unwrap_or(defaults::HEADER_TIMEOUT);
+            let idle_timeout = self
+                .duration(
+                    &format!("{base}.idle_timeout"),
+                    l.idle_timeout.as_ref(),
+                    true,
+                )
+                .unwrap_or(defaults::CLIENT_IDLE_TIMEOUT);
             if let Some(address) = address {
                 bound.push((base, address));
-                out.push(ListenerSettings { name, address, tls });
+                out.push(ListenerSettings {
+                    name,
+                    address,
+                    tls,
+                    max_connections,
+                    max_request_header_bytes,
+                    max_request_headers,
+                    header_timeout,
+                    idle_timeout,
+                });
             }
         }
         (out, bound)

@@ -11,6 +11,29 @@ use super::settings::{
     RetrySettings, UpstreamProtocol,
 };
 
+/// Open client connections per listener: far above what one app behind a sidecar serves, low
+/// enough that a flood of connections meets a clear 503 before it exhausts file descriptors
+/// or memory (lowered at start to leave headroom below the process's file limit).
+pub(crate) const MAX_CONNECTIONS: u32 = 10_000;
+
+/// Request head size: 32 KiB holds any browser's cookies and a long URL; HAProxy and nginx
+/// refuse far less by default (16 KiB, 8 KiB per line), and a head beyond this is an attack
+/// or a bug, not a request.
+pub(crate) const MAX_REQUEST_HEADER_BYTES: u32 = 32 * 1024;
+
+/// Fields per request head: what hyper, HAProxy and Go allow by default.
+pub(crate) const MAX_REQUEST_HEADERS: u32 = 100;
+
+/// Header timeout: a new connection must send its first request head, and any head must be
+/// complete, within this. Generous for a client on a slow link; short enough that silent
+/// connections (slowloris, a port scanner) cannot pile up (nginx: 60 s, HAProxy's
+/// `timeout http-request` is commonly 10 s).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Client keep-alive idle timeout: longer than the 5 s of most HTTP clients' pools, so the
+/// client closes first (the keep-alive race, seen from the other side); nginx uses 75 s.
+pub(crate) const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
 /// is reported as a 504 before most clients give up on their own.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);

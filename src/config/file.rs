@@ -43,6 +43,18 @@ pub struct ListenerFile {
     pub address: Option<String>,
     /// TLS termination for this listener.
     pub tls: Option<ListenerTlsFile>,
+    /// Most open client connections; beyond it a new connection is answered 503 and closed.
+    pub max_connections: Option<u32>,
+    /// Largest request head (request line and all fields), in bytes; over it: 431 (414 when
+    /// the request line alone is over).
+    pub max_request_header_bytes: Option<u32>,
+    /// Most fields in a request head; over it: 431.
+    pub max_request_headers: Option<u32>,
+    /// How long a new connection may take to send its first request head, and any head may
+    /// take once its first byte arrived; the connection is closed after it.
+    pub header_timeout: Option<String>,
+    /// How long a kept-alive client connection may sit idle between requests.
+    pub idle_timeout: Option<String>,
 }
 
 /// TLS termination settings for a listener.

@@ -36,6 +36,18 @@ pub struct ListenerSettings {
     pub address: SocketAddr,
     /// TLS termination, if configured.
     pub tls: Option<ListenerTlsSettings>,
+    /// Most open client connections.
+    pub max_connections: u32,
+    /// Largest request head, in bytes.
+    pub max_request_header_bytes: u32,
+    /// Most fields in a request head.
+    pub max_request_headers: u32,
+    /// Deadline for a request head (and for a new connection's first one).
+    #[serde(with = "humantime_serde_compat")]
+    pub header_timeout: Duration,
+    /// Longest idle time of a kept-alive connection between requests.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
 }
 
 /// TLS termination files.

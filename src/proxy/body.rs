@@ -7,13 +7,12 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 
 use super::exchange::{Exchange, ExchangeOutcome};
 use super::upstream::http1::Upgraded;
 use super::upstream::{BoxError, UpstreamBody};
+use crate::http1::server::upgrade::OnUpgrade;
 
 pin_project! {
     /// What a response body streams from.
@@ -95,7 +94,7 @@ pub(super) async fn tunnel(downstream: OnUpgrade, mut up: Upgraded, exchange: Ex
             return;
         }
     };
-    let mut down = TokioIo::new(down);
+    let mut down = down;
     let copied = async {
         // What the upstream sent right behind its 101 goes first.
         down.write_all(&up.read_ahead).await?;

@@ -7,6 +7,8 @@ use http::header::{
 };
 use http::{HeaderMap, Version};
 use rand::rngs::SmallRng;
+
+use crate::http1::encode::field;
 use rand::{Rng as _, SeedableRng as _};
 
 /// Which layer answered: every response carries it, upstream responses get `, <server_id>`
@@ -391,13 +393,6 @@ impl Overlay {
     }
 }
 
-/// Writes one `name: value` field line.
-pub fn field(buf: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    field_start(buf, name);
-    buf.extend_from_slice(value);
-    buf.extend_from_slice(b"\r\n");
-}
-
 fn field_start(buf: &mut Vec<u8>, name: &[u8]) {
     buf.extend_from_slice(name);
     buf.extend_from_slice(b": ");
@@ -437,6 +432,11 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
             return v.clone();
         }
     }
+    new_request_id()
+}
+
+/// A fresh request id: 32 hex digits.
+pub fn new_request_id() -> HeaderValue {
     // Ids need to be unique, not unpredictable: a small fast generator per thread, seeded from
     // the OS, instead of the cryptographic thread RNG.
     thread_local! {

@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Response};
 use super::body::ResponseBody;
 use super::exchange::Exchange;
 use super::headers::{Stamps, PROXY_STATUS, X_REQUEST_ID, X_SERVED_BY};
-use crate::error::{retry_after_secs, ProxyError, UpstreamError};
+use crate::error::{retry_after_secs, ProxyError, RequestError, UpstreamError};
 use crate::metrics::ResponseSource;
 
 /// `grpc-status`: the gRPC status code of a response.
@@ -128,13 +128,21 @@ pub(super) fn rescue(
 /// | shed: concurrency limit, queue timeout, open breaker, maintenance | 503 | 14 `UNAVAILABLE` |
 /// | no route | 404 | 12 `UNIMPLEMENTED` |
 /// | routing loop (a misconfiguration; retrying cannot help) | 508 | 13 `INTERNAL` |
-/// | unusable request | 400 | 13 `INTERNAL` |
+/// | malformed request, head too large, target too long (400, 431, 414) | 4xx | 13 `INTERNAL` |
+/// | CONNECT refused, transfer coding not supported (405, 501) | 405, 501 | 12 `UNIMPLEMENTED` |
+/// | the client stopped sending its body (408) | 408 | 4 `DEADLINE_EXCEEDED` |
 pub(super) fn grpc_status(err: &ProxyError) -> u8 {
     match err {
         ProxyError::Upstream(UpstreamError::ResponseTimeout) => 4,
         ProxyError::Upstream(_) | ProxyError::Shed { .. } => 14,
         ProxyError::NoRoute => 12,
-        ProxyError::LoopDetected | ProxyError::BadRequest => 13,
+        ProxyError::LoopDetected => 13,
+        // The client's own mistakes; gRPC's mapping of HTTP 4xx (and 501).
+        ProxyError::Request(RequestError::Timeout) => 4,
+        ProxyError::Request(
+            RequestError::MethodNotAllowed | RequestError::UnsupportedTransferCoding,
+        ) => 12,
+        ProxyError::Request(_) => 13,
     }
 }
 
@@ -234,14 +242,19 @@ mod tests {
             (shed(ShedReason::Maintenance), 14),
             (ProxyError::LoopDetected, 13),
             (ProxyError::NoRoute, 12),
-            (ProxyError::BadRequest, 13),
+            (RequestError::Malformed.into(), 13),
+            (RequestError::HeadTooLarge.into(), 13),
+            (RequestError::UriTooLong.into(), 13),
+            (RequestError::UnsupportedTransferCoding.into(), 12),
+            (RequestError::MethodNotAllowed.into(), 12),
+            (RequestError::Timeout.into(), 4),
         ];
         for (err, code) in table {
             assert_eq!(grpc_status(err), *code, "{err:?}");
         }
         assert_eq!(
             table.len(),
-            UpstreamError::ALL.len() + ShedReason::ALL.len() + 3
+            UpstreamError::ALL.len() + ShedReason::ALL.len() + RequestError::ALL.len() + 2
         );
     }
 

@@ -17,7 +17,6 @@ use arc_swap::ArcSwap;
 use http::header::{TE, UPGRADE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::util::Oneshot;
@@ -30,7 +29,9 @@ use super::rescue::{rescue, ErrorStyle};
 use super::runtime::Runtime;
 use super::stack::RouteService;
 use super::upstream::{EndpointHint, RequestBody, UpstreamBody};
-use crate::error::{ProxyError, UpstreamError};
+use crate::error::{ProxyError, RequestError, UpstreamError};
+use crate::http1::server::upgrade::OnUpgrade;
+use crate::http1::server::{BodyReader, Handler};
 use crate::metrics::ResponseSource;
 
 /// The ingress service of one downstream connection.
@@ -58,14 +59,55 @@ impl ProxyService {
     }
 }
 
+/// HTTP/2 requests, from hyper's server.
 impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Response = Response<ResponseBody>;
     type Error = Infallible;
     type Future = Handling;
 
     fn call(&self, req: Request<Incoming>) -> Handling {
+        let (parts, body) = req.into_parts();
         // One snapshot per request, owned so it lives as long as the request.
-        start(self.runtime.load_full(), req, &self.client_ip, self.proto)
+        start(
+            self.runtime.load_full(),
+            parts,
+            body.into(),
+            None,
+            &self.client_ip,
+            self.proto,
+        )
+    }
+}
+
+/// HTTP/1.1 requests, from spillway's own server.
+impl Handler for ProxyService {
+    type Body = ResponseBody;
+    type Future = Handling;
+
+    fn call(&self, req: Request<BodyReader>) -> Handling {
+        let (mut parts, body) = req.into_parts();
+        let upgrade = parts.extensions.remove::<OnUpgrade>();
+        start(
+            self.runtime.load_full(),
+            parts,
+            body.into(),
+            upgrade,
+            &self.client_ip,
+            self.proto,
+        )
+    }
+
+    fn refuse(&self, error: RequestError) -> Response<ResponseBody> {
+        let rt = self.runtime.load();
+        // No request line could be trusted: the exchange is logged as method `-`, target `*`.
+        let exchange = Exchange::start(
+            rt.unmatched.clone(),
+            Instant::now(),
+            http::Method::from_bytes(b"-").expect("a token"),
+            http::Uri::from_static("*"),
+            headers::new_request_id(),
+        );
+        rescue(&rt.stamps, error.into(), exchange, ErrorStyle::Http)
     }
 }
 
@@ -123,27 +165,29 @@ impl Future for Handling {
 /// upstream are answered here.
 fn start(
     rt: Arc<Runtime>,
-    mut req: Request<Incoming>,
+    mut parts: http::request::Parts,
+    body: RequestBody,
+    downstream_upgrade: Option<OnUpgrade>,
     client_ip: &HeaderValue,
     proto: &'static str,
 ) -> Handling {
     let start = Instant::now();
-    let request_id = headers::request_id(req.headers());
-    let style = ErrorStyle::of(req.headers());
-    let route = rt.find_route(req.method(), req.uri(), req.headers());
+    let request_id = headers::request_id(&parts.headers);
+    let style = ErrorStyle::of(&parts.headers);
+    let route = rt.find_route(&parts.method, &parts.uri, &parts.headers);
     let metrics = route.map_or_else(|| rt.unmatched.clone(), |r| r.metrics.clone());
     let exchange = Exchange::start(
         metrics,
         start,
-        req.method().clone(),
-        req.uri().clone(),
+        parts.method.clone(),
+        parts.uri.clone(),
         request_id.clone(),
     );
     let answer = |resp| Handling {
         state: State::Answered { resp: Some(resp) },
     };
 
-    if rt.stamps.is_loop(req.headers()) {
+    if rt.stamps.is_loop(&parts.headers) {
         return answer(rescue(
             &rt.stamps,
             ProxyError::LoopDetected,
@@ -157,20 +201,19 @@ fn start(
 
     // An upgrade is only passed on to an HTTP/1.1 upstream; towards HTTP/2 it is stripped like
     // any hop-by-hop header and the upstream answers the plain request.
-    let upgrade =
-        headers::upgrade_request(req.version(), req.headers()).filter(|_| route.upstream_http1);
-    // Taken out before the request is forwarded: it resolves once hyper has sent our 101.
-    let upgrade = upgrade.map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+    let upgrade = headers::upgrade_request(parts.version, &parts.headers)
+        .filter(|_| route.upstream_http1)
+        // Resolves once the server has sent our 101.
+        .zip(downstream_upgrade);
     // gRPC servers may check `te: trailers` to detect proxies that drop trailers; spillway
     // passes trailers through, so it forwards that promise.
     let te_trailers = style.is_grpc()
-        && req
-            .headers()
+        && parts
+            .headers
             .get_all(TE)
             .iter()
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
 
-    let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     let overlay = Overlay::new(&rt.stamps, &Forwarded { client_ip, proto }, &request_id)
         .upgrade(upgrade.as_ref().map(|(protocol, _)| protocol.clone()))
@@ -184,7 +227,7 @@ fn start(
     if route.spread_retries {
         parts.extensions.insert(EndpointHint::default());
     }
-    let upstream_req = Request::from_parts(parts, RequestBody::from_incoming(body));
+    let upstream_req = Request::from_parts(parts, body);
     let stack = route.service.clone().oneshot(upstream_req);
     Handling {
         state: State::Forwarding {

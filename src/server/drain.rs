@@ -151,7 +151,23 @@ pub(super) struct ConnectionSlot {
     registered: Option<Waker>,
 }
 
+/// Whether a connection has been asked to drain; cheap to ask on every poll.
+#[derive(Clone)]
+pub(crate) struct DrainCheck(Arc<Signal>);
+
+impl DrainCheck {
+    /// True once a drain (or a cut) was requested.
+    pub(crate) fn draining(&self) -> bool {
+        self.0.state.load(Ordering::Relaxed) != RUNNING
+    }
+}
+
 impl ConnectionSlot {
+    /// A handle that tells whether this connection is draining.
+    pub(crate) fn drain_check(&self) -> DrainCheck {
+        DrainCheck(self.signal.clone())
+    }
+
     /// Runs `work` until it completes (`Some(output)`) or the connection is cut (`None`, and
     /// `work` is dropped by the caller). When a drain is requested, `on_drain` is called once
     /// with `work`: e.g. to start a graceful shutdown; a no-op lets `work` run on.

@@ -124,7 +124,7 @@ impl Server {
             tracing::info!(listener = %l.name, %addr, "listening");
             tasks.push(tokio::spawn(listener::serve(
                 bound,
-                l.name.clone(),
+                l.clone(),
                 state.runtime.clone(),
                 state.certificates.listener(&l.name),
                 stop_accepting.clone(),

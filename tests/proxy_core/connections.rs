@@ -28,7 +28,10 @@ async fn an_http10_request_without_host_reaches_the_upstream_with_one() {
     let p = TestProxy::start(&TestProxy::simple_config(up.addr, "")).await;
     let out = raw_exchange(p.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
     let text = String::from_utf8_lossy(&out);
-    assert!(text.starts_with("HTTP/1.0 200"), "{text}");
+    // Answered as HTTP/1.1 (RFC 9110 §2.5: the highest version spillway conforms to), and
+    // closed: an HTTP/1.0 client did not ask for keep-alive.
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\r\nconnection: close\r\n"), "{text}");
     let seen = up.seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].header("host"), up.addr.to_string());

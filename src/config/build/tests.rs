@@ -87,6 +87,11 @@ fn example_config_gives_exact_settings() {
             name: "http".into(),
             address: "127.0.0.1:8080".parse().unwrap(),
             tls: None,
+            max_connections: 10_000,
+            max_request_header_bytes: 32 * 1024,
+            max_request_headers: 100,
+            header_timeout: secs(10),
+            idle_timeout: secs(60),
         }],
         admin: Some("127.0.0.1:9901".parse().unwrap()),
         upstreams: BTreeMap::from([(

@@ -13,7 +13,7 @@ use super::classify::classify;
 use super::connector::{Connector, Established};
 use super::{RequestBody, UpstreamBody};
 use crate::config::UpstreamSettings;
-use crate::error::{ProxyError, UpstreamError};
+use crate::error::{ProxyError, RequestError, UpstreamError};
 use crate::policy::retry::is_idempotent;
 
 type HttpClient = Client<Connector, RequestBody>;
@@ -59,7 +59,7 @@ impl Http2Clients {
             .authority(authority.clone())
             .path_and_query(path_and_query(&req))
             .build()
-            .map_err(|_| ProxyError::BadRequest)?;
+            .map_err(|_| ProxyError::from(RequestError::Malformed))?;
         *req.version_mut() = Version::HTTP_2;
         let resend = Resend::capture(&req);
         let sent_at = Instant::now();

@@ -23,6 +23,7 @@ use tower::Service as _;
 
 use crate::config::{UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, UpstreamError};
+use crate::http1::server::BodyReader;
 use crate::policy::retry::is_idempotent;
 use crate::tls::client::UpstreamTls;
 use connector::{ConnectError, Connector};
@@ -40,49 +41,60 @@ pub enum RequestBody {
     /// No body at all.
     #[default]
     Empty,
-    /// The client's streaming body.
-    Stream {
-        /// The downstream body.
-        inner: Incoming,
-    },
+    /// The body of an HTTP/1.1 client, read from its connection.
+    Http1(BodyReader),
+    /// The body of an HTTP/2 client's stream.
+    Http2(Incoming),
 }
 
-impl RequestBody {
-    /// Wraps a downstream body; one already at its end becomes `Empty`.
-    pub fn from_incoming(inner: Incoming) -> Self {
-        if inner.is_end_stream() {
+impl From<BodyReader> for RequestBody {
+    fn from(body: BodyReader) -> Self {
+        if body.is_end_stream() {
             RequestBody::Empty
         } else {
-            RequestBody::Stream { inner }
+            RequestBody::Http1(body)
+        }
+    }
+}
+
+impl From<Incoming> for RequestBody {
+    fn from(body: Incoming) -> Self {
+        if body.is_end_stream() {
+            RequestBody::Empty
+        } else {
+            RequestBody::Http2(body)
         }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Stream { inner } => Pin::new(inner).poll_frame(cx),
+            RequestBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            RequestBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Stream { inner } => inner.is_end_stream(),
+            RequestBody::Http1(b) => b.is_end_stream(),
+            RequestBody::Http2(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Stream { inner } => inner.size_hint(),
+            RequestBody::Http1(b) => b.size_hint(),
+            RequestBody::Http2(b) => b.size_hint(),
         }
     }
 }

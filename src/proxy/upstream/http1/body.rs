@@ -9,10 +9,10 @@ use std::task::{ready, Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 
-use super::decode::{step, Decoder, Step};
 use super::encode::Sending;
 use super::pool::Http1Pool;
 use super::{Http1Connection, Upgraded, MIN_READ};
+use crate::http1::decode::{step, Decoder, Step};
 
 /// A response body read straight from its upstream connection. The connection goes back to
 /// its pool the moment the body has ended cleanly; a body that fails or is dropped early closes

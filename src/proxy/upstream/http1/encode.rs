@@ -11,9 +11,10 @@ use http::{request, HeaderMap, HeaderValue};
 use http_body::Body;
 use tokio::io::AsyncWrite;
 
-use super::decode::parse_length;
 use super::Http1Connection;
-use crate::proxy::headers::{self, Overlay};
+use crate::http1::decode::parse_length;
+use crate::http1::encode::{field, fields as write_fields};
+use crate::proxy::headers::Overlay;
 use crate::proxy::upstream::RequestBody;
 
 /// How the request body is framed on the wire.
@@ -68,7 +69,7 @@ pub(super) fn encode_head(
         None => {
             write_fields(buf, &parts.headers);
             if !parts.headers.contains_key(HOST) {
-                headers::field(buf, b"host", default_host.as_bytes());
+                field(buf, b"host", default_host.as_bytes());
             }
         }
     }
@@ -76,13 +77,6 @@ pub(super) fn encode_head(
         buf.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     buf.extend_from_slice(b"\r\n");
-}
-
-/// Writes header (or trailer) fields, one `name: value` line each.
-fn write_fields(buf: &mut Vec<u8>, fields: &HeaderMap) {
-    for (name, value) in fields {
-        headers::field(buf, name.as_str().as_bytes(), value.as_bytes());
-    }
 }
 
 /// The request on its way out: the head (then each chunk-size line) in the connection's

@@ -6,7 +6,7 @@
 //! benches/RESULTS.md for what that saves). One connection carries one exchange at a time;
 //! between exchanges it waits in its endpoint's pool (`pool.rs`).
 //!
-//! The parsing itself is httparse's (the parser hyper uses); [`decode`] adds the HTTP/1.1
+//! The parsing itself is httparse's (the parser hyper uses); `crate::http1::decode` adds the HTTP/1.1
 //! message framing of RFC 9112 §6: which responses have no body, `Content-Length` (every value
 //! must agree), `Transfer-Encoding: chunked` (with trailers), and bodies delimited by the
 //! connection closing. [`encode`] writes the request; [`body`] reads the response body and
@@ -14,7 +14,6 @@
 //! read, nothing extra arrived after it, and neither side asked to close.
 
 mod body;
-mod decode;
 mod encode;
 pub(crate) mod pool;
 
@@ -32,9 +31,9 @@ use tokio::io::{AsyncRead, ReadBuf};
 use super::classify::classify_io;
 use super::connector::Stream;
 use super::RequestBody;
-use crate::error::{ProxyError, UpstreamError};
+use crate::error::{ProxyError, RequestError, UpstreamError};
+use crate::http1::decode::{Chunk, Decoder, ResponseFraming, ResponseHead as Head};
 pub(crate) use body::Http1Body;
-use decode::{Chunk, Decoder, Head, ResponseFraming};
 use encode::{encode_head, request_framing, RequestFraming, Sending, WriteError};
 use pool::Http1Pool;
 
@@ -175,7 +174,7 @@ impl Http1Connection {
                         write_failed = true;
                     }
                     Poll::Ready(Err(WriteError::RequestBody)) => {
-                        return Poll::Ready(Err(ProxyError::BadRequest))
+                        return Poll::Ready(Err(ProxyError::from(RequestError::Malformed)))
                     }
                 }
             }

@@ -1,5 +1,6 @@
-//! Reading a response from an upstream connection: the head's framing (RFC 9112 §6) and the
-//! body's decoder (length, chunked with trailers, or until close).
+//! Reading HTTP/1.1 messages: a response head's framing (RFC 9112 §6), and the body decoder
+//! (length, chunked with trailers, or until close) that reads response bodies in the upstream
+//! client and request bodies in the downstream server alike.
 
 use std::io;
 
@@ -12,14 +13,14 @@ use crate::error::{ProxyError, UpstreamError};
 
 /// Largest trailer section accepted.
 const MAX_TRAILERS: usize = 64 * 1024;
-/// Smallest header map a response head is parsed into (see `Head::from_parsed`).
+/// Smallest header map a response head is parsed into (see `ResponseHead::from_parsed`).
 const RESPONSE_MAP_MIN: usize = 12;
 /// Longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 
 /// How a response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ResponseFraming {
+pub(crate) enum ResponseFraming {
     Length(u64),
     Chunked,
     UntilClose,
@@ -29,15 +30,17 @@ pub(super) enum ResponseFraming {
 
 /// A parsed response head.
 #[derive(Debug)]
-pub(super) struct Head {
-    pub(super) status: StatusCode,
-    pub(super) headers: HeaderMap,
-    pub(super) framing: ResponseFraming,
-    pub(super) keep_alive: bool,
+pub(crate) struct ResponseHead {
+    pub(crate) status: StatusCode,
+    pub(crate) headers: HeaderMap,
+    pub(crate) framing: ResponseFraming,
+    pub(crate) keep_alive: bool,
 }
 
-impl Head {
-    pub(super) fn from_parsed(parsed: &httparse::Response<'_, '_>) -> Result<Head, ProxyError> {
+impl ResponseHead {
+    pub(crate) fn from_parsed(
+        parsed: &httparse::Response<'_, '_>,
+    ) -> Result<ResponseHead, ProxyError> {
         let bad = || ProxyError::from(UpstreamError::ProtocolError);
         let status = StatusCode::from_u16(parsed.code.unwrap_or(0)).map_err(|_| bad())?;
         let http11 = parsed.version == Some(1);
@@ -48,12 +51,14 @@ impl Head {
         let mut headers =
             HeaderMap::with_capacity((parsed.headers.len() + 3).max(RESPONSE_MAP_MIN));
         let mut length: Option<u64> = None;
-        let mut chunked = None;
+        let mut length_fields = 0;
+        let mut chunked: Option<bool> = None;
         let mut close = !http11;
         for h in parsed.headers.iter() {
             let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| bad())?;
             let value = HeaderValue::from_bytes(h.value).map_err(|_| bad())?;
             if name == CONTENT_LENGTH {
+                length_fields += 1 + h.value.iter().filter(|&&b| b == b',').count();
                 // Repeated or listed values must all agree (RFC 9110 §8.6).
                 for v in h.value.split(|&b| b == b',') {
                     let n = parse_length(v.trim_ascii()).ok_or_else(bad)?;
@@ -63,9 +68,12 @@ impl Head {
                     length = Some(n);
                 }
             } else if name == TRANSFER_ENCODING {
-                // Chunked only when it is the last coding applied (RFC 9112 §6.3).
-                let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
-                chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                // spillway decodes chunked and nothing else: any other coding (gzip, chunked;
+                // chunked, gzip) would reach the client as plain data it is not (RFC 9112 §6.1).
+                if chunked.is_some() || !is_chunked_only(h.value) {
+                    return Err(bad());
+                }
+                chunked = Some(true);
             } else if name == CONNECTION {
                 for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
                     if token.eq_ignore_ascii_case(b"close") {
@@ -83,8 +91,7 @@ impl Head {
             ResponseFraming::Length(0)
         } else {
             match (chunked, length) {
-                (Some(true), _) => ResponseFraming::Chunked,
-                (Some(false), _) => ResponseFraming::UntilClose,
+                (Some(_), _) => ResponseFraming::Chunked,
                 (None, Some(n)) => ResponseFraming::Length(n),
                 (None, None) => ResponseFraming::UntilClose,
             }
@@ -94,8 +101,11 @@ impl Head {
             // such a message may be an attempt at smuggling, so the connection is not reused.
             headers.remove(CONTENT_LENGTH);
             close = true;
+        } else if let (Some(n), true) = (length, length_fields > 1) {
+            // `5, 5` or two identical fields: one value travels on (RFC 9110 §8.6).
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(n));
         }
-        Ok(Head {
+        Ok(ResponseHead {
             status,
             headers,
             keep_alive: !close && framing != ResponseFraming::UntilClose,
@@ -104,8 +114,13 @@ impl Head {
     }
 }
 
+/// Whether a `Transfer-Encoding` value names exactly one coding, `chunked`.
+pub(crate) fn is_chunked_only(value: &[u8]) -> bool {
+    value.trim_ascii().eq_ignore_ascii_case(b"chunked")
+}
+
 /// A `Content-Length` value: digits only.
-pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_length(v: &[u8]) -> Option<u64> {
     if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
         return None;
     }
@@ -114,7 +129,7 @@ pub(super) fn parse_length(v: &[u8]) -> Option<u64> {
 
 /// Where a response body stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Decoder {
+pub(crate) enum Decoder {
     /// This many bytes still to come.
     Length(u64),
     Chunked(Chunk),
@@ -124,7 +139,7 @@ pub(super) enum Decoder {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Chunk {
+pub(crate) enum Chunk {
     /// Expecting a chunk-size line.
     Size,
     /// Inside a chunk's data.
@@ -136,14 +151,14 @@ pub(super) enum Chunk {
 }
 
 /// What one decoding step found in the read buffer.
-pub(super) enum Step {
+pub(crate) enum Step {
     Frame(Frame<Bytes>),
     End,
     NeedMore,
 }
 
 /// Decodes what the read buffer holds.
-pub(super) fn step(decoder: &mut Decoder, rbuf: &mut BytesMut) -> io::Result<Step> {
+pub(crate) fn step(decoder: &mut Decoder, rbuf: &mut BytesMut) -> io::Result<Step> {
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
     loop {
         match decoder {
@@ -236,12 +251,12 @@ mod tests {
     use super::*;
 
     /// Parses a complete response head the way the client does.
-    fn head(raw: &str) -> Result<Head, ProxyError> {
+    fn head(raw: &str) -> Result<ResponseHead, ProxyError> {
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut parsed = httparse::Response::new(&mut slots);
         let status = parsed.parse(raw.as_bytes()).expect("valid HTTP");
         assert!(status.is_complete(), "{raw:?} is not a complete head");
-        Head::from_parsed(&parsed)
+        ResponseHead::from_parsed(&parsed)
     }
 
     fn framing(raw: &str) -> (ResponseFraming, bool) {
@@ -266,13 +281,8 @@ mod tests {
                 (Chunked, true),
             ),
             (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: Chunked \r\n\r\n",
                 (Chunked, true),
-            ),
-            // Not chunked last: the body runs until the connection closes.
-            (
-                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
-                (UntilClose, false),
             ),
             ("HTTP/1.1 200 OK\r\n\r\n", (UntilClose, false)),
             (
@@ -303,6 +313,18 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_length_travels_on_as_one_value() {
+        for raw in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 5, 5\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 5\r\n\r\n",
+        ] {
+            let h = head(raw).unwrap();
+            let values: Vec<_> = h.headers.get_all(CONTENT_LENGTH).iter().collect();
+            assert_eq!(values, ["5"], "{raw:?}");
+        }
+    }
+
+    #[test]
     fn chunked_wins_over_a_length_that_is_then_dropped_and_the_connection_retired() {
         let h = head("HTTP/1.1 200 OK\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n")
             .unwrap();
@@ -319,6 +341,16 @@ mod tests {
             "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 0x10\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: \r\n\r\n",
+            // Codings spillway does not decode would reach the client as plain data.
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
+            // Codings spillway does not decode would reach the client as plain data.
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: chunked\r\n\r\n",
         ] {
             assert_eq!(
                 head(raw).unwrap_err(),
