@@ -37,6 +37,12 @@ pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "spillway_config_last_reload_suc
 /// Counter: failed TLS handshakes by listener.
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "spillway_tls_handshake_errors_total";
 
+/// Gauge: open client connections by listener.
+pub const OPEN_CONNECTIONS: &str = "spillway_open_connections";
+/// Counter: client connections refused at accept (listener at `max_connections`, or memory
+/// pressure), by listener.
+pub const CONNECTIONS_REFUSED_TOTAL: &str = "spillway_connections_refused_total";
+
 /// Route label of requests that matched no route.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
@@ -101,6 +107,8 @@ pub struct Metrics {
     /// 1 if the last reload succeeded, else 0.
     pub last_reload_successful: IntGauge,
     tls_handshake_errors: IntCounterVec,
+    open_connections: IntGaugeVec,
+    connections_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -197,8 +205,20 @@ impl Metrics {
             "Failed TLS handshakes on a listener.",
             &["listener"],
         );
+        let open_connections = gauge(
+            OPEN_CONNECTIONS,
+            "Open client connections, by listener.",
+            &["listener"],
+        );
+        let connections_refused = counter(
+            CONNECTIONS_REFUSED_TOTAL,
+            "Client connections refused at accept (max_connections reached, or memory pressure), by listener.",
+            &["listener"],
+        );
         Metrics {
             registry,
+            open_connections,
+            connections_refused,
             requests,
             duration,
             upstream_errors,
@@ -254,6 +274,14 @@ impl Metrics {
         self.last_reload_successful.set(i64::from(ok));
     }
 
+    /// The connection handles of one listener (resolved once, when it starts).
+    pub fn listener(&self, listener: &str) -> ListenerMetrics {
+        ListenerMetrics {
+            open: self.open_connections.with_label_values(&[listener]),
+            refused: self.connections_refused.with_label_values(&[listener]),
+        }
+    }
+
     /// The handshake error counter of one listener.
     pub fn tls_handshake_errors(&self, listener: &str) -> IntCounter {
         self.tls_handshake_errors.with_label_values(&[listener])
@@ -264,6 +292,15 @@ impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The connection metrics of one listener.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    /// Open client connections.
+    pub open: IntGauge,
+    /// Connections refused at accept.
+    pub refused: IntCounter,
 }
 
 /// Lowest and highest status code with a pre-sized slot; others (rare) are looked up by label.

@@ -199,6 +199,7 @@ impl Cx<'_> {
             upstreams,
             routes,
             shutdown,
+            retry_after: defaults_part.retry_after.unwrap_or(defaults::RETRY_AFTER),
         }
     }
 

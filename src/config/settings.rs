@@ -25,6 +25,10 @@ pub struct Settings {
     pub routes: Vec<RouteSettings>,
     /// Graceful shutdown timings.
     pub shutdown: ShutdownSettings,
+    /// `Retry-After` (`defaults.retry_after`) on 503s answered before any route is known: a
+    /// connection refused at accept.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_after: Duration,
 }
 
 /// One listener.

@@ -10,6 +10,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
@@ -40,6 +41,8 @@ pub(crate) struct ProxyService {
     runtime: Arc<ArcSwap<Runtime>>,
     client_ip: HeaderValue,
     proto: &'static str,
+    /// Counts the requests an HTTP/2 connection started, for its idle rules.
+    started: Option<Arc<AtomicU64>>,
 }
 
 impl ProxyService {
@@ -55,7 +58,14 @@ impl ProxyService {
             runtime,
             client_ip,
             proto,
+            started: None,
         }
+    }
+
+    /// The same service, counting the requests it is handed in `started`.
+    pub(crate) fn counting(mut self, started: Arc<AtomicU64>) -> Self {
+        self.started = Some(started);
+        self
     }
 }
 
@@ -66,6 +76,9 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
     type Future = Handling;
 
     fn call(&self, req: Request<Incoming>) -> Handling {
+        if let Some(started) = &self.started {
+            started.fetch_add(1, Ordering::Relaxed);
+        }
         let (parts, body) = req.into_parts();
         // One snapshot per request, owned so it lives as long as the request.
         start(

@@ -18,6 +18,7 @@ use std::task::{Context, Poll, Waker};
 
 use futures_util::task::AtomicWaker;
 use pin_project_lite::pin_project;
+use prometheus::IntGauge;
 use slab::Slab;
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -54,6 +55,8 @@ pub(super) struct Connections {
 
 struct DrainState {
     registry: Mutex<Registry>,
+    /// The listener's open-connections gauge, kept equal to the live count.
+    open: Option<IntGauge>,
     /// Notified when the last connection ends after a drain was requested.
     emptied: Notify,
 }
@@ -81,9 +84,16 @@ impl Registry {
 
 impl Connections {
     /// An empty registry for a new listener.
+    #[cfg(test)]
     pub(super) fn new() -> Self {
+        Self::counted(None)
+    }
+
+    /// An empty registry whose live count is mirrored in `open`.
+    pub(super) fn counted(open: Option<IntGauge>) -> Self {
         Connections {
             state: Arc::new(DrainState {
+                open,
                 registry: Mutex::new(Registry {
                     slots: Slab::new(),
                     mode: RUNNING,
@@ -102,6 +112,9 @@ impl Connections {
             waker: AtomicWaker::new(),
         });
         let key = registry.slots.insert(signal.clone());
+        if let Some(open) = &self.state.open {
+            open.inc();
+        }
         ConnectionSlot {
             signal,
             state: self.state.clone(),
@@ -208,6 +221,9 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         let mut registry = lock(&self.state.registry);
         registry.slots.remove(self.key);
+        if let Some(open) = &self.state.open {
+            open.dec();
+        }
         if registry.slots.is_empty() && registry.mode != RUNNING {
             self.state.emptied.notify_one();
         }

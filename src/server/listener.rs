@@ -7,7 +7,10 @@
 //! with prior knowledge. HTTP/1.1 is spillway's own server ([`crate::http1::server`]), HTTP/2
 //! hyper's.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,15 +22,25 @@ use tokio_util::sync::CancellationToken;
 use super::drain::{ConnectionSlot, Connections};
 use super::timer::SpareTimer;
 use crate::config::ListenerSettings;
+use crate::error::{retry_after_secs, ProxyError, ShedReason};
 use crate::http1::request::HeadLimits;
 use crate::http1::server::io::ClientIo;
 use crate::http1::server::{self as h1, Served, ServerSettings};
+use crate::http1::{date, encode};
+use crate::metrics::ListenerMetrics;
 use crate::proxy::{ProxyService, Runtime};
 use crate::spare_timer;
 use crate::tls::server::ListenerTls;
 
-/// Back off this long when accept fails (e.g. out of file descriptors) instead of spinning.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+/// After a failed accept (out of file descriptors, out of memory) wait this long before the
+/// next, doubling up to [`MAX_ACCEPT_BACKOFF`] while failures go on: spinning on `accept`
+/// would burn the CPU the open connections need to finish and free descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// Failed accepts are logged at most this often, with a count.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(1);
+/// How long a refused connection is given to read its 503 before it is closed.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
 
 /// Binds with SO_REUSEADDR (quick restarts) and a deep backlog (bursts of new connections).
 pub(crate) fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
@@ -58,15 +71,18 @@ fn server_settings(l: &ListenerSettings) -> ServerSettings {
 
 /// Accepts and serves until `stop` fires, then returns the open connections for draining.
 /// With `tls`, every connection does the TLS handshake first (in its own task, so a slow
-/// client never holds up the accept loop).
+/// client never holds up the accept loop). At `cap` open connections a new one is refused:
+/// answered 503 and closed, nothing read.
 pub(crate) async fn serve(
     listener: TcpListener,
     settings: ListenerSettings,
+    cap: u32,
     runtime: Arc<ArcSwap<Runtime>>,
     tls: Option<Arc<ListenerTls>>,
+    metrics: ListenerMetrics,
     stop: CancellationToken,
 ) -> Connections {
-    let connections = Connections::new();
+    let connections = Connections::counted(Some(metrics.open.clone()));
     let name = settings.name.clone();
     let h1 = Arc::new(server_settings(&settings));
     let mut h2 = H2Builder::new(TokioExecutor::new());
@@ -74,6 +90,7 @@ pub(crate) async fn serve(
     let h2 = Arc::new(h2);
     // X-Forwarded-Proto: what the client spoke to us.
     let proto = if tls.is_some() { "https" } else { "http" };
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -81,13 +98,23 @@ pub(crate) async fn serve(
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
-            Ok(a) => a,
+            Ok(a) => {
+                failures.ended(&name);
+                a
+            }
             Err(e) => {
-                tracing::warn!(listener = %name, error = %e, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-                continue;
+                let wait = failures.failed(&name, &e);
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
             }
         };
+        if connections.live() >= cap as usize {
+            metrics.refused.inc();
+            refuse(stream, tls.is_some(), &runtime.load());
+            continue;
+        }
         let _ = stream.set_nodelay(true);
         let svc = ProxyService::new(runtime.clone(), peer, proto);
         // Registered from accept on, so a connection still in its TLS handshake counts for the
@@ -114,6 +141,105 @@ pub(crate) async fn serve(
     connections
 }
 
+/// Failed accepts in a row: the backoff before the next, and a log line at most once a second.
+#[derive(Default)]
+struct AcceptFailures {
+    in_a_row: u32,
+    unlogged: u64,
+    last_log: Option<tokio::time::Instant>,
+}
+
+impl AcceptFailures {
+    /// Counts a failure; returns how long to wait before accepting again.
+    fn failed(&mut self, listener: &str, e: &std::io::Error) -> Duration {
+        self.in_a_row = self.in_a_row.saturating_add(1);
+        self.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        if self
+            .last_log
+            .map_or(true, |at| now.duration_since(at) >= ACCEPT_LOG_EVERY)
+        {
+            tracing::warn!(listener, error = %e, failures = self.unlogged, "accept failed; backing off");
+            self.unlogged = 0;
+            self.last_log = Some(now);
+        }
+        ACCEPT_BACKOFF
+            .saturating_mul(1 << self.in_a_row.min(7).saturating_sub(1))
+            .min(MAX_ACCEPT_BACKOFF)
+    }
+
+    /// An accept succeeded: the failures (if any) are over.
+    fn ended(&mut self, listener: &str) {
+        if self.in_a_row > 0 {
+            if self.unlogged > 0 {
+                tracing::warn!(
+                    listener,
+                    failures = self.unlogged,
+                    "accept failed; recovered"
+                );
+            }
+            *self = AcceptFailures::default();
+        }
+    }
+}
+
+/// Answers a connection over the listener's cap with a 503 and closes it, without reading a
+/// request: the app does no work for it. The answer is the concurrency limit's (one mapping
+/// in `error.rs`). A TLS listener cannot answer before a handshake it should not spend the
+/// CPU on: the connection is just closed.
+fn refuse(mut stream: tokio::net::TcpStream, tls: bool, rt: &Runtime) {
+    if tls {
+        return;
+    }
+    let answer = refusal(rt);
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let linger = async {
+            stream.write_all(&answer).await?;
+            stream.shutdown().await?;
+            // Read what the client sent meanwhile, so the close is not a reset that could
+            // destroy the 503 before the client read it.
+            let mut sink = [0u8; 1024];
+            while stream.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        };
+        let _ = tokio::time::timeout(REFUSAL_LINGER, linger).await;
+    });
+}
+
+/// The bytes of the 503 a refused connection gets.
+fn refusal(rt: &Runtime) -> Vec<u8> {
+    let err = ProxyError::Shed {
+        reason: ShedReason::ConcurrencyLimit,
+        retry_after: rt.settings.retry_after,
+    };
+    let p = err.presentation();
+    let mut w = Vec::with_capacity(320);
+    encode::status_line(&mut w, p.status);
+    encode::field(&mut w, b"content-type", b"text/plain; charset=utf-8");
+    encode::field(
+        &mut w,
+        b"content-length",
+        p.body.len().to_string().as_bytes(),
+    );
+    let secs = retry_after_secs(rt.settings.retry_after).to_string();
+    encode::field(&mut w, b"retry-after", secs.as_bytes());
+    encode::field(&mut w, b"x-served-by", rt.stamps.served_by.as_bytes());
+    if let Some(kind) = p.proxy_status {
+        encode::field(
+            &mut w,
+            b"proxy-status",
+            rt.stamps.proxy_status(kind).as_bytes(),
+        );
+    }
+    encode::field(&mut w, b"connection", b"close");
+    w.extend_from_slice(b"date: ");
+    date::append_now(&mut w);
+    w.extend_from_slice(b"\r\n\r\n");
+    w.extend_from_slice(p.body.as_bytes());
+    w
+}
+
 /// Serves one connection (plain or TLS) until it closes, is upgraded away, is drained or is
 /// cut: HTTP/1.1 by spillway's own server, HTTP/2 (recognised by its preface) by hyper's.
 async fn serve_io(
@@ -128,9 +254,102 @@ async fn serve_io(
     let draining = move || drain.draining();
     let served = conn.watch(h1::serve(io, &svc, h1, &draining), |_| {}).await;
     if let Some(Served::Http2(io)) = served {
-        let http = h2.serve_connection(TokioIo::new(io), svc);
-        if let Some(Err(e)) = conn.watch(http, |http| http.graceful_shutdown()).await {
+        let started = Arc::new(AtomicU64::new(0));
+        let http = h2.serve_connection(TokioIo::new(io), svc.counting(started.clone()));
+        let http = idle_watch(http, started, h1.header_timeout, h1.idle_timeout);
+        if let Some(Some(Err(e))) = conn.watch(http, |http| http.close()).await {
             tracing::debug!(%peer, error = %e, "HTTP/2 connection ended with an error");
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An HTTP/2 connection under the listener's timeouts: one that starts no request within
+    /// `header_timeout` of its start (a client that sent only the preface, or nothing more),
+    /// or no new request within `idle_timeout` of its last, is told to go away (GOAWAY: the
+    /// streams in flight finish, no new ones start). One that has not even completed its
+    /// handshake a `header_timeout` later is dropped (`None`).
+    struct IdleWatch<F> {
+        #[pin]
+        conn: F,
+        started: Arc<AtomicU64>,
+        seen: u64,
+        header_timeout: Duration,
+        idle_timeout: Duration,
+        timer: Pin<Box<tokio::time::Sleep>>,
+        closing: bool,
+    }
+}
+
+fn idle_watch<F>(
+    conn: F,
+    started: Arc<AtomicU64>,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+) -> IdleWatch<F> {
+    IdleWatch {
+        conn,
+        started,
+        seen: 0,
+        header_timeout,
+        idle_timeout,
+        timer: Box::pin(tokio::time::sleep(header_timeout)),
+        closing: false,
+    }
+}
+
+/// What [`IdleWatch`] needs of hyper's connection.
+trait GracefulClose {
+    fn close(self: Pin<&mut Self>);
+}
+
+impl<I, S, E> GracefulClose for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming>,
+    S::ResBody: http_body::Body + Send + 'static,
+    <S::ResBody as http_body::Body>::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, S::ResBody>,
+{
+    fn close(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<F: Future + GracefulClose> IdleWatch<F> {
+    fn close(self: Pin<&mut Self>) {
+        let this = self.project();
+        *this.closing = true;
+        this.conn.close();
+    }
+}
+
+impl<F: Future + GracefulClose> Future for IdleWatch<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<F::Output>> {
+        let this = self.as_mut().project();
+        let now = this.started.load(Ordering::Relaxed);
+        if now != *this.seen && !*this.closing {
+            *this.seen = now;
+            let at = tokio::time::Instant::now() + *this.idle_timeout;
+            this.timer.as_mut().reset(at);
+        }
+        if this.timer.as_mut().poll(cx).is_ready() {
+            if *this.closing {
+                tracing::debug!("HTTP/2 connection did not close after GOAWAY: dropping it");
+                return std::task::Poll::Ready(None);
+            }
+            tracing::debug!("HTTP/2 connection idle: going away");
+            let grace = tokio::time::Instant::now() + *this.header_timeout;
+            this.timer.as_mut().reset(grace);
+            self.as_mut().close();
+            // Registers the grace period's wake-up.
+            let _ = self.as_mut().project().timer.as_mut().poll(cx);
+        }
+        self.project().conn.poll(cx).map(Some)
     }
 }

@@ -7,6 +7,7 @@
 //! GOAWAY) and whatever is left after `drain_timeout` is cut.
 
 mod drain;
+mod fd_limit;
 mod listener;
 mod timer;
 
@@ -109,6 +110,11 @@ impl Server {
             certificates,
         });
         let reloader = Reloader::new(state.clone(), source.path, source.env, source.loaded_hash);
+        let nofile = fd_limit::raise();
+        tracing::info!(
+            open_files = nofile,
+            "open-file limit (soft limit raised to the hard one)"
+        );
         let stop_accepting = CancellationToken::new();
         let mut listen_addrs = Vec::new();
         let mut tasks = Vec::new();
@@ -121,12 +127,22 @@ impl Server {
             })?;
             let addr = bound.local_addr()?;
             listen_addrs.push(addr);
-            tracing::info!(listener = %l.name, %addr, "listening");
+            let cap = fd_limit::connection_cap(
+                l.max_connections,
+                loaded.settings.listeners.len(),
+                nofile,
+            );
+            if cap < l.max_connections {
+                tracing::warn!(listener = %l.name, max_connections = l.max_connections, cap, open_files = nofile, "max_connections lowered to fit the open-file limit");
+            }
+            tracing::info!(listener = %l.name, %addr, max_connections = cap, "listening");
             tasks.push(tokio::spawn(listener::serve(
                 bound,
                 l.clone(),
+                cap,
                 state.runtime.clone(),
                 state.certificates.listener(&l.name),
+                state.metrics.listener(&l.name),
                 stop_accepting.clone(),
             )));
         }

@@ -182,6 +182,7 @@ fn example_config_gives_exact_settings() {
             drain_delay: secs(5),
             drain_timeout: secs(30),
         },
+        retry_after: secs(5),
     };
     assert_eq!(loaded.settings, expected);
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
