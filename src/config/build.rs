@@ -21,7 +21,7 @@ use super::file::{
 };
 use super::locate::{self, Locations, Position};
 use super::settings::*;
-use super::{defaults, yaml, ConfigError, ConfigErrors, Loaded};
+use super::{defaults, suggest, yaml, ConfigError, ConfigErrors, Loaded};
 
 /// Loads config text, expanding `${VAR}` from the process environment.
 /// Loads config text, expanding `${VAR}` with `lookup` (tests pass a table instead of touching
@@ -459,10 +459,13 @@ impl Cx<'_> {
                 }
                 Some(u) => {
                     if !upstreams.contains_key(u) {
+                        let known = || upstreams.keys().map(String::as_str);
                         let message = if upstreams.is_empty() {
                             format!("unknown upstream `{u}`: no upstreams are defined")
+                        } else if let Some(near) = suggest::closest(u, known()) {
+                            format!("unknown upstream `{u}`; did you mean `{near}`?")
                         } else {
-                            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                            let known: Vec<&str> = known().collect();
                             format!(
                                 "unknown upstream `{u}`; defined upstreams: {}",
                                 known.join(", ")

@@ -241,19 +241,35 @@ fn unknown_key_is_reported_with_its_path_and_line() {
 }
 
 #[test]
-fn unknown_upstream_lists_the_known_ones() {
-    let text = edit(
-        "    upstream: app\n    timeout: 2s",
-        "    upstream: ap\n    timeout: 2s",
-    );
+fn unknown_upstream_suggests_a_close_name_or_lists_the_known_ones() {
+    let with = |name: &str| {
+        edit(
+            "    upstream: app\n    timeout: 2s",
+            &format!("    upstream: {name}\n    timeout: 2s"),
+        )
+    };
     assert_eq!(
-        errors(&text),
+        errors(&with("ap")),
         [(
             "routes[0].upstream".to_owned(),
             Some(22),
             Some(15),
-            "unknown upstream `ap`; defined upstreams: app".to_owned()
+            "unknown upstream `ap`; did you mean `app`?".to_owned()
         )]
+    );
+    assert_eq!(
+        errors(&with("backend"))[0].3,
+        "unknown upstream `backend`; defined upstreams: app"
+    );
+    let none = MINIMAL
+        .replace(
+            "upstreams: { app: { endpoints: [\"127.0.0.1:3000\"] } }\n",
+            "",
+        )
+        .replace("upstream: app", "upstream: ap");
+    assert_eq!(
+        errors(&none)[0].3,
+        "unknown upstream `ap`: no upstreams are defined"
     );
 }
 
