@@ -183,7 +183,7 @@ fn check_rejects_a_bad_duration_with_its_path_and_line() {
     assert_error(
         errors[0],
         "routes[0].timeout",
-        "invalid duration `2 parsecs`",
+        "`2 parsecs` is not a duration: use a number and a unit",
         (14, 14),
     );
 }
@@ -232,7 +232,7 @@ fn check_reports_every_validation_error_at_once_in_file_order() {
     assert_error(
         errors[1],
         "routes[0].timeout",
-        "invalid duration `soon`",
+        "`soon` is not a duration",
         (14, 14),
     );
     assert_error(

@@ -109,18 +109,25 @@ impl Cx<'_> {
     }
 
     /// Parses an optional duration; `positive` rejects zero where it makes no sense.
-    fn duration(&mut self, path: &str, value: Option<&String>, positive: bool) -> Option<Duration> {
-        let value = value?;
+    fn duration<T: AsRef<str> + ?Sized>(
+        &mut self,
+        path: &str,
+        value: Option<&T>,
+        positive: bool,
+    ) -> Option<Duration> {
+        let value = value?.as_ref();
         match humantime::parse_duration(value.trim()) {
             Ok(d) if positive && d.is_zero() => {
                 self.error(path, "must be greater than zero");
                 None
             }
             Ok(d) => Some(d),
-            Err(e) => {
+            Err(_) => {
                 self.error(
                     path,
-                    format!("invalid duration `{value}` ({e}); write e.g. 250ms, 5s or 1m"),
+                    format!(
+                        "`{value}` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m"
+                    ),
                 );
                 None
             }

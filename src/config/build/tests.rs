@@ -276,16 +276,16 @@ fn unknown_upstream_suggests_a_close_name_or_lists_the_known_ones() {
 #[test]
 fn bad_duration_is_reported_at_its_value() {
     let text = edit("queue_timeout: 100ms", "queue_timeout: 100 parsecs");
-    let errs = errors(&text);
-    assert_eq!(errs.len(), 1, "{errs:?}");
-    let (path, line, column, message) = &errs[0];
-    assert_eq!(path, "routes[0].concurrency.queue_timeout");
-    assert_eq!((*line, *column), (Some(24), Some(78)));
-    assert!(
-        message.starts_with("invalid duration `100 parsecs`"),
-        "{message}"
+    assert_eq!(
+        errors(&text),
+        [(
+            "routes[0].concurrency.queue_timeout".to_owned(),
+            Some(24),
+            Some(78),
+            "`100 parsecs` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m"
+                .to_owned()
+        )]
     );
-    assert!(message.ends_with("write e.g. 250ms, 5s or 1m"), "{message}");
 
     let text = edit("  timeout: 30s", "  timeout: 0s");
     assert_eq!(
