@@ -51,7 +51,7 @@ impl JsonSchema for DurationText {
     }
 }
 
-/// The whole file.
+/// spillway's config file; docs/configuration.md describes every key.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -79,7 +79,7 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
-    /// Unique name, used in logs and metrics.
+    /// Unique name, used in logs and metrics; required when there are several listeners.
     pub name: Option<String>,
     /// `ip:port` to bind.
     pub address: Option<String>,
