@@ -1,4 +1,5 @@
-//! The real binary: `spillway check` on valid and invalid configs, and `--version`.
+//! The real binary: `spillway check` on valid and invalid configs, `spillway schema`, and
+//! `--version`.
 //! (`spillway run` and its signal handling are covered elsewhere.)
 
 use std::path::PathBuf;
@@ -251,6 +252,33 @@ fn check_of_a_missing_file_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("cannot read"), "{stderr}");
+}
+
+#[test]
+fn schema_prints_the_config_schema() {
+    let out = spillway(&["schema"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("spillway schema prints JSON");
+    assert_eq!(printed, spillway::config::schema());
+    assert_eq!(
+        printed["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    assert_eq!(printed["additionalProperties"], false);
+    let timeout = &printed["$defs"]["PolicyFile"]["properties"]["timeout"];
+    assert_eq!(timeout["default"], "30s", "{timeout}");
+    assert!(
+        timeout["description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{timeout}"
+    );
 }
 
 #[test]
