@@ -142,12 +142,48 @@ fn check_rejects_an_unknown_key_with_its_path_and_line() {
         "{stderr}"
     );
     let errors = error_lines(&stderr);
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert_error(
-        errors[0],
-        "upstreams.app",
-        "unknown field `conect_timeout`",
-        (10, 5),
+    assert_eq!(
+        errors,
+        ["upstreams.app.conect_timeout: unknown key; did you mean `connect_timeout`? (line 10, column 5)"],
+        "{stderr}"
+    );
+}
+
+/// The issue's example: four mistakes of four kinds, all reported by one run, in file order,
+/// each with its path, line and column.
+#[test]
+fn check_reports_unknown_keys_types_references_and_values_in_one_run() {
+    let text = "\
+listeners:
+  - name: http
+    address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+defaults:
+  timout: 5s
+upstreams:
+  app:
+    endpoints: [\"127.0.0.1:3000\"]
+    conect_timeout: 1s
+routes:
+  - name: api
+    upstream: ap
+    timeout: soon
+";
+    let (out, stdout, stderr, f) = check(text, "four-mistakes");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(
+        stderr,
+        format!(
+            "{}: 4 error(s):
+  defaults.timout: unknown key; did you mean `timeout`? (line 7, column 3)
+  upstreams.app.conect_timeout: unknown key; did you mean `connect_timeout`? (line 11, column 5)
+  routes[0].upstream: unknown upstream `ap`; did you mean `app`? (line 14, column 15)
+  routes[0].timeout: `soon` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m (line 15, column 14)
+",
+            f.0.display()
+        )
     );
 }
 
