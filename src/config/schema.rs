@@ -345,6 +345,47 @@ mod tests {
         }
     }
 
+    /// Validation reads as a duration exactly the keys the schema describes as one. A new
+    /// duration key declared as a plain `String` fails here: declare it `DurationText`.
+    #[test]
+    fn the_schema_marks_every_duration_key_and_no_other() {
+        let schema = cached();
+        let mut doc = json!({});
+        let mut marked = BTreeSet::new();
+        for path in key_paths() {
+            let at = pointer(schema, &path).unwrap();
+            let node = schema
+                .pointer(&through_references(schema, at).unwrap())
+                .unwrap();
+            let is_string = node["type"] == "string"
+                || node["type"]
+                    .as_array()
+                    .is_some_and(|t| t.contains(&json!("string")));
+            if !is_string {
+                continue;
+            }
+            // `soon` in every string key: only the durations among them say it is no duration.
+            set(&mut doc, &path, json!("soon"));
+            if node["pattern"] == super::super::file::DURATION_PATTERN {
+                marked.insert(path.replace("[]", "[0]").replace("<name>", "app"));
+            }
+        }
+        let text = serde_json::to_string_pretty(&doc).unwrap();
+        let errors = crate::config::load_str(&text).expect_err("`soon` everywhere is refused");
+        let read_as_durations: BTreeSet<String> = errors
+            .0
+            .into_iter()
+            .filter(|e| e.message.contains("is not a duration"))
+            .map(|e| e.path)
+            .collect();
+        assert!(marked.len() > 10, "{marked:?}");
+        assert_eq!(
+            read_as_durations, marked,
+            "left: read as durations, right: durations in the schema (declare a duration key \
+             as `DurationText` in src/config/file.rs)"
+        );
+    }
+
     /// Sets `path` (`[]`: the first item, `<name>`: `app`) in `doc`, creating what is missing.
     fn set(doc: &mut Value, path: &str, value: Value) {
         let (parents, last) = path.rsplit_once('.').unwrap_or(("", path));
