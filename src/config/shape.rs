@@ -18,7 +18,7 @@
 use serde_json::{Map, Value};
 
 use super::locate::{Locations, Position};
-use super::suggest;
+use super::{suggest, yaml};
 
 /// One structural mistake.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,13 +270,27 @@ impl<'a> Walk<'a> {
             0 => "something else".to_owned(),
             _ => expected.join(" or "),
         };
+        // Text that would read as what is wanted, had it not been quoted: `max: "5"`.
+        let wanted = |t: &str| schemas.iter().any(|s| types(s).contains(&t));
+        let quoted = match &*value {
+            Value::String(s) => match yaml::parse_document(s) {
+                Ok(Value::Number(_)) => wanted("number") || wanted("integer"),
+                Ok(Value::Bool(_)) => wanted("boolean"),
+                _ => false,
+            },
+            _ => false,
+        };
         let found = match &*value {
             Value::Array(_) => "a list".to_owned(),
             Value::Object(_) => "a mapping".to_owned(),
             Value::Null if self.index.scalar(path) == Some("") => "nothing".to_owned(),
+            Value::String(s) if quoted => format!("`\"{s}\"`"),
             other => format!("`{}`", self.text(other, path).unwrap_or_default()),
         };
         let mut message = format!("expected {expected}, found {found}");
+        if quoted {
+            message.push_str(": write it without quotes");
+        }
         if let (Some(word), Value::String(_)) = (self.text(value, path), &*value) {
             let words = constants.iter().filter_map(|c| c.as_str());
             if let Some(near) = suggest::closest(&word, words) {
@@ -417,7 +431,7 @@ mod tests {
     use serde_json::json;
 
     use super::super::file::FileConfig;
-    use super::super::{locate, schema, yaml};
+    use super::super::{locate, schema};
     use super::*;
 
     fn run(text: &str, schema: &Value) -> Checked {

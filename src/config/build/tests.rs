@@ -292,9 +292,10 @@ routes:
   - name: r
     upstream: app
     match: { methods: GET }
-    concurrency: { max: -1, queue: lots }
+    concurrency: { max: -1, queue: lots, queue_timeout: 1s }
+    retries: { attempts: \"2\" }
     circuit_breaker: { enabled: yes, failure_ratio: half, failure_codes: [502, 99999] }
-    retries: 2
+    maintenance: 2
 defaults: ~
 ",
             &[
@@ -302,11 +303,12 @@ defaults: ~
                 "routes[0].match.methods: expected a list, found `GET` (line 8, column 23)",
                 "routes[0].concurrency.max: expected a whole number from 0 to 4294967295, found `-1` (line 9, column 25)",
                 "routes[0].concurrency.queue: expected a whole number from 0 to 4294967295, found `lots` (line 9, column 36)",
-                "routes[0].circuit_breaker.enabled: expected true or false, found `yes` (line 10, column 33)",
-                "routes[0].circuit_breaker.failure_ratio: expected a number, found `half` (line 10, column 53)",
-                "routes[0].circuit_breaker.failure_codes[1]: expected a whole number from 0 to 65535, found `99999` (line 10, column 80)",
-                "routes[0].retries: expected a mapping, found `2` (line 11, column 14)",
-                "defaults: expected a mapping, found `~` (line 12, column 11)",
+                "routes[0].retries.attempts: expected a whole number from 0 to 4294967295, found `\"2\"`: write it without quotes (line 10, column 26)",
+                "routes[0].circuit_breaker.enabled: expected true or false, found `yes` (line 11, column 33)",
+                "routes[0].circuit_breaker.failure_ratio: expected a number, found `half` (line 11, column 53)",
+                "routes[0].circuit_breaker.failure_codes[1]: expected a whole number from 0 to 65535, found `99999` (line 11, column 80)",
+                "routes[0].maintenance: expected a mapping, found `2` (line 12, column 18)",
+                "defaults: expected a mapping, found `~` (line 13, column 11)",
             ],
         ),
         (
