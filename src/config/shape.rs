@@ -95,6 +95,7 @@ struct Walk<'a> {
 }
 
 impl<'a> Walk<'a> {
+    /// Checks `value`, found at `path`, against `schema`, and repairs what does not fit.
     fn value(&mut self, schema: &'a Value, value: &mut Value, path: &str) {
         if depth(path) > MAX_DEPTH {
             return;
@@ -143,6 +144,8 @@ impl<'a> Walk<'a> {
         }
     }
 
+    /// The keys of a mapping: known ones checked against their schemas, unknown ones reported
+    /// (with the closest known one) and dropped, required ones present.
     fn object(&mut self, schema: &'a Value, map: &mut Map<String, Value>, path: &str) {
         let properties = schema.get("properties").and_then(Value::as_object);
         let additional = schema.get("additionalProperties");
