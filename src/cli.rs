@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `demo`, `--version`.
+//! The command line: `run`, `check`, `schema`, `demo`, `--version`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -53,6 +53,9 @@ pub enum Command {
         #[arg(long, env = "SPILLWAY_CONFIG", default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
+    /// Print the JSON Schema (draft 2020-12) of the config file, for editors and validators
+    /// (e.g. `spillway schema > spillway.schema.json`).
+    Schema,
     /// Run a built-in sample app with spillway in front of it, to try things out.
     Demo {
         /// Demo config; the sample app's address is passed to it as `${SPILLWAY_DEMO_APP}`.
@@ -79,7 +82,18 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Schema => print_schema(),
         Command::Demo { config } => block_on(crate::demo::run(&config, DEMO_CONFIG_EMBEDDED)),
+    }
+}
+
+/// `spillway schema`: the schema on stdout. A closed pipe (`| head`) is a failure, not a panic.
+fn print_schema() -> ExitCode {
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(&config::schema()).unwrap_or_default();
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 

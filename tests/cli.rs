@@ -1,4 +1,5 @@
-//! The real binary: `spillway check` on valid and invalid configs, and `--version`.
+//! The real binary: `spillway check` on valid and invalid configs, `spillway schema`, and
+//! `--version`.
 //! (`spillway run` and its signal handling are covered elsewhere.)
 
 use std::path::PathBuf;
@@ -141,12 +142,48 @@ fn check_rejects_an_unknown_key_with_its_path_and_line() {
         "{stderr}"
     );
     let errors = error_lines(&stderr);
-    assert_eq!(errors.len(), 1, "{stderr}");
-    assert_error(
-        errors[0],
-        "upstreams.app",
-        "unknown field `conect_timeout`",
-        (10, 5),
+    assert_eq!(
+        errors,
+        ["upstreams.app.conect_timeout: unknown key; did you mean `connect_timeout`? (line 10, column 5)"],
+        "{stderr}"
+    );
+}
+
+/// The issue's example: four mistakes of four kinds, all reported by one run, in file order,
+/// each with its path, line and column.
+#[test]
+fn check_reports_unknown_keys_types_references_and_values_in_one_run() {
+    let text = "\
+listeners:
+  - name: http
+    address: 127.0.0.1:0
+admin:
+  address: 127.0.0.1:0
+defaults:
+  timout: 5s
+upstreams:
+  app:
+    endpoints: [\"127.0.0.1:3000\"]
+    conect_timeout: 1s
+routes:
+  - name: api
+    upstream: ap
+    timeout: soon
+";
+    let (out, stdout, stderr, f) = check(text, "four-mistakes");
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stdout.is_empty(), "{stdout}");
+    assert_eq!(
+        stderr,
+        format!(
+            "{}: 4 error(s):
+  defaults.timout: unknown key; did you mean `timeout`? (line 7, column 3)
+  upstreams.app.conect_timeout: unknown key; did you mean `connect_timeout`? (line 11, column 5)
+  routes[0].upstream: unknown upstream `ap`; did you mean `app`? (line 14, column 15)
+  routes[0].timeout: `soon` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m (line 15, column 14)
+",
+            f.0.display()
+        )
     );
 }
 
@@ -183,7 +220,7 @@ fn check_rejects_a_bad_duration_with_its_path_and_line() {
     assert_error(
         errors[0],
         "routes[0].timeout",
-        "invalid duration `2 parsecs`",
+        "`2 parsecs` is not a duration: use a number and a unit",
         (14, 14),
     );
 }
@@ -232,7 +269,7 @@ fn check_reports_every_validation_error_at_once_in_file_order() {
     assert_error(
         errors[1],
         "routes[0].timeout",
-        "invalid duration `soon`",
+        "`soon` is not a duration",
         (14, 14),
     );
     assert_error(
@@ -251,6 +288,33 @@ fn check_of_a_missing_file_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(stderr.contains("cannot read"), "{stderr}");
+}
+
+#[test]
+fn schema_prints_the_config_schema() {
+    let out = spillway(&["schema"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("spillway schema prints JSON");
+    assert_eq!(printed, spillway::config::schema());
+    assert_eq!(
+        printed["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
+    assert_eq!(printed["additionalProperties"], false);
+    let timeout = &printed["$defs"]["PolicyFile"]["properties"]["timeout"];
+    assert_eq!(timeout["default"], "30s", "{timeout}");
+    assert!(
+        timeout["description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()),
+        "{timeout}"
+    );
 }
 
 #[test]

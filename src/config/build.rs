@@ -21,14 +21,18 @@ use super::file::{
 };
 use super::locate::{self, Locations, Position};
 use super::settings::*;
-use super::{defaults, yaml, ConfigError, ConfigErrors, Loaded};
+use super::{defaults, schema, shape, suggest, yaml, ConfigError, ConfigErrors, Loaded};
 
 /// Smallest request head limit accepted: a request line and a few fields.
 const MIN_REQUEST_HEAD_BYTES: u32 = 1024;
 
-/// Loads config text, expanding `${VAR}` from the process environment.
 /// Loads config text, expanding `${VAR}` with `lookup` (tests pass a table instead of touching
 /// the process environment).
+///
+/// Every mistake is reported in one go, in file order: repeated keys, unknown keys and values
+/// of the wrong type (the structural pass, [`shape`], driven by the JSON Schema), then every
+/// invalid value, reference and range (validation, below). Only a YAML syntax error, or a
+/// `${VAR}` that cannot be expanded, stops before the rest is looked at.
 pub(crate) fn load_str_with_env(
     text: &str,
     lookup: impl Fn(&str) -> Option<String>,
@@ -40,8 +44,8 @@ pub(crate) fn load_str_with_env(
         expanded: &expanded,
         errors: Vec::new(),
     };
-    // Checked before serde_yaml, which stops at the first repeated key and locates it at the
-    // start of its mapping; this names every repeat, where it stands.
+    // serde_yaml stops at the first repeated key and locates it at the start of its mapping;
+    // this names every repeat, where it stands.
     for dup in index.duplicates() {
         let key = dup.path.rsplit('.').next().unwrap_or(&dup.path);
         let first = expanded
@@ -50,21 +54,42 @@ pub(crate) fn load_str_with_env(
         let message = format!("duplicate key `{key}` (first given on line {first})");
         cx.error_at(&dup.path, message, Some(dup.at));
     }
-    if !cx.errors.is_empty() {
-        return Err(ConfigErrors(cx.errors));
-    }
-    let file: FileConfig = yaml::parse(&expanded.text).map_err(|mut e| {
+    let relocate = |mut e: ConfigError| {
         if let (Some(line), Some(column)) = (e.line, e.column) {
             (e.line, e.column) = located(expanded.original_position(line, column));
         }
-        ConfigErrors(vec![e])
-    })?;
+        e
+    };
+    let document = match yaml::parse_document(&expanded.text) {
+        Ok(document) => document,
+        Err(e) => {
+            cx.errors.push(relocate(e));
+            return Err(in_file_order(cx.errors));
+        }
+    };
+    let mut shape = shape::check(document, schema::cached(), &index);
+    for issue in &shape.issues {
+        cx.error_at(&issue.path, issue.message.clone(), issue.at);
+    }
+    let file: FileConfig = if cx.errors.is_empty() {
+        // A sound document: serde reads the text itself, as it always has.
+        yaml::parse(&expanded.text).map_err(|e| ConfigErrors(vec![relocate(e)]))?
+    } else {
+        // Read the repaired document, so that validation can report the mistakes beyond.
+        // Should serde still refuse it, the structural errors are what there is to say.
+        match serde_json::from_value(std::mem::take(&mut shape.document)) {
+            Ok(file) => file,
+            Err(_) => return Err(in_file_order(cx.errors)),
+        }
+    };
+    let structural = cx.errors.len();
     let settings = cx.settings(&file);
     let mut errors = cx.errors;
+    // A value dropped for its type is then missing or empty: not a second mistake.
+    let validation = errors.split_off(structural);
+    errors.extend(validation.into_iter().filter(|e| !shape.explains(&e.path)));
     if !errors.is_empty() {
-        // File order reads best; errors without a position (whole-file ones) go last.
-        errors.sort_by_key(|e| (e.line.is_none(), e.line, e.column));
-        return Err(ConfigErrors(errors));
+        return Err(in_file_order(errors));
     }
     let warnings = warnings(&settings);
     Ok(Loaded {
@@ -72,6 +97,13 @@ pub(crate) fn load_str_with_env(
         version: version(&expanded.text),
         warnings,
     })
+}
+
+/// File order reads best; errors without a position (whole-file ones) go last, and errors at
+/// the same place keep the order they were found in.
+fn in_file_order(mut errors: Vec<ConfigError>) -> ConfigErrors {
+    errors.sort_by_key(|e| (e.line.is_none(), e.line, e.column));
+    ConfigErrors(errors)
 }
 
 /// A known position as `ConfigError` holds it.
@@ -112,18 +144,25 @@ impl Cx<'_> {
     }
 
     /// Parses an optional duration; `positive` rejects zero where it makes no sense.
-    fn duration(&mut self, path: &str, value: Option<&String>, positive: bool) -> Option<Duration> {
-        let value = value?;
+    fn duration<T: AsRef<str> + ?Sized>(
+        &mut self,
+        path: &str,
+        value: Option<&T>,
+        positive: bool,
+    ) -> Option<Duration> {
+        let value = value?.as_ref();
         match humantime::parse_duration(value.trim()) {
             Ok(d) if positive && d.is_zero() => {
                 self.error(path, "must be greater than zero");
                 None
             }
             Ok(d) => Some(d),
-            Err(e) => {
+            Err(_) => {
                 self.error(
                     path,
-                    format!("invalid duration `{value}` ({e}); write e.g. 250ms, 5s or 1m"),
+                    format!(
+                        "`{value}` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m"
+                    ),
                 );
                 None
             }
@@ -506,10 +545,13 @@ impl Cx<'_> {
                 }
                 Some(u) => {
                     if !upstreams.contains_key(u) {
+                        let known = || upstreams.keys().map(String::as_str);
                         let message = if upstreams.is_empty() {
                             format!("unknown upstream `{u}`: no upstreams are defined")
+                        } else if let Some(near) = suggest::closest(u, known()) {
+                            format!("unknown upstream `{u}`; did you mean `{near}`?")
                         } else {
-                            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                            let known: Vec<&str> = known().collect();
                             format!(
                                 "unknown upstream `{u}`; defined upstreams: {}",
                                 known.join(", ")

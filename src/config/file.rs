@@ -4,12 +4,54 @@
 //! see together with every other mistake (durations, addresses, names) are kept as strings here
 //! and parsed in [`super::build`], which collects all errors with their field paths.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use schemars::JsonSchema;
+use schemars::{json_schema, JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 
-/// The whole file.
+/// What a duration may look like, as a JSON Schema (ECMA-262) pattern: what humantime (the
+/// parser in [`super::build`], after trimming) accepts, less oddities such as spaces inside a
+/// number. `0`, or one or more of a whole or decimal number and a unit, with or without spaces
+/// between: `250ms`, `5s`, `1.5m`, `1h 30m`, `1h30m`. A value holding a `${VAR}` reference is
+/// let through: it is expanded before the file is read, and editors see it unexpanded.
+pub const DURATION_PATTERN: &str = concat!(
+    r"^\s*(?:0|(?:[0-9]+(?:\.[0-9]+)?\s*",
+    r"(?:nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s",
+    r"|minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d",
+    r"|weeks|week|wks|wk|w|months|month|M|years|year|yrs|yr|y)\s*)+)\s*$",
+    r"|\$\{",
+);
+
+/// A duration as written, e.g. `250ms`, `5s`, `1m` or `1h 30m`; parsed (with humantime) in
+/// [`super::build`], which reports a bad one together with every other mistake. A type of its
+/// own so that the schema says what a duration looks like at every key that holds one.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct DurationText(pub String);
+
+impl AsRef<str> for DurationText {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl JsonSchema for DurationText {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": DURATION_PATTERN,
+            "description": "A duration: a number and a unit (ns, us, ms, s, m, h, d), e.g. \
+                250ms, 5s, 1.5m; several add up: 1h 30m.",
+        })
+    }
+}
+
+/// spillway's config file; docs/configuration.md describes every key.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
@@ -37,7 +79,7 @@ pub struct FileConfig {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
-    /// Unique name, used in logs and metrics.
+    /// Unique name, used in logs and metrics; required when there are several listeners.
     pub name: Option<String>,
     /// `ip:port` to bind.
     pub address: Option<String>,
@@ -52,9 +94,9 @@ pub struct ListenerFile {
     pub max_request_headers: Option<u32>,
     /// How long a new connection may take to send its first request head, and any head may
     /// take once its first byte arrived; the connection is closed after it.
-    pub header_timeout: Option<String>,
+    pub header_timeout: Option<DurationText>,
     /// How long a kept-alive client connection may sit idle between requests.
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<DurationText>,
 }
 
 /// TLS termination settings for a listener.
@@ -82,9 +124,9 @@ pub struct AdminFile {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownFile {
     /// How long readiness fails before listeners stop accepting.
-    pub drain_delay: Option<String>,
+    pub drain_delay: Option<DurationText>,
     /// How long in-flight requests get after that.
-    pub drain_timeout: Option<String>,
+    pub drain_timeout: Option<DurationText>,
 }
 
 /// One upstream (the app, possibly several endpoints of it).
@@ -95,9 +137,9 @@ pub struct UpstreamFile {
     #[serde(default)]
     pub endpoints: Vec<String>,
     /// TCP connect timeout.
-    pub connect_timeout: Option<String>,
+    pub connect_timeout: Option<DurationText>,
     /// Pooled connections idle longer than this are closed.
-    pub idle_timeout: Option<String>,
+    pub idle_timeout: Option<DurationText>,
     /// `http1` (default) or `http2` (prior knowledge).
     pub protocol: Option<String>,
     /// TLS to the upstream.
@@ -132,9 +174,9 @@ pub struct RouteFile {
     // The policy fields are spelled out rather than flattened from `PolicyFile`: serde cannot
     // combine `flatten` with `deny_unknown_fields`, and flattening loses error locations.
     /// Overrides `defaults.timeout`.
-    pub timeout: Option<String>,
+    pub timeout: Option<DurationText>,
     /// Overrides `defaults.retry_after`.
-    pub retry_after: Option<String>,
+    pub retry_after: Option<DurationText>,
     /// Overrides `defaults.concurrency` field by field.
     pub concurrency: Option<ConcurrencyFile>,
     /// Overrides `defaults.circuit_breaker` field by field.
@@ -176,9 +218,9 @@ pub struct MatchFile {
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
     /// Response head must arrive within this, else 504.
-    pub timeout: Option<String>,
+    pub timeout: Option<DurationText>,
     /// `Retry-After` on 503s the proxy generates.
-    pub retry_after: Option<String>,
+    pub retry_after: Option<DurationText>,
     /// Concurrency limit and queue.
     pub concurrency: Option<ConcurrencyFile>,
     /// Circuit breaker.
@@ -200,7 +242,7 @@ pub struct ConcurrencyFile {
     /// Bounded FIFO queue length; 0 sheds at once.
     pub queue: Option<u32>,
     /// Longest wait in the queue.
-    pub queue_timeout: Option<String>,
+    pub queue_timeout: Option<DurationText>,
 }
 
 /// Adaptive concurrency limit bounds.
@@ -220,13 +262,13 @@ pub struct BreakerFile {
     /// Whether the breaker is active.
     pub enabled: Option<bool>,
     /// Sliding window over which failures are counted.
-    pub window: Option<String>,
+    pub window: Option<DurationText>,
     /// Fewest requests in the window before the breaker may open.
     pub min_requests: Option<u32>,
     /// Failure ratio (0..=1) at which it opens.
     pub failure_ratio: Option<f64>,
     /// How long it stays open before probing.
-    pub open_for: Option<String>,
+    pub open_for: Option<DurationText>,
     /// Probes let through while half-open.
     pub half_open_requests: Option<u32>,
     /// Upstream status codes that count as failures.
@@ -240,7 +282,7 @@ pub struct MaintenanceFile {
     /// Whether every request is answered 503.
     pub enabled: Option<bool>,
     /// `Retry-After` while in maintenance.
-    pub retry_after: Option<String>,
+    pub retry_after: Option<DurationText>,
 }
 
 /// Retry settings.
@@ -250,7 +292,75 @@ pub struct RetriesFile {
     /// Extra attempts after the first.
     pub attempts: Option<u32>,
     /// Base backoff between attempts (jittered, doubling).
-    pub backoff: Option<String>,
+    pub backoff: Option<DurationText>,
     /// Retries allowed as a share of requests over a sliding window.
     pub budget: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The schema's duration pattern and the loader agree: what one accepts, so does the other.
+    #[test]
+    fn the_duration_pattern_accepts_what_humantime_parses() {
+        let pattern = regex::Regex::new(DURATION_PATTERN).unwrap();
+        let parses = |s: &str| humantime::parse_duration(s.trim()).is_ok();
+        let good = [
+            "0",
+            "0s",
+            "250ms",
+            "5s",
+            " 5s ",
+            "1m",
+            "1.5m",
+            "1h 30m",
+            "1h30m",
+            "5 s",
+            "10 minutes",
+            "2hours",
+            "3d",
+            "1w",
+            "1M",
+            "1y",
+            "100us",
+            "100\u{b5}s",
+            "7ns",
+            "1sec",
+            "30secs",
+            "2hrs",
+        ];
+        for s in good {
+            assert!(pattern.is_match(s), "the pattern refuses {s:?}");
+            assert!(parses(s), "humantime refuses {s:?}");
+        }
+        let bad = [
+            "",
+            "soon",
+            "30",
+            "5S",
+            "1.s",
+            ".5s",
+            "5s5",
+            "-5s",
+            "5 parsecs",
+            "00",
+            "5ms!",
+            "1h,30m",
+            "five s",
+            "s",
+        ];
+        for s in bad {
+            assert!(!pattern.is_match(s), "the pattern accepts {s:?}");
+            assert!(!parses(s), "humantime accepts {s:?}");
+        }
+        // Every unit the pattern names is one humantime knows.
+        let start = DURATION_PATTERN.find("nanos").unwrap();
+        let end = start + DURATION_PATTERN[start..].find(')').unwrap();
+        for unit in DURATION_PATTERN[start..end].split('|') {
+            assert!(parses(&format!("2{unit}")), "humantime refuses 2{unit}");
+        }
+        // A reference is expanded before parsing; editors see it as written.
+        assert!(pattern.is_match("${SPILLWAY_DRAIN_DELAY:-5s}"));
+    }
 }

@@ -39,10 +39,13 @@ pub(crate) struct Duplicate {
     pub first: Position,
 }
 
-/// Field path -> position of its value (of its key, when the value is a mapping or sequence).
+/// Field path -> position of its value (of its key, when the value is a mapping or sequence),
+/// position of its key, and the text of scalar values.
 #[derive(Debug, Default)]
 pub(crate) struct Locations {
     positions: HashMap<String, Position>,
+    keys: HashMap<String, Position>,
+    scalars: HashMap<String, String>,
     duplicates: Vec<Duplicate>,
 }
 
@@ -50,6 +53,18 @@ impl Locations {
     /// The position of exactly `path`, if it is in the text.
     pub(crate) fn get(&self, path: &str) -> Option<Position> {
         self.positions.get(path).copied()
+    }
+
+    /// The position of the mapping key that names `path` (`defaults.timout` -> `timout`), if
+    /// `path` is a mapping entry in the text. A key given twice: the last one.
+    pub(crate) fn key(&self, path: &str) -> Option<Position> {
+        self.keys.get(path).copied()
+    }
+
+    /// The text of the scalar at `path` as written, quotes and escapes resolved (`~`, `0x10`,
+    /// `1.50`, and `""` for an empty value), if `path` is a scalar in the text.
+    pub(crate) fn scalar(&self, path: &str) -> Option<&str> {
+        self.scalars.get(path).map(String::as_str)
     }
 
     /// The position of `path` or, when it is absent (a missing field), of its nearest ancestor
@@ -192,6 +207,7 @@ impl Walker<'_> {
                         format!("{path}.{name}")
                     };
                     let at = Position::from(kmark);
+                    self.out.keys.insert(child.clone(), at);
                     if let Some(first) = seen.insert(name, at) {
                         self.out.duplicates.push(Duplicate {
                             path: child.clone(),
@@ -206,6 +222,9 @@ impl Walker<'_> {
             // Scalars and aliases: the value's own position. An alias is not followed; fields
             // below it fall back to it through `nearest`.
             _ => {
+                if let Event::Scalar(text, ..) = ev {
+                    self.out.scalars.insert(path.clone(), text);
+                }
                 self.out.positions.insert(path, mark.into());
                 Ok(())
             }
@@ -304,6 +323,37 @@ upstreams: { app: { endpoints: [\"h:1\", \"h:2\"] } }
                 first: Position { line: 2, column: 3 },
             }]
         );
+    }
+
+    #[test]
+    fn keys_are_located_at_the_key_and_scalars_keep_their_text() {
+        let index = index(BLOCK);
+        let key = |path: &str| index.key(path).map(|p| (p.line, p.column));
+        assert_eq!(key("defaults.concurrency.queue_timeout"), Some((20, 5)));
+        assert_eq!(key("listeners[0].address"), Some((3, 5)));
+        assert_eq!(key("upstreams.app"), Some((5, 3)));
+        assert_eq!(key("listeners[0]"), None, "a list item has no key");
+        assert_eq!(
+            index.scalar("defaults.concurrency.queue_timeout"),
+            Some("100ms")
+        );
+        assert_eq!(
+            index.scalar("upstreams.app.endpoints[1]"),
+            Some("10.0.0.1:3000")
+        );
+        assert_eq!(
+            index.scalar("upstreams.app"),
+            None,
+            "a mapping is no scalar"
+        );
+
+        let flow = super::index("a: { b: 0x10, c: ~, d: , e: '' }\n");
+        assert_eq!(flow.key("a.c").map(|p| (p.line, p.column)), Some((1, 15)));
+        let texts: Vec<_> = ["a.b", "a.c", "a.d", "a.e"]
+            .iter()
+            .map(|p| flow.scalar(p))
+            .collect();
+        assert_eq!(texts, [Some("0x10"), Some("~"), Some(""), Some("")]);
     }
 
     #[test]

@@ -10,6 +10,8 @@ mod locate;
 pub(crate) mod matching;
 mod schema;
 pub mod settings;
+mod shape;
+mod suggest;
 mod summary;
 mod yaml;
 

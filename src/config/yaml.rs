@@ -1,9 +1,14 @@
-//! The one place serde_yaml is used: text in, typed value or one located [`ConfigError`] out.
+//! The one place serde_yaml is used: text in, typed value or one located [`ConfigError`] out;
+//! or text in and the document as a JSON value out, for a pass that looks at all of it.
 //!
 //! serde_yaml reports errors as `path: message at line L column C`; that is split into the
 //! error's `path`, `message`, `line` and `column` so that every config error prints alike.
 
-use serde::de::DeserializeOwned;
+use std::fmt;
+
+use serde::de::{DeserializeOwned, EnumAccess, MapAccess, SeqAccess, VariantAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Number, Value};
 
 use super::ConfigError;
 
@@ -20,6 +25,117 @@ pub(crate) fn parse<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
         Err(e) => return Err(convert(&e)),
     }
     serde_yaml::from_str(text).map_err(|e| convert(&e))
+}
+
+/// Parses YAML text into a JSON value, as serde_yaml reads it: its rules decide what a plain
+/// scalar is (`~` is null, `0x10` a number, `yes` a string), tags are dropped, and a
+/// non-string key is written out (`1` -> `"1"`). Unlike [`parse`], a key given twice is no
+/// error: the last is kept, as the caller reports every repeated key itself. A float that JSON
+/// cannot hold (`.inf`, `.nan`) becomes the string YAML writes for it.
+///
+/// Empty documents and syntax errors are errors as in [`parse`].
+pub(crate) fn parse_document(text: &str) -> Result<Value, ConfigError> {
+    match serde_yaml::from_str::<Document>(text) {
+        Ok(Document(Value::Null)) => Err(empty()),
+        Ok(Document(value)) => Ok(value),
+        Err(e) => Err(convert(&e)),
+    }
+}
+
+/// A YAML node as a JSON value, built by serde_yaml's `deserialize_any`.
+struct Document(Value);
+
+impl<'de> Deserialize<'de> for Document {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DocumentVisitor).map(Document)
+    }
+}
+
+struct DocumentVisitor;
+
+impl<'de> Visitor<'de> for DocumentVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_i128<E>(self, v: i128) -> Result<Value, E> {
+        Ok(i64::try_from(v).map_or_else(|_| Value::String(v.to_string()), Value::from))
+    }
+
+    fn visit_u128<E>(self, v: u128) -> Result<Value, E> {
+        Ok(u64::try_from(v).map_or_else(|_| Value::String(v.to_string()), Value::from))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(match Number::from_f64(v) {
+            Some(n) => Value::Number(n),
+            None if v.is_nan() => Value::String(".nan".into()),
+            None if v > 0.0 => Value::String(".inf".into()),
+            None => Value::String("-.inf".into()),
+        })
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        Document::deserialize(deserializer).map(|d| d.0)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Document(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some((Document(key), Document(value))) = map.next_entry()? {
+            let key = match key {
+                Value::String(s) => s,
+                // A collection as a key: never a config field (locate.rs calls it `?` too).
+                Value::Array(_) | Value::Object(_) => "?".to_owned(),
+                other => other.to_string(),
+            };
+            out.insert(key, value);
+        }
+        Ok(Value::Object(out))
+    }
+
+    /// A tagged value (`!tag value`): the value.
+    fn visit_enum<A: EnumAccess<'de>>(self, data: A) -> Result<Value, A::Error> {
+        let (_tag, value): (serde::de::IgnoredAny, _) = data.variant()?;
+        value.newtype_variant::<Document>().map(|d| d.0)
+    }
 }
 
 fn empty() -> ConfigError {
@@ -145,6 +261,47 @@ mod tests {
             let err = parse::<Doc>(text).unwrap_err();
             assert_eq!(err.message, "config is empty", "{text:?}");
             assert_eq!(err.path, "");
+            let err = parse_document(text).unwrap_err();
+            assert_eq!(err.message, "config is empty", "{text:?}");
         }
+    }
+
+    #[test]
+    fn documents_read_scalars_as_serde_yaml_does() {
+        let text = "\
+a: ~
+b:
+c: 0x10
+d: '5'
+e: 1.50
+f: yes
+g: true
+h: [1, -2, .inf, .nan]
+i: !custom tagged
+j: !!str 7
+1: numeric key
+k: { x: 1 }
+";
+        let doc = parse_document(text).unwrap();
+        let expected = serde_json::json!({
+            "a": null, "b": null, "c": 16, "d": "5", "e": 1.5, "f": "yes", "g": true,
+            "h": [1, -2, ".inf", ".nan"], "i": "tagged", "j": "7", "1": "numeric key",
+            "k": { "x": 1 },
+        });
+        assert_eq!(doc, expected);
+    }
+
+    #[test]
+    fn documents_keep_the_last_of_a_repeated_key() {
+        let doc = parse_document("a: 1\nb: 2\na: 3\n").unwrap();
+        assert_eq!(doc, serde_json::json!({ "a": 3, "b": 2 }));
+        // `parse` refuses the same text.
+        assert!(parse::<serde_json::Value>("a: 1\na: 3\n").is_err());
+    }
+
+    #[test]
+    fn document_syntax_errors_are_located() {
+        let err = parse_document("items: [\n  { size: 1 }\n").unwrap_err();
+        assert!(err.line.is_some(), "{err}");
     }
 }

@@ -42,8 +42,8 @@ async fn post_reload_applies_good_configs_and_refuses_bad_ones_whole() {
     );
     assert_eq!(proxy.metric(SUCCESS).await, 2.0);
 
-    // An unknown key: 422 naming the path and line; nothing applied (the maintenance it
-    // also asks for would answer /x with 503).
+    // An unknown key: 422 naming the key, its line and the key meant; nothing applied (the
+    // maintenance it also asks for would answer /x with 503).
     let bad = config(app.local_addr(), nowhere, X_MAINTENANCE, "3s")
         .replace("    timeout: 3s\n", "    timout: 3s\n");
     let bad_line = bad.lines().position(|l| l.contains("timout")).unwrap() + 1;
@@ -55,15 +55,19 @@ async fn post_reload_applies_good_configs_and_refuses_bad_ones_whole() {
         .unwrap_or_else(|| panic!("no errors list: {json}"));
     let e = errors
         .iter()
-        .find(|e| {
-            e["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("unknown field `timout`"))
-        })
-        .unwrap_or_else(|| panic!("no unknown-field error: {json}"));
-    assert_eq!(e["path"], "routes[1]", "{json}");
+        .find(|e| e["message"] == "unknown key; did you mean `timeout`?")
+        .unwrap_or_else(|| panic!("no unknown-key error: {json}"));
+    assert_eq!(e["path"], "routes[1].timout", "{json}");
     assert_eq!(e["line"], bad_line, "{json}");
-    assert!(e["column"].is_u64(), "{json}");
+    assert_eq!(e["column"], 5, "{json}");
+    // Every error, in the order and words `spillway check` gives them.
+    let checked = spillway::config::load_str(&bad).expect_err("the bad config is refused");
+    let as_checked: Vec<serde_json::Value> = checked
+        .0
+        .iter()
+        .map(|e| serde_json::json!({"path": e.path, "message": e.message, "line": e.line, "column": e.column}))
+        .collect();
+    assert_eq!(errors, &as_checked, "{json}");
     assert_eq!(
         proxy.serving().await.0,
         version_of(&b),
