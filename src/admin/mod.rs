@@ -164,7 +164,7 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
                     let list: Vec<_> = errors
                         .0
                         .iter()
-                        .map(|e| serde_json::json!({"path": e.path, "message": e.message, "line": e.line, "column": e.column}))
+                        .map(|e| serde_json::json!({"path": e.path, "message": e.message, "line": e.line, "column": e.column, "hint": e.hint}))
                         .collect();
                     text(
                         StatusCode::UNPROCESSABLE_ENTITY,

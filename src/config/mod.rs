@@ -34,16 +34,31 @@ pub struct ConfigError {
     pub line: Option<usize>,
     /// 1-based column, when known.
     pub column: Option<usize>,
+    /// A suggestion (`did you mean `timeout`?`), printed after the location.
+    pub hint: Option<String>,
 }
 
+/// How a suggestion is introduced in a message built as one string.
+const HINT: &str = "; did you mean ";
+
 impl ConfigError {
-    /// An error at `path` (empty for the whole file), not yet located in the text.
+    /// An error at `path` (empty for the whole file), not yet located in the text. A message
+    /// that ends in `; did you mean …?` keeps that part as the [`hint`](Self::hint), so the
+    /// location comes first: `defaults.timout: unknown key (line 7, column 3); did you mean
+    /// `timeout`?`.
     pub fn new(path: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        let mut message = message.into();
+        let hint = message.find(HINT).map(|at| {
+            let hint = message[at + 2..].to_owned();
+            message.truncate(at);
+            hint
+        });
         ConfigError {
             path: path.into(),
-            message: message.into(),
+            message,
             line: None,
             column: None,
+            hint,
         }
     }
 
@@ -65,9 +80,13 @@ impl fmt::Display for ConfigError {
             write!(f, "{}: {}", self.path, self.message)?;
         }
         match (self.line, self.column) {
-            (Some(l), Some(c)) => write!(f, " (line {l}, column {c})"),
-            (Some(l), None) => write!(f, " (line {l})"),
-            _ => Ok(()),
+            (Some(l), Some(c)) => write!(f, " (line {l}, column {c})")?,
+            (Some(l), None) => write!(f, " (line {l})")?,
+            _ => {}
+        }
+        match &self.hint {
+            Some(hint) => write!(f, "; {hint}"),
+            None => Ok(()),
         }
     }
 }

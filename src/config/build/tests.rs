@@ -51,7 +51,14 @@ fn errors(text: &str) -> Vec<(String, Option<usize>, Option<usize>, String)> {
         Ok(_) => panic!("expected errors"),
         Err(ConfigErrors(errs)) => errs
             .into_iter()
-            .map(|e| (e.path, e.line, e.column, e.message))
+            // The message with its hint, as one text.
+            .map(|e| {
+                let text = match &e.hint {
+                    Some(h) => format!("{}; {h}", e.message),
+                    None => e.message.clone(),
+                };
+                (e.path, e.line, e.column, text)
+            })
             .collect(),
     }
 }
@@ -281,9 +288,9 @@ routes:
     timeout: soon
 ",
             &[
-                "defaults.timout: unknown key; did you mean `timeout`? (line 7, column 3)",
-                "upstreams.app.conect_timeout: unknown key; did you mean `connect_timeout`? (line 11, column 5)",
-                "routes[0].upstream: unknown upstream `ap`; did you mean `app`? (line 14, column 15)",
+                "defaults.timout: unknown key (line 7, column 3); did you mean `timeout`?",
+                "upstreams.app.conect_timeout: unknown key (line 11, column 5); did you mean `connect_timeout`?",
+                "routes[0].upstream: unknown upstream `ap` (line 14, column 15); did you mean `app`?",
                 "routes[0].timeout: `soon` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m (line 15, column 14)",
             ],
         ),
@@ -332,11 +339,11 @@ routes:
     timeout: 0x1E
 ",
             &[
-                "listners: unknown key; did you mean `listeners`? (line 1, column 1)",
+                "listners: unknown key (line 1, column 1); did you mean `listeners`?",
                 "upstreams.app: duplicate key `app` (first given on line 3) (line 4, column 3)",
-                "upstreams.app.tsl: unknown key; did you mean `tls`? (line 4, column 41)",
+                "upstreams.app.tsl: unknown key (line 4, column 41); did you mean `tls`?",
                 "routes[0].match.colour: unknown key; expected one of `host`, `methods`, `path_prefix` (line 8, column 30)",
-                "routes[0].retries.attempt: unknown key; did you mean `attempts`? (line 9, column 16)",
+                "routes[0].retries.attempt: unknown key (line 9, column 16); did you mean `attempts`?",
                 "routes[0].timeout: `0x1E` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m (line 10, column 14)",
                 "listeners: at least one listener is required",
             ],
