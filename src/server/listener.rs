@@ -24,7 +24,7 @@ use super::timer::SpareTimer;
 use crate::config::ListenerSettings;
 use crate::error::{retry_after_secs, ProxyError, ShedReason};
 use crate::http1::request::HeadLimits;
-use crate::http1::server::io::ClientIo;
+use crate::http1::server::io::{ClientIo, Rewind};
 use crate::http1::server::{self as h1, Served, ServerSettings};
 use crate::http1::{date, encode};
 use crate::metrics::ListenerMetrics;
@@ -127,8 +127,9 @@ pub(crate) async fn serve(
                 None => ClientIo::Plain(stream),
                 Some(tls) => {
                     // A drain lets the handshake finish (the connection is then closed before
-                    // its first request); a cut ends it.
-                    match conn.watch(tls.accept(stream, peer), |_| {}).await {
+                    // its first request); a cut ends it. Boxed, like every state an idle
+                    // connection is not in: the task's size is that of its largest state.
+                    match Box::pin(conn.watch(tls.accept(stream, peer), |_| {})).await {
                         Some(Some(stream)) => ClientIo::Tls(Box::new(stream)),
                         _ => return,
                     }
@@ -254,6 +255,22 @@ async fn serve_io(
     let draining = move || drain.draining();
     let served = conn.watch(h1::serve(io, &svc, h1, &draining), |_| {}).await;
     if let Some(Served::Http2(io)) = served {
+        // Boxed: hyper's HTTP/2 connection is large, and inline it would make every HTTP/1.1
+        // connection's task as large.
+        Box::pin(serve_h2(io, svc, h1, h2, conn, peer)).await;
+    }
+}
+
+/// Serves an HTTP/2 connection (recognised by its preface) with hyper's server.
+async fn serve_h2(
+    io: Rewind<ClientIo>,
+    svc: ProxyService,
+    h1: &ServerSettings,
+    h2: &H2Builder,
+    conn: &mut ConnectionSlot,
+    peer: SocketAddr,
+) {
+    {
         let started = Arc::new(AtomicU64::new(0));
         let http = h2.serve_connection(TokioIo::new(io), svc.counting(started.clone()));
         let http = idle_watch(http, started, h1.header_timeout, h1.idle_timeout);
@@ -351,5 +368,38 @@ impl<F: Future + GracefulClose> Future for IdleWatch<F> {
             let _ = self.as_mut().project().timer.as_mut().poll(cx);
         }
         self.project().conn.poll(cx).map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An idle connection costs its task's size (plus a few small allocations): every state it
+    /// spends time in while busy (a request in flight, a TLS handshake, HTTP/2) is boxed, so the
+    /// task stays small. The figure is debug-build, where futures are largest.
+    #[tokio::test]
+    async fn a_connection_task_stays_small() {
+        let loaded = crate::config::load_str(
+            "listeners: [{address: 127.0.0.1:0}]\nupstreams: {app: {endpoints: [\"127.0.0.1:1\"]}}\nroutes: [{name: r, upstream: app}]\n",
+        )
+        .unwrap();
+        let metrics = crate::metrics::Metrics::new();
+        let rt = Arc::new(ArcSwap::from_pointee(Runtime::build(
+            &loaded, &metrics, None,
+        )));
+        let h1 = server_settings(&loaded.settings.listeners[0]);
+        let h2 = H2Builder::new(TokioExecutor::new());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let svc = ProxyService::new(rt, peer, "http");
+        let connections = Connections::counted(None);
+        let mut conn = connections.register();
+        let task = serve_io(ClientIo::Plain(stream), svc, &h1, &h2, &mut conn, peer);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 1024, "a connection's task is {size} bytes");
     }
 }

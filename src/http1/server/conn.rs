@@ -86,6 +86,11 @@ pub(super) async fn serve<H: Handler>(
 }
 
 /// Reads one request, has it answered and writes the answer.
+///
+/// Only the wait for a head lives in the connection's task itself; everything after it (the
+/// handler's future, the response body) is boxed per request. A connection spends most of its
+/// life idle, and its task's size is that of its largest state: kept inline, the busy state
+/// would make every idle connection several KiB larger.
 async fn one_exchange<H: Handler>(
     shared: &SharedConn,
     handler: &H,
@@ -93,23 +98,40 @@ async fn one_exchange<H: Handler>(
     draining: &(dyn Fn() -> bool + Sync),
     first: bool,
 ) -> Next {
-    let head = match read_head(shared, settings, draining, first).await {
-        HeadRead::Head(head) => head,
-        HeadRead::Closed => return Next::Close,
+    match read_head(shared, settings, draining, first).await {
+        HeadRead::Head(head) => Box::pin(exchange(shared, handler, settings, draining, head)).await,
+        HeadRead::Closed => Next::Close,
         HeadRead::Http2 => {
             let mut s = lock(shared);
             let prefix = s.rbuf.split().freeze();
-            return match s.io.take() {
+            match s.io.take() {
                 Some(io) => Next::HandOff(Served::Http2(Rewind::new(prefix, io))),
                 None => Next::Close,
-            };
+            }
         }
         HeadRead::Refused(e) => {
             let resp = handler.refuse(e);
-            let _ = write_response(shared, resp, &Method::GET, Version::HTTP_11, false).await;
-            return Next::Close;
+            let _ = Box::pin(write_response(
+                shared,
+                resp,
+                &Method::GET,
+                Version::HTTP_11,
+                false,
+            ))
+            .await;
+            Next::Close
         }
-    };
+    }
+}
+
+/// Has one request answered and writes the answer.
+async fn exchange<H: Handler>(
+    shared: &SharedConn,
+    handler: &H,
+    settings: &ServerSettings,
+    draining: &(dyn Fn() -> bool + Sync),
+    head: Box<RequestHead>,
+) -> Next {
     let RequestHead {
         parts,
         framing,
