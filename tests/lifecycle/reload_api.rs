@@ -55,7 +55,7 @@ async fn post_reload_applies_good_configs_and_refuses_bad_ones_whole() {
         .unwrap_or_else(|| panic!("no errors list: {json}"));
     let e = errors
         .iter()
-        .find(|e| e["message"] == "unknown key; did you mean `timeout`?")
+        .find(|e| e["message"] == "unknown key" && e["hint"] == "did you mean `timeout`?")
         .unwrap_or_else(|| panic!("no unknown-key error: {json}"));
     assert_eq!(e["path"], "routes[1].timout", "{json}");
     assert_eq!(e["line"], bad_line, "{json}");
@@ -65,7 +65,7 @@ async fn post_reload_applies_good_configs_and_refuses_bad_ones_whole() {
     let as_checked: Vec<serde_json::Value> = checked
         .0
         .iter()
-        .map(|e| serde_json::json!({"path": e.path, "message": e.message, "line": e.line, "column": e.column}))
+        .map(|e| serde_json::json!({"path": e.path, "message": e.message, "line": e.line, "column": e.column, "hint": e.hint}))
         .collect();
     assert_eq!(errors, &as_checked, "{json}");
     assert_eq!(
