@@ -55,6 +55,9 @@ pub enum ShedReason {
     /// The route is in maintenance mode.
     #[error("maintenance mode")]
     Maintenance,
+    /// The upstream endpoint has `max_connections` open and none came free in time.
+    #[error("upstream connection limit reached")]
+    UpstreamConnectionLimit,
 }
 
 impl ShedReason {
@@ -65,15 +68,17 @@ impl ShedReason {
             ShedReason::QueueTimeout => "queue_timeout",
             ShedReason::CircuitOpen => "circuit_open",
             ShedReason::Maintenance => "maintenance",
+            ShedReason::UpstreamConnectionLimit => "upstream_connection_limit",
         }
     }
 
     /// All reasons, for resolving metric handles once.
-    pub const ALL: [ShedReason; 4] = [
+    pub const ALL: [ShedReason; 5] = [
         ShedReason::ConcurrencyLimit,
         ShedReason::QueueTimeout,
         ShedReason::CircuitOpen,
         ShedReason::Maintenance,
+        ShedReason::UpstreamConnectionLimit,
     ];
 }
 
@@ -205,7 +210,9 @@ impl ProxyError {
                 ),
             },
             ProxyError::Shed { reason, .. } => match reason {
-                ShedReason::ConcurrencyLimit | ShedReason::QueueTimeout => (
+                ShedReason::ConcurrencyLimit
+                | ShedReason::QueueTimeout
+                | ShedReason::UpstreamConnectionLimit => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "connection_limit_reached",
                     "overloaded, retry later\n",
@@ -409,6 +416,11 @@ mod tests {
                 s(ShedReason::Maintenance),
                 503,
                 Some("proxy_internal_response"),
+            ),
+            (
+                s(ShedReason::UpstreamConnectionLimit),
+                503,
+                Some("connection_limit_reached"),
             ),
             (ProxyError::LoopDetected, 508, Some("proxy_loop_detected")),
             (ProxyError::NoRoute, 404, None),

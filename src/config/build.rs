@@ -461,12 +461,22 @@ impl Cx<'_> {
                 .tls
                 .as_ref()
                 .map(|t| self.upstream_tls(&format!("{base}.tls"), t));
+            let max_connections =
+                self.at_least_one(&format!("{base}.max_connections"), u.max_connections);
+            if protocol == UpstreamProtocol::Http2 && max_connections.is_some() {
+                self.error(
+                    &format!("{base}.max_connections"),
+                    "max_connections applies to http1 upstreams: HTTP/2 multiplexes over one connection per endpoint",
+                );
+            }
             out.insert(
                 name.clone(),
                 UpstreamSettings {
                     endpoints: u.endpoints.iter().map(|e| e.trim().to_owned()).collect(),
                     connect_timeout: connect_timeout.unwrap_or(defaults::CONNECT_TIMEOUT),
                     idle_timeout: idle_timeout.unwrap_or(defaults::IDLE_TIMEOUT),
+                    max_idle: u.max_idle.unwrap_or(defaults::MAX_IDLE),
+                    max_connections,
                     protocol,
                     tls,
                 },

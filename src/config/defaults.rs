@@ -34,6 +34,11 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// client closes first (the keep-alive race, seen from the other side); nginx uses 75 s.
 pub(crate) const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Idle upstream connections kept per endpoint: enough for the concurrency of a busy app
+/// (more are only opened under load, and closed as they come back), few enough that a burst
+/// does not leave spillway holding hundreds of idle connections and buffers.
+pub(crate) const MAX_IDLE: u32 = 64;
+
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
 /// is reported as a 504 before most clients give up on their own.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);

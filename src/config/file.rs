@@ -140,6 +140,11 @@ pub struct UpstreamFile {
     pub connect_timeout: Option<DurationText>,
     /// Pooled connections idle longer than this are closed.
     pub idle_timeout: Option<DurationText>,
+    /// Most idle connections kept per endpoint; more are closed as they come back.
+    pub max_idle: Option<u32>,
+    /// Most open connections per endpoint (busy and idle); beyond it a request waits (as long
+    /// as the route's queue_timeout when the route has a queue) or is refused with 503.
+    pub max_connections: Option<u32>,
     /// `http1` (default) or `http2` (prior knowledge).
     pub protocol: Option<String>,
     /// TLS to the upstream.

@@ -68,6 +68,7 @@ fn key_defaults() -> Vec<(&'static str, Value, &'static str)> {
         "admin.address" => text(ADMIN_ADDRESS),
         "upstreams.<name>.connect_timeout" => duration(CONNECT_TIMEOUT),
         "upstreams.<name>.idle_timeout" => duration(IDLE_TIMEOUT),
+        "upstreams.<name>.max_idle" => json(MAX_IDLE),
         "upstreams.<name>.protocol" => json(PROTOCOL),
         "routes[].match.path_prefix" => json(PATH_PREFIX),
         "defaults.timeout" => duration(TIMEOUT),

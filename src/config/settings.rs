@@ -97,6 +97,10 @@ pub struct UpstreamSettings {
     /// Idle pooled connections are closed after this.
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
+    /// Most idle pooled connections per endpoint.
+    pub max_idle: u32,
+    /// Most open connections per endpoint; `None`: no cap.
+    pub max_connections: Option<u32>,
     /// Wire protocol.
     pub protocol: UpstreamProtocol,
     /// TLS towards the upstream.

@@ -240,6 +240,7 @@ mod tests {
             (shed(ShedReason::QueueTimeout), 14),
             (shed(ShedReason::CircuitOpen), 14),
             (shed(ShedReason::Maintenance), 14),
+            (shed(ShedReason::UpstreamConnectionLimit), 14),
             (ProxyError::LoopDetected, 13),
             (ProxyError::NoRoute, 12),
             (RequestError::Malformed.into(), 13),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tower::ServiceBuilder;
 
-use super::upstream::{Forward, Upstream};
+use super::upstream::{ConnectionWait, Forward, Upstream};
 use crate::config::{PolicySettings, RouteSettings};
 use crate::metrics::RouteMetrics;
 use crate::policy::{
@@ -76,6 +76,19 @@ impl PolicyState {
     }
 }
 
+/// How long a request of this route may wait for an upstream connection at the endpoint's
+/// `max_connections`: as long as it may wait in the route's queue (no queue: not at all).
+fn connection_wait(p: &PolicySettings) -> ConnectionWait {
+    ConnectionWait {
+        wait: if p.concurrency.queue > 0 {
+            p.concurrency.queue_timeout
+        } else {
+            std::time::Duration::ZERO
+        },
+        retry_after: p.retry_after,
+    }
+}
+
 /// Composes one route's stack.
 pub(super) fn route_service(state: &PolicyState, upstream: Arc<Upstream>) -> RouteService {
     ServiceBuilder::new()
@@ -90,5 +103,5 @@ pub(super) fn route_service(state: &PolicyState, upstream: Arc<Upstream>) -> Rou
         .layer(TimeoutLayer::new(state.settings.timeout))
         // Retries of idempotent, bodyless requests, within the budget.
         .layer(RetryLayer::new(state.retry.clone()))
-        .service(Forward::new(upstream))
+        .service(Forward::new(upstream, connection_wait(&state.settings)))
 }

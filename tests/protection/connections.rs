@@ -209,3 +209,69 @@ async fn response_trailers_reach_an_http11_client() {
         "hello--trailers--\nx-checksum: abc"
     );
 }
+
+/// A config whose upstream allows one connection, with `route_extra` on the route.
+fn one_connection(upstream: SocketAddr, route_extra: &str) -> String {
+    config(upstream, "").replace(
+        "    connect_timeout: 500ms\n",
+        "    connect_timeout: 500ms\n    max_connections: 1\n",
+    ) + route_extra
+}
+
+#[tokio::test]
+async fn at_the_upstreams_connection_cap_a_request_is_refused_without_a_queue() {
+    let up = GatedUpstream::start().await;
+    let p = TestProxy::start(&one_connection(up.addr, "")).await;
+    let url = p.url("/hold");
+    let held = tokio::spawn(async move { get(&url).await });
+    assert_eq!(up.wait_held(1).await, 1);
+    let r = get(&p.url("/second")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        r.header("proxy-status"),
+        format!("{SERVER_ID}; error=connection_limit_reached")
+    );
+    assert_eq!(r.header("retry-after"), "5");
+    assert_eq!(
+        p.metric(r#"spillway_shed_total{reason="upstream_connection_limit",route="default"}"#)
+            .await,
+        1.0
+    );
+    up.release(1);
+    assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    assert_eq!(
+        up.requests(),
+        ["GET /hold"],
+        "the app never saw the second request"
+    );
+}
+
+#[tokio::test]
+async fn at_the_upstreams_connection_cap_a_queued_request_waits_for_the_connection() {
+    let up = GatedUpstream::start().await;
+    let p = TestProxy::start(&one_connection(
+        up.addr,
+        "    concurrency: { queue: 4, queue_timeout: 5s }\n",
+    ))
+    .await;
+    let url = p.url("/hold");
+    let held = tokio::spawn(async move { get(&url).await });
+    assert_eq!(up.wait_held(1).await, 1);
+    let url = p.url("/second");
+    let second = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        up.requests(),
+        ["GET /hold"],
+        "waiting for the one connection"
+    );
+    up.release(1);
+    assert_eq!(held.await.unwrap().status, StatusCode::OK);
+    assert_eq!(second.await.unwrap().status, StatusCode::OK);
+    assert_eq!(up.requests(), ["GET /hold", "GET /second"]);
+    assert_eq!(
+        metric_sum(&p.metrics().await, "spillway_shed_total"),
+        0.0,
+        "nothing refused"
+    );
+}

@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
@@ -22,12 +23,12 @@ use hyper::body::Incoming;
 use tower::Service as _;
 
 use crate::config::{UpstreamProtocol, UpstreamSettings};
-use crate::error::{ProxyError, UpstreamError};
+use crate::error::{ProxyError, ShedReason, UpstreamError};
 use crate::http1::server::BodyReader;
 use crate::policy::retry::is_idempotent;
 use crate::tls::client::UpstreamTls;
 use connector::{ConnectError, Connector};
-use http1::pool::Http1Pool;
+use http1::pool::{Acquired, Http1Pool, OpenSlot};
 use http1::{Http1Body, Http1Connection};
 use http2::Http2Clients;
 
@@ -170,7 +171,11 @@ impl Upstream {
                     authority,
                     connect_uri,
                     host,
-                    pool: Http1Pool::new(settings.idle_timeout),
+                    pool: Http1Pool::new(
+                        settings.idle_timeout,
+                        settings.max_idle as usize,
+                        settings.max_connections.map(|n| n as usize),
+                    ),
                 })
             })
             .collect();
@@ -229,12 +234,13 @@ impl Upstream {
         &self,
         connector: &Connector,
         ep: &Endpoint,
+        wait: &ConnectionWait,
         req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         let may_resend = is_idempotent(&parts.method) && matches!(body, RequestBody::Empty);
-        let body = match ep.pool.checkout() {
-            Some(conn) => match conn.send(&parts, body, &ep.host, &ep.pool).await {
+        let body = match ep.pool.acquire(wait.wait).await {
+            Some(Acquired::Idle(conn)) => match conn.send(&parts, body, &ep.host, &ep.pool).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::Http1)),
                 Err(e) if e.stale && may_resend => {
                     tracing::debug!(upstream = %self.name, "stale pooled connection, resending on a fresh one");
@@ -242,16 +248,46 @@ impl Upstream {
                 }
                 Err(e) => return Err(e.error),
             },
-            None => body,
+            Some(Acquired::New(slot)) => {
+                return self
+                    .connect_and_send(connector, ep, slot, &parts, body)
+                    .await
+            }
+            None => return Err(wait.refusal()),
         };
+        // The stale connection closed, so its place is free (unless another request took it).
+        let slot = match ep.pool.acquire(wait.wait).await {
+            Some(Acquired::New(slot)) => slot,
+            Some(Acquired::Idle(conn)) => {
+                return conn
+                    .send(&parts, body, &ep.host, &ep.pool)
+                    .await
+                    .map(|resp| resp.map(UpstreamBody::Http1))
+                    .map_err(|e| e.error)
+            }
+            None => return Err(wait.refusal()),
+        };
+        self.connect_and_send(connector, ep, slot, &parts, body)
+            .await
+    }
+
+    /// Opens a new connection to `ep` (in the place `slot` holds) and sends the request on it.
+    async fn connect_and_send(
+        &self,
+        connector: &Connector,
+        ep: &Endpoint,
+        slot: OpenSlot,
+        parts: &http::request::Parts,
+        body: RequestBody,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let io = connector
             .clone()
             .call(ep.connect_uri.clone())
             .await
             .map_err(|ConnectError(kind)| ProxyError::from(kind))?;
         ep.pool.ensure_sweeper();
-        Http1Connection::new(io.into_stream())
-            .send(&parts, body, &ep.host, &ep.pool)
+        Http1Connection::new(io.into_stream(), slot)
+            .send(parts, body, &ep.host, &ep.pool)
             .await
             .map(|resp| resp.map(UpstreamBody::Http1))
             .map_err(|e| e.error)
@@ -320,16 +356,37 @@ impl Default for EndpointHint {
     }
 }
 
+/// How long a request may wait for a connection when its endpoint is at `max_connections`:
+/// the route's queue timeout when it has a queue (a queued request would wait that long for a
+/// concurrency slot too), else not at all; then it is refused as the limit's 503.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionWait {
+    /// Longest wait.
+    pub wait: Duration,
+    /// `Retry-After` on the refusal.
+    pub retry_after: Duration,
+}
+
+impl ConnectionWait {
+    fn refusal(&self) -> ProxyError {
+        ProxyError::Shed {
+            reason: ShedReason::UpstreamConnectionLimit,
+            retry_after: self.retry_after,
+        }
+    }
+}
+
 /// The bottom of the stack: sends the request to one endpoint and classifies any failure.
 #[derive(Clone)]
 pub struct Forward {
     upstream: Arc<Upstream>,
+    wait: ConnectionWait,
 }
 
 impl Forward {
-    /// Forwards to this upstream.
-    pub fn new(upstream: Arc<Upstream>) -> Self {
-        Forward { upstream }
+    /// Forwards to this upstream, waiting for a connection as `wait` says.
+    pub fn new(upstream: Arc<Upstream>, wait: ConnectionWait) -> Self {
+        Forward { upstream, wait }
     }
 }
 
@@ -344,13 +401,14 @@ impl tower::Service<Request<RequestBody>> for Forward {
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let up = self.upstream.clone();
+        let wait = self.wait;
         Box::pin(async move {
             if up.endpoints.is_empty() {
                 return Err(UpstreamError::Dns.into());
             }
             let ep = up.pick(req.extensions().get::<EndpointHint>());
             match &up.transport {
-                Transport::Http1 { connector } => up.send_http1(connector, ep, req).await,
+                Transport::Http1 { connector } => up.send_http1(connector, ep, &wait, req).await,
                 Transport::Http2(clients) => {
                     clients.send(&up.name, &up.scheme, &ep.authority, req).await
                 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use super::encode::Sending;
@@ -50,9 +50,6 @@ impl Http1Body {
             // response (extra bytes: the upstream is not speaking HTTP as we understand it).
             if self.keep_alive && self.sending.is_none() && conn.rbuf.is_empty() {
                 conn.reused = true;
-                if conn.rbuf.capacity() > 2 * MIN_READ {
-                    conn.rbuf = BytesMut::with_capacity(MIN_READ);
-                }
                 conn.read_size = MIN_READ;
                 self.home.put(conn);
             }

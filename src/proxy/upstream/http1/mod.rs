@@ -35,7 +35,7 @@ use crate::error::{ProxyError, RequestError, UpstreamError};
 use crate::http1::decode::{Chunk, Decoder, ResponseFraming, ResponseHead as Head};
 pub(crate) use body::Http1Body;
 use encode::{encode_head, request_framing, RequestFraming, Sending, WriteError};
-use pool::Http1Pool;
+use pool::{Http1Pool, OpenSlot};
 
 /// Largest response head (status line and header fields) accepted.
 const MAX_HEAD: usize = 64 * 1024;
@@ -43,7 +43,7 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 /// First read size. Reads that fill it double it (large bodies move in fewer, larger reads), up
 /// to `MAX_READ`; a connection going back to its pool drops back to this size.
-const MIN_READ: usize = 8 * 1024;
+const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = 256 * 1024;
 
 /// One HTTP/1.1 connection to an upstream endpoint, with its buffers.
@@ -58,6 +58,8 @@ pub(crate) struct Http1Connection {
     /// Whether an exchange has already completed on it: a failure on a reused connection before
     /// any of the response arrived may be the keep-alive race.
     reused: bool,
+    /// Its place under the endpoint's connection cap, given back when it closes.
+    _slot: OpenSlot,
 }
 
 /// Why an exchange failed.
@@ -74,13 +76,14 @@ pub(crate) struct SendError {
 impl Http1Connection {
     /// A fresh connection over `io`. Boxed: it moves between pool, request and response
     /// body, and a pointer is cheaper to move than its buffers.
-    pub(crate) fn new(io: Stream) -> Box<Self> {
+    pub(crate) fn new(io: Stream, slot: OpenSlot) -> Box<Self> {
         Box::new(Http1Connection {
             io,
-            rbuf: BytesMut::with_capacity(MIN_READ),
+            rbuf: BytesMut::new(),
             read_size: MIN_READ,
-            wbuf: Vec::with_capacity(512),
+            wbuf: Vec::new(),
             reused: false,
+            _slot: slot,
         })
     }
 

@@ -9,12 +9,20 @@
 //! by a sweeper, so spillway closes an idle connection before an app with a longer idle timeout
 //! does — the first defence against the keep-alive race (the second is in `upstream/mod.rs`).
 //! Connections the app closed (or wrote to) while idle are skipped at checkout.
+//!
+//! Two caps keep spillway from holding or opening more than the app wants: at most `max_idle`
+//! connections wait in the pool (the oldest is closed for a newer one), and at most
+//! `max_connections` are open at once (busy and idle together; a request that would need one
+//! more waits for one to free up, see [`Http1Pool::acquire`]). An idle connection keeps no
+//! buffer.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use bytes::BytesMut;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::Http1Connection;
@@ -27,7 +35,39 @@ const MIN_SWEEP_PERIOD: Duration = Duration::from_millis(100);
 pub(crate) struct Http1Pool {
     idle: Mutex<VecDeque<Idle>>,
     idle_timeout: Duration,
+    max_idle: usize,
+    slots: Arc<Slots>,
     sweeper_started: AtomicBool,
+}
+
+/// The open connections to one endpoint, counted against its cap.
+#[derive(Debug)]
+struct Slots {
+    open: AtomicUsize,
+    max: usize,
+    /// Woken when a connection closes or goes back to the pool.
+    freed: Notify,
+}
+
+/// One open connection's place under its endpoint's `max_connections`; given back when the
+/// connection is dropped (closed).
+#[derive(Debug)]
+pub(crate) struct OpenSlot(Arc<Slots>);
+
+impl Drop for OpenSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
+    }
+}
+
+/// What [`Http1Pool::acquire`] found.
+#[derive(Debug)]
+pub(crate) enum Acquired {
+    /// An idle pooled connection.
+    Idle(Box<Http1Connection>),
+    /// Room to open a new one.
+    New(OpenSlot),
 }
 
 #[derive(Debug)]
@@ -37,13 +77,63 @@ struct Idle {
 }
 
 impl Http1Pool {
-    /// An empty pool whose connections retire after `idle_timeout` unused.
-    pub(crate) fn new(idle_timeout: Duration) -> Arc<Self> {
+    /// An empty pool whose connections retire after `idle_timeout` unused, holding at most
+    /// `max_idle` idle ones, with at most `max_open` open at once (`None`: no cap).
+    pub(crate) fn new(
+        idle_timeout: Duration,
+        max_idle: usize,
+        max_open: Option<usize>,
+    ) -> Arc<Self> {
         Arc::new(Http1Pool {
             idle: Mutex::new(VecDeque::new()),
             idle_timeout,
+            max_idle,
+            slots: Arc::new(Slots {
+                open: AtomicUsize::new(0),
+                max: max_open.unwrap_or(usize::MAX),
+                freed: Notify::new(),
+            }),
             sweeper_started: AtomicBool::new(false),
         })
+    }
+
+    /// A place for one more open connection, if the cap allows.
+    pub(crate) fn try_open(&self) -> Option<OpenSlot> {
+        let slots = &self.slots;
+        slots
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < slots.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| OpenSlot(slots.clone()))
+    }
+
+    /// An idle connection, or room to open one; at the cap, waits up to `wait` for a connection
+    /// to come back or close. `None`: none freed in time.
+    pub(crate) async fn acquire(&self, wait: Duration) -> Option<Acquired> {
+        let deadline = Instant::now() + wait;
+        loop {
+            // Registered before looking, so a connection freed in between is not missed.
+            let freed = self.slots.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(conn) = self.checkout() {
+                return Some(Acquired::Idle(conn));
+            }
+            if let Some(slot) = self.try_open() {
+                return Some(Acquired::New(slot));
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Open connections (idle and busy).
+    #[cfg(test)]
+    pub(crate) fn open_count(&self) -> usize {
+        self.slots.open.load(Ordering::Acquire)
     }
 
     /// The most recently used idle connection that is still open and not past the idle
@@ -59,18 +149,32 @@ impl Http1Pool {
         None
     }
 
-    /// Returns a connection whose exchange has ended. The oldest entries past the idle timeout
-    /// are retired on the way.
-    pub(crate) fn put(&self, conn: Box<Http1Connection>) {
-        let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while idle
-            .front()
-            .is_some_and(|c| now.duration_since(c.since) >= self.idle_timeout)
-        {
-            idle.pop_front();
+    /// Returns a connection whose exchange has ended; it keeps no buffer while idle. The oldest
+    /// entries past the idle timeout, or beyond `max_idle`, are closed on the way.
+    pub(crate) fn put(&self, mut conn: Box<Http1Connection>) {
+        if conn.rbuf.is_empty() {
+            conn.rbuf = BytesMut::new();
         }
-        idle.push_back(Idle { conn, since: now });
+        conn.wbuf = Vec::new();
+        let now = Instant::now();
+        let retired = {
+            let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut retired = Vec::new();
+            while idle.front().is_some_and(|c| {
+                now.duration_since(c.since) >= self.idle_timeout || idle.len() >= self.max_idle
+            }) {
+                retired.extend(idle.pop_front());
+            }
+            if self.max_idle > 0 {
+                idle.push_back(Idle { conn, since: now });
+            } else {
+                retired.push(Idle { conn, since: now });
+            }
+            retired
+        };
+        // Closed outside the lock.
+        drop(retired);
+        self.slots.freed.notify_one();
     }
 
     /// How many connections sit idle (closed ones not yet noticed included).
@@ -118,23 +222,31 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
 
-    /// A connection to a listener that accepts and then holds the socket open.
-    async fn connection(listener: &TcpListener) -> (Box<Http1Connection>, TcpStream) {
+    /// A connection of `pool` to a listener that accepts and then holds the socket open.
+    async fn connection(
+        listener: &TcpListener,
+        pool: &Http1Pool,
+    ) -> (Box<Http1Connection>, TcpStream) {
         let addr = listener.local_addr().unwrap();
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let slot = pool.try_open().expect("under the cap");
         (
-            Http1Connection::new(Stream::Plain(client.unwrap())),
+            Http1Connection::new(Stream::Plain(client.unwrap()), slot),
             server.unwrap().0,
         )
+    }
+
+    fn pool(idle_timeout: Duration) -> Arc<Http1Pool> {
+        Http1Pool::new(idle_timeout, 64, None)
     }
 
     #[tokio::test]
     async fn checkout_is_last_in_first_out_and_skips_connections_past_the_idle_timeout() {
         tokio::time::pause();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Http1Pool::new(Duration::from_secs(4));
-        let (a, _sa) = connection(&listener).await;
-        let (b, _sb) = connection(&listener).await;
+        let pool = pool(Duration::from_secs(4));
+        let (a, _sa) = connection(&listener, &pool).await;
+        let (b, _sb) = connection(&listener, &pool).await;
         let a_since = Instant::now();
         pool.put(a);
         tokio::time::advance(Duration::from_secs(3)).await;
@@ -159,7 +271,7 @@ mod tests {
         reply: &'static [u8],
     ) -> http::Response<crate::proxy::upstream::http1::Http1Body> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let (conn, mut server) = connection(&listener).await;
+        let (conn, mut server) = connection(&listener, pool).await;
         tokio::spawn(async move {
             let mut buf = [0u8; 1024];
             let _ = server.read(&mut buf).await.unwrap();
@@ -184,7 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_answered_connection_comes_back_but_not_after_switching_protocols() {
-        let pool = Http1Pool::new(Duration::from_secs(4));
+        let pool = pool(Duration::from_secs(4));
         let done = exchange(&pool, b"HTTP/1.1 204 No Content\r\n\r\n").await;
         drop(done);
         assert_eq!(pool.idle_count(), 1, "an empty body is over: reusable");
@@ -204,8 +316,8 @@ mod tests {
     #[tokio::test]
     async fn a_connection_the_upstream_closed_is_not_handed_out() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Http1Pool::new(Duration::from_secs(4));
-        let (a, server_side) = connection(&listener).await;
+        let pool = pool(Duration::from_secs(4));
+        let (a, server_side) = connection(&listener, &pool).await;
         pool.put(a);
         assert_eq!(pool.idle_count(), 1);
         drop(server_side);
@@ -228,13 +340,65 @@ mod tests {
     async fn the_sweeper_closes_idle_connections_after_the_timeout() {
         tokio::time::pause();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let pool = Http1Pool::new(Duration::from_secs(2));
-        let (a, _sa) = connection(&listener).await;
+        let pool = pool(Duration::from_secs(2));
+        let (a, _sa) = connection(&listener, &pool).await;
         pool.put(a);
         pool.ensure_sweeper();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(pool.idle_count(), 1, "not yet past the timeout");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         assert_eq!(pool.idle_count(), 0, "swept");
+    }
+
+    #[tokio::test]
+    async fn beyond_max_idle_the_oldest_idle_connection_is_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Http1Pool::new(Duration::from_secs(60), 2, None);
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            let (c, s) = connection(&listener, &pool).await;
+            servers.push(s);
+            pool.put(c);
+        }
+        assert_eq!(pool.idle_count(), 2);
+        assert_eq!(pool.open_count(), 2, "the oldest was closed");
+        // It was the first one: its server side sees the close.
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(Duration::from_secs(5), servers[0].read(&mut buf))
+            .await
+            .expect("closed")
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_max_connections_acquire_waits_for_one_to_free_up_or_gives_up() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Http1Pool::new(Duration::from_secs(60), 64, Some(2));
+        let (a, _sa) = connection(&listener, &pool).await;
+        let (b, _sb) = connection(&listener, &pool).await;
+        assert!(pool.try_open().is_none(), "two open, cap two");
+        // Nothing frees up: refused after the wait, not before.
+        let start = Instant::now();
+        assert!(pool.acquire(Duration::from_millis(100)).await.is_none());
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+        // One comes back to the pool after 30 ms: the waiter gets that very connection.
+        let waiter = {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire(Duration::from_secs(1)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        pool.put(a);
+        let got = waiter.await.unwrap();
+        assert!(matches!(got, Some(Acquired::Idle(_))), "{got:?}");
+        assert_eq!(start.elapsed(), Duration::from_millis(130));
+        drop(got);
+        // A closed one frees its place for a new connection.
+        assert!(
+            pool.try_open().is_some(),
+            "the dropped idle connection closed"
+        );
+        drop(b);
+        assert_eq!(pool.open_count(), 0);
     }
 }
