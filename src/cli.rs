@@ -71,17 +71,25 @@ pub fn main() -> ExitCode {
     let _log_guard = init_logging(cli.log_format);
     match cli.command {
         Command::Check { config } => check(&config),
-        Command::Run { config } => match load(&config) {
-            Ok((loaded, hash)) => {
-                let source = ConfigSource {
-                    path: Some(config),
-                    env: Env::default(),
-                    loaded_hash: Some(hash),
-                };
-                block_on(run(loaded, source, None))
+        Command::Run { config } => {
+            // Watching starts before the first read: a change made while spillway starts is
+            // then seen as a change, not lost between the read and the watch.
+            let watch = crate::reload::FileWatch::start(&config)
+                .map_err(|e| tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload"))
+                .ok();
+            match load(&config) {
+                Ok((loaded, hash)) => {
+                    let source = ConfigSource {
+                        path: Some(config),
+                        env: Env::default(),
+                        loaded_hash: Some(hash),
+                        watch,
+                    };
+                    block_on(run(loaded, source, None))
+                }
+                Err(code) => code,
             }
-            Err(code) => code,
-        },
+        }
         Command::Schema => print_schema(),
         Command::Demo { config } => block_on(crate::demo::run(&config, DEMO_CONFIG_EMBEDDED)),
     }

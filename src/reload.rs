@@ -21,6 +21,9 @@ use crate::tls::certificates::PreparedCertificates;
 /// Quiet time after the last file event before reloading: editors and `kubectl` write in
 /// bursts (truncate, write, rename, chmod), and one reload per burst is enough.
 const DEBOUNCE: Duration = Duration::from_millis(250);
+/// A change is applied at most this long after its first event, however busy the file keeps
+/// being: a writer that never pauses must not postpone the reload forever.
+const DEBOUNCE_CEILING: Duration = Duration::from_secs(1);
 
 /// What a successful reload did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,38 +174,103 @@ fn single(message: &str) -> ConfigErrors {
     ConfigErrors(vec![ConfigError::new("", message)])
 }
 
-/// Watches the config file's directory and reloads when the file's content changes.
-pub fn spawn_watcher(reloader: Arc<Reloader>, stop: CancellationToken) -> notify::Result<()> {
+/// A watch on the config file, set up before the file is first read so that a change made
+/// while spillway starts is not missed: its events wait until [`spawn_watcher`] takes them.
+///
+/// The file's directory is watched (which also sees atomic renames onto the file and
+/// Kubernetes' ConfigMap swap), but only events that can concern the file count: its own name,
+/// and the first link of the path it resolves through (`..data` in a ConfigMap volume). Other
+/// files in the directory — a log written beside the config several times a second — are
+/// ignored, so they can neither trigger reloads nor keep postponing one.
+pub struct FileWatch {
+    _watcher: notify::RecommendedWatcher,
+    events: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl FileWatch {
+    /// Starts watching `path`'s directory for changes that concern `path`.
+    pub fn start(path: &Path) -> notify::Result<FileWatch> {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let names = relevant_names(path);
+        let (tx, events) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                // Reads (ours included: every reload opens the file) are not changes; reacting
+                // to them would re-read the file forever.
+                if matches!(event.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+                let concerns_us = event.paths.iter().any(|p| {
+                    p.file_name()
+                        .is_some_and(|n| names.iter().any(|name| name.as_os_str() == n))
+                });
+                if concerns_us {
+                    // A full channel already means "something changed": the extra can go.
+                    let _ = tx.try_send(());
+                }
+            })?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        Ok(FileWatch {
+            _watcher: watcher,
+            events,
+        })
+    }
+}
+
+/// The names in the config's directory whose events concern it: the file's own name, and the
+/// first component of the link it is (`spillway.yaml -> ..data/spillway.yaml` in a ConfigMap
+/// volume: `..data`, which kubelet swaps).
+fn relevant_names(path: &Path) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<std::ffi::OsString> = path.file_name().map(Into::into).into_iter().collect();
+    if let Ok(target) = std::fs::read_link(path) {
+        if target.is_relative() {
+            if let Some(std::path::Component::Normal(first)) = target.components().next() {
+                if Some(first) != path.file_name() {
+                    names.push(first.to_owned());
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Reloads when the config file changes, from the events of `watch` (made with
+/// [`FileWatch::start`] before the file was read, or now).
+pub fn spawn_watcher(
+    reloader: Arc<Reloader>,
+    watch: Option<FileWatch>,
+    stop: CancellationToken,
+) -> notify::Result<()> {
     let Some(path) = reloader.path.clone() else {
         return Ok(());
     };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
+    let watch = match watch {
+        Some(w) => w,
+        None => FileWatch::start(&path)?,
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Reads (ours included: every reload opens the file) are not changes; reacting to
-        // them would re-read the file forever.
-        if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
-            // A full channel already means "something changed": dropping the extra is fine.
-            let _ = tx.try_send(());
-        }
-    })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
     tokio::spawn(async move {
-        let _watcher = watcher; // lives as long as the task
+        // The whole watch moves in (its watcher stops when dropped), not only its events.
+        let FileWatch {
+            _watcher: _alive,
+            mut events,
+        } = watch;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                got = rx.recv() => if got.is_none() { return },
+                got = events.recv() => if got.is_none() { return },
             }
-            // Debounce: wait until the burst is over.
+            // Debounce: wait until the burst is over, but never longer than the ceiling.
+            let ceiling = tokio::time::Instant::now() + DEBOUNCE_CEILING;
             loop {
+                let quiet = (tokio::time::Instant::now() + DEBOUNCE).min(ceiling);
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(DEBOUNCE) => break,
-                    more = rx.recv() => if more.is_none() { return },
+                    _ = tokio::time::sleep_until(quiet) => break,
+                    more = events.recv() => if more.is_none() { return },
                 }
             }
             let reloader = reloader.clone();

@@ -54,6 +54,7 @@ pub async fn run(path: &Path, embedded: &str) -> ExitCode {
         loaded_hash: file.as_ref().map(|_| hash),
         path: file,
         env,
+        watch: None,
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     let serving = tokio::spawn(crate::run::run(loaded, config_source, Some(tx)));

@@ -29,7 +29,7 @@ use crate::shared::ProcessState;
 use crate::tls::certificates::Certificates;
 
 /// Where the serving config came from, for reloads.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct ConfigSource {
     /// The config file (`None`: the config did not come from a file and cannot be reloaded).
     pub path: Option<PathBuf>,
@@ -37,6 +37,9 @@ pub struct ConfigSource {
     pub env: Env,
     /// Hash of the file bytes the serving config was loaded from ([`crate::config::file_hash`]).
     pub loaded_hash: Option<u64>,
+    /// A watch on the file started before it was read, so that no change made during start-up
+    /// is missed (see [`Server::watch_file`]).
+    pub watch: Option<reload::FileWatch>,
 }
 
 impl ConfigSource {
@@ -57,6 +60,8 @@ pub struct Server {
     pub state: Arc<ProcessState>,
     /// Applies a new config from the file (on a file change, SIGHUP or `POST /reload`).
     pub reloader: Arc<Reloader>,
+    /// The watch started before the config was first read, until [`Server::watch_file`].
+    early_watch: std::sync::Mutex<Option<reload::FileWatch>>,
     /// Bound proxy listener addresses, in config order.
     pub listen_addrs: Vec<SocketAddr>,
     /// Bound admin address.
@@ -110,6 +115,7 @@ impl Server {
             certificates,
         });
         let reloader = Reloader::new(state.clone(), source.path, source.env, source.loaded_hash);
+        let early_watch = std::sync::Mutex::new(source.watch);
         let nofile = fd_limit::raise();
         tracing::info!(
             open_files = nofile,
@@ -166,6 +172,7 @@ impl Server {
         Ok(Server {
             state,
             reloader,
+            early_watch,
             listen_addrs,
             admin_addr,
             stop_accepting,
@@ -176,9 +183,17 @@ impl Server {
         })
     }
 
-    /// Reloads when the config file changes (in place, by rename, or by a ConfigMap swap).
+    /// Reloads when the config file changes (in place, by rename, or by a ConfigMap swap),
+    /// from the watch the [`ConfigSource`] brought (so a change made while starting is
+    /// applied now) or from a new one.
     pub fn watch_file(&self) {
-        if let Err(e) = reload::spawn_watcher(self.reloader.clone(), self.background.clone()) {
+        let early = self
+            .early_watch
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Err(e) = reload::spawn_watcher(self.reloader.clone(), early, self.background.clone())
+        {
             tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload");
         }
     }

@@ -77,7 +77,11 @@ enum Trigger {
 /// new version and a fresh `loaded_at`, requests behave the new way, and each change counted
 /// exactly one successful reload. Two changes, because a watch that breaks after the first
 /// rename (a watch on the file's inode rather than its directory) passes a one-change test.
-async fn watch_picks_up(trigger: Trigger) {
+///
+/// With `busy_neighbour`, another file in the same directory is written every 50 ms
+/// throughout (spillway's own log redirected next to its config does that): changes must still
+/// be picked up within the contract.
+async fn watch_picks_up(trigger: Trigger, busy_neighbour: bool) {
     let _serial = SERIAL.lock().await;
     let app = DemoApp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let nowhere = refusing_addr().await;
@@ -100,6 +104,15 @@ async fn watch_picks_up(trigger: Trigger) {
             p
         }
     };
+    let _neighbour = busy_neighbour.then(|| {
+        let log = dir.join("spillway.log");
+        AbortOnDrop(tokio::spawn(async move {
+            for i in 0u64.. {
+                let _ = std::fs::write(&log, format!("line {i}\n"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }))
+    });
     let proxy = TestProxy::start_file(&path).await;
     proxy.server.watch_file();
 
@@ -171,19 +184,83 @@ async fn watch_picks_up(trigger: Trigger) {
     proxy.server.stop_now(Duration::from_secs(1)).await;
 }
 
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_picks_up_in_place_writes() {
-    watch_picks_up(Trigger::InPlace).await;
+    watch_picks_up(Trigger::InPlace, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_picks_up_atomic_renames() {
-    watch_picks_up(Trigger::Rename).await;
+    watch_picks_up(Trigger::Rename, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_picks_up_a_configmap_symlink_swap() {
-    watch_picks_up(Trigger::ConfigMap).await;
+    watch_picks_up(Trigger::ConfigMap, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_picks_up_in_place_writes_next_to_a_busy_log() {
+    watch_picks_up(Trigger::InPlace, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_picks_up_atomic_renames_next_to_a_busy_log() {
+    watch_picks_up(Trigger::Rename, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_picks_up_a_configmap_swap_next_to_a_busy_log() {
+    watch_picks_up(Trigger::ConfigMap, true).await;
+}
+
+/// A change written after the file was read but before the server started is applied once
+/// the watch runs: the watch is set up before the first read, and what serves is the hash of
+/// the bytes actually loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_during_start_up_is_not_missed() {
+    let _serial = SERIAL.lock().await;
+    let app = DemoApp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let nowhere = refusing_addr().await;
+    let dir = TempDir::new("startup-change");
+    let a = config(app.local_addr(), nowhere, "", "5s");
+    let b = config(app.local_addr(), nowhere, X_REFUSED, "4s");
+    let path = dir.join("spillway.yaml");
+    std::fs::write(&path, &a).unwrap();
+    // What `spillway run` does: watch, then read and load.
+    let watch = spillway::reload::FileWatch::start(&path).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let loaded = config::load_str(&text).unwrap();
+    // The change lands while the server is still starting.
+    std::fs::write(&path, &b).unwrap();
+    let source = spillway::server::ConfigSource {
+        path: Some(path.clone()),
+        env: config::Env::default(),
+        loaded_hash: Some(config::file_hash(&text)),
+        watch: Some(watch),
+    };
+    let server =
+        spillway::server::Server::start_from(&loaded, spillway::metrics::Metrics::new(), source)
+            .await
+            .unwrap();
+    let admin = server.admin_addr.unwrap();
+    assert_eq!(serving(admin).await.0, version_of(&a), "A serves first");
+    server.watch_file();
+    let took = wait_for_version(admin, &version_of(&b), Instant::now()).await;
+    assert!(
+        took.is_some_and(|t| t <= PICKUP),
+        "the change made during start-up was applied: {took:?}"
+    );
+    server.stop_now(Duration::from_secs(1)).await;
 }
 
 /// A bad file written while watched changes nothing that serves and is counted as a failure;
