@@ -58,6 +58,9 @@ pub enum ShedReason {
     /// The upstream endpoint has `max_connections` open and none came free in time.
     #[error("upstream connection limit reached")]
     UpstreamConnectionLimit,
+    /// spillway's memory is above the hard mark.
+    #[error("memory pressure")]
+    MemoryPressure,
 }
 
 impl ShedReason {
@@ -69,16 +72,18 @@ impl ShedReason {
             ShedReason::CircuitOpen => "circuit_open",
             ShedReason::Maintenance => "maintenance",
             ShedReason::UpstreamConnectionLimit => "upstream_connection_limit",
+            ShedReason::MemoryPressure => "memory_pressure",
         }
     }
 
     /// All reasons, for resolving metric handles once.
-    pub const ALL: [ShedReason; 5] = [
+    pub const ALL: [ShedReason; 6] = [
         ShedReason::ConcurrencyLimit,
         ShedReason::QueueTimeout,
         ShedReason::CircuitOpen,
         ShedReason::Maintenance,
         ShedReason::UpstreamConnectionLimit,
+        ShedReason::MemoryPressure,
     ];
 }
 
@@ -226,6 +231,11 @@ impl ProxyError {
                     StatusCode::SERVICE_UNAVAILABLE,
                     "proxy_internal_response",
                     "down for maintenance, retry later\n",
+                ),
+                ShedReason::MemoryPressure => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "proxy_internal_response",
+                    "proxy short of memory, retry later\n",
                 ),
             },
             ProxyError::LoopDetected => (
@@ -421,6 +431,11 @@ mod tests {
                 s(ShedReason::UpstreamConnectionLimit),
                 503,
                 Some("connection_limit_reached"),
+            ),
+            (
+                s(ShedReason::MemoryPressure),
+                503,
+                Some("proxy_internal_response"),
             ),
             (ProxyError::LoopDetected, 508, Some("proxy_loop_detected")),
             (ProxyError::NoRoute, 404, None),

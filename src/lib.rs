@@ -18,6 +18,7 @@ mod error;
 mod http1;
 pub mod metrics;
 pub mod policy;
+mod pressure;
 pub mod proxy;
 pub mod reload;
 mod run;

@@ -43,6 +43,11 @@ pub const OPEN_CONNECTIONS: &str = "spillway_open_connections";
 /// pressure), by listener.
 pub const CONNECTIONS_REFUSED_TOTAL: &str = "spillway_connections_refused_total";
 
+/// Gauge: memory pressure, 0 ok, 1 above the soft mark, 2 above the hard mark.
+pub const MEMORY_PRESSURE: &str = "spillway_memory_pressure";
+/// Gauge: the memory limit spillway sheds against, in bytes (0: none).
+pub const MEMORY_LIMIT_BYTES: &str = "spillway_memory_limit_bytes";
+
 /// Route label of requests that matched no route.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
@@ -109,6 +114,10 @@ pub struct Metrics {
     tls_handshake_errors: IntCounterVec,
     open_connections: IntGaugeVec,
     connections_refused: IntCounterVec,
+    /// Memory pressure level.
+    pub memory_pressure: IntGauge,
+    /// Memory limit in force.
+    pub memory_limit_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -215,8 +224,26 @@ impl Metrics {
             "Client connections refused at accept (max_connections reached, or memory pressure), by listener.",
             &["listener"],
         );
+        let memory_pressure = reg(
+            &registry,
+            IntGauge::new(
+                MEMORY_PRESSURE,
+                "Memory pressure: 0 ok, 1 above limits.memory_soft, 2 above limits.memory_hard.",
+            )
+            .expect("valid"),
+        );
+        let memory_limit_bytes = reg(
+            &registry,
+            IntGauge::new(
+                MEMORY_LIMIT_BYTES,
+                "The memory limit spillway sheds against, in bytes (0: none).",
+            )
+            .expect("valid"),
+        );
         Metrics {
             registry,
+            memory_pressure,
+            memory_limit_bytes,
             open_connections,
             connections_refused,
             requests,

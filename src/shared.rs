@@ -1,5 +1,6 @@
 //! The state of a running spillway that the proxy listeners, the admin endpoint and reloads
-//! all read: the serving snapshot, the metrics, readiness and the listeners' certificates.
+//! all read: the serving snapshot, the metrics, readiness, the listeners' certificates and the
+//! memory pressure.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 
 use crate::metrics::Metrics;
+use crate::pressure::Pressure;
 use crate::proxy::Runtime;
 use crate::tls::certificates::Certificates;
 
@@ -20,5 +22,7 @@ pub struct ProcessState {
     /// False once draining has begun: `/readyz` answers 503.
     pub ready: AtomicBool,
     /// TLS listeners' certificates (re-read on reload and when their files change).
-    pub certificates: Certificates,
+    pub(crate) certificates: Certificates,
+    /// How short of memory spillway is.
+    pub(crate) pressure: Pressure,
 }

@@ -121,10 +121,13 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
         ),
         (&Method::GET, "/healthz") => text(StatusCode::OK, PLAIN, "ok\n"),
         (&Method::GET, "/readyz") => {
-            if admin.state.ready.load(Ordering::SeqCst) {
-                text(StatusCode::OK, PLAIN, "ready\n")
-            } else {
+            if !admin.state.ready.load(Ordering::SeqCst) {
                 text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "draining\n")
+            } else if admin.state.pressure.hard() {
+                // Alive, but better not sent new traffic until memory is back under the mark.
+                text(StatusCode::SERVICE_UNAVAILABLE, PLAIN, "memory pressure\n")
+            } else {
+                text(StatusCode::OK, PLAIN, "ready\n")
             }
         }
         (&Method::GET, "/config") => {

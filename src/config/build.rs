@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::env::{self, Expanded};
 use super::file::{
-    ConcurrencyFile, FileConfig, ListenerFile, ListenerTlsFile, MatchFile, PolicyFile, RouteFile,
-    ShutdownFile, UpstreamFile, UpstreamTlsFile,
+    ConcurrencyFile, FileConfig, LimitsFile, ListenerFile, ListenerTlsFile, MatchFile, PolicyFile,
+    RouteFile, ShutdownFile, UpstreamFile, UpstreamTlsFile,
 };
 use super::locate::{self, Locations, Position};
 use super::settings::*;
@@ -239,6 +239,38 @@ impl Cx<'_> {
             routes,
             shutdown,
             retry_after: defaults_part.retry_after.unwrap_or(defaults::RETRY_AFTER),
+            limits: self.limits(file.limits.as_ref()),
+        }
+    }
+
+    fn limits(&mut self, file: Option<&LimitsFile>) -> LimitsSettings {
+        let file = file.cloned().unwrap_or_default();
+        let mut share = |key: &str, value: Option<f64>, default: f64| match value {
+            Some(v) if !(v > 0.0 && v <= 1.0) => {
+                self.error(
+                    &format!("limits.{key}"),
+                    format!("must be a share of the limit, above 0 and at most 1 (got {v})"),
+                );
+                default
+            }
+            Some(v) => v,
+            None => default,
+        };
+        let soft = share("memory_soft", file.memory_soft, defaults::MEMORY_SOFT);
+        let hard = share("memory_hard", file.memory_hard, defaults::MEMORY_HARD);
+        if soft >= hard {
+            self.error(
+                "limits.memory_soft",
+                format!("memory_soft ({soft}) must be below memory_hard ({hard})"),
+            );
+        }
+        if file.memory_bytes == Some(0) {
+            self.error("limits.memory_bytes", "must be greater than zero");
+        }
+        LimitsSettings {
+            memory_bytes: file.memory_bytes,
+            memory_soft: soft,
+            memory_hard: hard,
         }
     }
 

@@ -39,6 +39,14 @@ pub(crate) const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// does not leave spillway holding hundreds of idle connections and buffers.
 pub(crate) const MAX_IDLE: u32 = 64;
 
+/// Soft memory mark: at 80 % of the limit there is room to shed gently (no new connections,
+/// idle ones closed) before requests have to be refused.
+pub(crate) const MEMORY_SOFT: f64 = 0.8;
+
+/// Hard memory mark: at 90 % new requests are refused too; the last 10 % is the margin for
+/// what is already in flight, before the kernel's OOM killer takes the whole pod.
+pub(crate) const MEMORY_HARD: f64 = 0.9;
+
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
 /// is reported as a 504 before most clients give up on their own.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);

@@ -73,6 +73,22 @@ pub struct FileConfig {
     pub routes: Vec<RouteFile>,
     /// Graceful shutdown timings.
     pub shutdown: Option<ShutdownFile>,
+    /// spillway's own memory: the limit it sheds against, and the marks.
+    pub limits: Option<LimitsFile>,
+}
+
+/// spillway's own resource limits.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Memory limit in bytes; default: the cgroup's limit (what the kubelet or systemd would
+    /// kill spillway at), none without one.
+    pub memory_bytes: Option<u64>,
+    /// Share of the limit above which spillway refuses new connections, stops keep-alive
+    /// reuse and closes idle connections.
+    pub memory_soft: Option<f64>,
+    /// Share of the limit above which spillway also refuses new requests (503).
+    pub memory_hard: Option<f64>,
 }
 
 /// One listener.

@@ -89,6 +89,8 @@ fn key_defaults() -> Vec<(&'static str, Value, &'static str)> {
         "defaults.retries.attempts" => json(RETRY_ATTEMPTS),
         "defaults.retries.backoff" => duration(RETRY_BACKOFF),
         "defaults.retries.budget" => json(RETRY_BUDGET),
+        "limits.memory_soft" => json(MEMORY_SOFT),
+        "limits.memory_hard" => json(MEMORY_HARD),
         "shutdown.drain_delay" => duration(DRAIN_DELAY),
         "shutdown.drain_timeout" => duration(DRAIN_TIMEOUT),
     ]

@@ -25,10 +25,23 @@ pub struct Settings {
     pub routes: Vec<RouteSettings>,
     /// Graceful shutdown timings.
     pub shutdown: ShutdownSettings,
+    /// spillway's own memory limit and marks.
+    pub limits: LimitsSettings,
     /// `Retry-After` (`defaults.retry_after`) on 503s answered before any route is known: a
     /// connection refused at accept.
     #[serde(with = "humantime_serde_compat")]
     pub retry_after: Duration,
+}
+
+/// spillway's own memory limit and the marks it sheds at.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LimitsSettings {
+    /// Configured limit in bytes; `None`: the cgroup's, if any.
+    pub memory_bytes: Option<u64>,
+    /// Soft mark, a share of the limit.
+    pub memory_soft: f64,
+    /// Hard mark, a share of the limit.
+    pub memory_hard: f64,
 }
 
 /// One listener.

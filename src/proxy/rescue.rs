@@ -241,6 +241,7 @@ mod tests {
             (shed(ShedReason::CircuitOpen), 14),
             (shed(ShedReason::Maintenance), 14),
             (shed(ShedReason::UpstreamConnectionLimit), 14),
+            (shed(ShedReason::MemoryPressure), 14),
             (ProxyError::LoopDetected, 13),
             (ProxyError::NoRoute, 12),
             (RequestError::Malformed.into(), 13),

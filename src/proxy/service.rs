@@ -30,10 +30,11 @@ use super::rescue::{rescue, ErrorStyle};
 use super::runtime::Runtime;
 use super::stack::RouteService;
 use super::upstream::{EndpointHint, RequestBody, UpstreamBody};
-use crate::error::{ProxyError, RequestError, UpstreamError};
+use crate::error::{ProxyError, RequestError, ShedReason, UpstreamError};
 use crate::http1::server::upgrade::OnUpgrade;
 use crate::http1::server::{BodyReader, Handler};
 use crate::metrics::ResponseSource;
+use crate::pressure::Pressure;
 
 /// The ingress service of one downstream connection.
 #[derive(Clone)]
@@ -43,6 +44,8 @@ pub(crate) struct ProxyService {
     proto: &'static str,
     /// Counts the requests an HTTP/2 connection started, for its idle rules.
     started: Option<Arc<AtomicU64>>,
+    /// Above the hard memory mark, new requests are refused.
+    pressure: Pressure,
 }
 
 impl ProxyService {
@@ -51,6 +54,7 @@ impl ProxyService {
         runtime: Arc<ArcSwap<Runtime>>,
         client: std::net::SocketAddr,
         proto: &'static str,
+        pressure: Pressure,
     ) -> Self {
         let client_ip = HeaderValue::from_str(&client.ip().to_string())
             .unwrap_or(HeaderValue::from_static("unknown"));
@@ -59,6 +63,7 @@ impl ProxyService {
             client_ip,
             proto,
             started: None,
+            pressure,
         }
     }
 
@@ -88,6 +93,7 @@ impl hyper::service::Service<Request<Incoming>> for ProxyService {
             None,
             &self.client_ip,
             self.proto,
+            &self.pressure,
         )
     }
 }
@@ -107,6 +113,7 @@ impl Handler for ProxyService {
             upgrade,
             &self.client_ip,
             self.proto,
+            &self.pressure,
         )
     }
 
@@ -183,6 +190,7 @@ fn start(
     downstream_upgrade: Option<OnUpgrade>,
     client_ip: &HeaderValue,
     proto: &'static str,
+    pressure: &Pressure,
 ) -> Handling {
     let start = Instant::now();
     let request_id = headers::request_id(&parts.headers);
@@ -211,6 +219,13 @@ fn start(
     let Some(route) = route else {
         return answer(rescue(&rt.stamps, ProxyError::NoRoute, exchange, style));
     };
+    if pressure.hard() {
+        let shed = ProxyError::Shed {
+            reason: ShedReason::MemoryPressure,
+            retry_after: route.settings.policy.retry_after,
+        };
+        return answer(rescue(&rt.stamps, shed, exchange, style));
+    }
 
     // An upgrade is only passed on to an HTTP/1.1 upstream; towards HTTP/2 it is stripped like
     // any hop-by-hop header and the upstream answers the plain request.

@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
@@ -33,6 +33,9 @@ const CUT: u8 = 2;
 /// What one connection is told to do, and how to wake its task when that changes.
 struct Signal {
     state: AtomicU8,
+    /// Bumped to wake the task without changing the state: something it should look at again
+    /// changed (memory pressure began, so an idle connection should close).
+    nudges: AtomicU32,
     waker: AtomicWaker,
 }
 
@@ -109,6 +112,7 @@ impl Connections {
         let mut registry = lock(&self.state.registry);
         let signal = Arc::new(Signal {
             state: AtomicU8::new(registry.mode),
+            nudges: AtomicU32::new(0),
             waker: AtomicWaker::new(),
         });
         let key = registry.slots.insert(signal.clone());
@@ -120,6 +124,17 @@ impl Connections {
             state: self.state.clone(),
             key,
             registered: None,
+            seen_nudges: 0,
+        }
+    }
+
+    /// Wakes every live connection's task to look again at what it may do (a connection
+    /// waiting idle for a request closes itself when spillway is short of memory).
+    pub(super) fn nudge_all(&self) {
+        let registry = lock(&self.state.registry);
+        for (_, signal) in &registry.slots {
+            signal.nudges.fetch_add(1, Ordering::Relaxed);
+            signal.waker.wake();
         }
     }
 
@@ -162,6 +177,8 @@ pub(super) struct ConnectionSlot {
     key: usize,
     /// The waker last registered in `signal`, to skip registering the same one again.
     registered: Option<Waker>,
+    /// The nudge count the task last saw.
+    seen_nudges: u32,
 }
 
 /// Whether a connection has been asked to drain; cheap to ask on every poll.
@@ -199,15 +216,17 @@ impl ConnectionSlot {
     /// The current state, with this task's waker registered for the next change.
     fn poll_state(&mut self, cx: &mut Context<'_>) -> u8 {
         let state = self.signal.state.load(Ordering::Relaxed);
-        // Only a state change takes the registered waker (`raise` wakes after changing the
-        // state), so while the state reads running the waker registered last is still there.
+        let nudges = self.signal.nudges.load(Ordering::Relaxed);
+        // Only a state change or a nudge takes the registered waker (both wake after changing
+        // their counter), so while neither moved the waker registered last is still there.
         let same_waker = self
             .registered
             .as_ref()
             .is_some_and(|w| w.will_wake(cx.waker()));
-        if state == RUNNING && same_waker {
+        if state == RUNNING && same_waker && nudges == self.seen_nudges {
             return RUNNING;
         }
+        self.seen_nudges = nudges;
         self.signal.waker.register(cx.waker());
         if !same_waker {
             self.registered = Some(cx.waker().clone());

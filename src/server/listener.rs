@@ -28,6 +28,7 @@ use crate::http1::server::io::{ClientIo, Rewind};
 use crate::http1::server::{self as h1, Served, ServerSettings};
 use crate::http1::{date, encode};
 use crate::metrics::ListenerMetrics;
+use crate::pressure::Pressure;
 use crate::proxy::{ProxyService, Runtime};
 use crate::spare_timer;
 use crate::tls::server::ListenerTls;
@@ -65,8 +66,23 @@ fn server_settings(l: &ListenerSettings) -> ServerSettings {
         },
         header_timeout: l.header_timeout,
         idle_timeout: l.idle_timeout,
-        close_connections: || false,
     }
+}
+
+/// What a listener serves with.
+pub(crate) struct Listener {
+    /// Its settings.
+    pub(crate) settings: ListenerSettings,
+    /// Its connection cap (`max_connections`, lowered to fit the open-file limit).
+    pub(crate) cap: u32,
+    /// The serving snapshot.
+    pub(crate) runtime: Arc<ArcSwap<Runtime>>,
+    /// TLS termination, when configured.
+    pub(crate) tls: Option<Arc<ListenerTls>>,
+    /// Its connection metrics.
+    pub(crate) metrics: ListenerMetrics,
+    /// spillway's memory pressure.
+    pub(crate) pressure: Pressure,
 }
 
 /// Accepts and serves until `stop` fires, then returns the open connections for draining.
@@ -75,13 +91,17 @@ fn server_settings(l: &ListenerSettings) -> ServerSettings {
 /// answered 503 and closed, nothing read.
 pub(crate) async fn serve(
     listener: TcpListener,
-    settings: ListenerSettings,
-    cap: u32,
-    runtime: Arc<ArcSwap<Runtime>>,
-    tls: Option<Arc<ListenerTls>>,
-    metrics: ListenerMetrics,
+    l: Listener,
     stop: CancellationToken,
 ) -> Connections {
+    let Listener {
+        settings,
+        cap,
+        runtime,
+        tls,
+        metrics,
+        pressure,
+    } = l;
     let connections = Connections::counted(Some(metrics.open.clone()));
     let name = settings.name.clone();
     let h1 = Arc::new(server_settings(&settings));
@@ -91,10 +111,18 @@ pub(crate) async fn serve(
     // X-Forwarded-Proto: what the client spoke to us.
     let proto = if tls.is_some() { "https" } else { "http" };
     let mut failures = AcceptFailures::default();
+    let mut pressure_changes = pressure.watch();
     loop {
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
+            changed = pressure_changes.changed() => {
+                // Short of memory: idle connections look again, and close.
+                if changed.is_ok() && pressure.soft() {
+                    connections.nudge_all();
+                }
+                continue;
+            }
             a = listener.accept() => a,
         };
         let (stream, peer) = match accepted {
@@ -110,17 +138,17 @@ pub(crate) async fn serve(
                 }
             }
         };
-        if connections.live() >= cap as usize {
+        if connections.live() >= cap as usize || pressure.soft() {
             metrics.refused.inc();
             refuse(stream, tls.is_some(), &runtime.load());
             continue;
         }
         let _ = stream.set_nodelay(true);
-        let svc = ProxyService::new(runtime.clone(), peer, proto);
+        let svc = ProxyService::new(runtime.clone(), peer, proto, pressure.clone());
         // Registered from accept on, so a connection still in its TLS handshake counts for the
         // drain too.
         let mut conn = connections.register();
-        let (h1, h2, tls) = (h1.clone(), h2.clone(), tls.clone());
+        let (h1, h2, tls, pressure) = (h1.clone(), h2.clone(), tls.clone(), pressure.clone());
         // Its requests' deadlines (head read, route timeout) share one spare timer.
         tokio::spawn(spare_timer::scope(async move {
             let io = match tls {
@@ -135,7 +163,7 @@ pub(crate) async fn serve(
                     }
                 }
             };
-            serve_io(io, svc, &h1, &h2, &mut conn, peer).await;
+            serve_io(io, svc, &h1, &h2, &mut conn, peer, &pressure).await;
         }));
     }
     drop(listener);
@@ -250,9 +278,12 @@ async fn serve_io(
     h2: &H2Builder,
     conn: &mut ConnectionSlot,
     peer: SocketAddr,
+    pressure: &Pressure,
 ) {
     let drain = conn.drain_check();
-    let draining = move || drain.draining();
+    // Draining, or short of memory: no keep-alive reuse, and an idle connection closes.
+    let pressure = pressure.clone();
+    let draining = move || drain.draining() || pressure.soft();
     let served = conn.watch(h1::serve(io, &svc, h1, &draining), |_| {}).await;
     if let Some(Served::Http2(io)) = served {
         // Boxed: hyper's HTTP/2 connection is large, and inline it would make every HTTP/1.1
@@ -395,10 +426,19 @@ mod tests {
             .await
             .unwrap();
         let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        let svc = ProxyService::new(rt, peer, "http");
+        let svc = ProxyService::new(rt, peer, "http", Pressure::default());
         let connections = Connections::counted(None);
         let mut conn = connections.register();
-        let task = serve_io(ClientIo::Plain(stream), svc, &h1, &h2, &mut conn, peer);
+        let pressure = Pressure::default();
+        let task = serve_io(
+            ClientIo::Plain(stream),
+            svc,
+            &h1,
+            &h2,
+            &mut conn,
+            peer,
+            &pressure,
+        );
         let size = std::mem::size_of_val(&task);
         assert!(size <= 1024, "a connection's task is {size} bytes");
     }

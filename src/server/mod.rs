@@ -9,6 +9,7 @@
 mod drain;
 mod fd_limit;
 mod listener;
+mod memory;
 mod timer;
 
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admin;
 use crate::config::{Env, Loaded};
 use crate::metrics::Metrics;
+use crate::pressure::Pressure;
 use crate::proxy::Runtime;
 use crate::reload::{self, Reloader};
 use crate::shared::ProcessState;
@@ -113,7 +115,18 @@ impl Server {
             metrics,
             ready: AtomicBool::new(true),
             certificates,
+            pressure: Pressure::default(),
         });
+        let background = CancellationToken::new();
+        memory::spawn(
+            state.runtime.clone(),
+            state.pressure.clone(),
+            memory::MemoryGauges {
+                pressure: state.metrics.memory_pressure.clone(),
+                limit_bytes: state.metrics.memory_limit_bytes.clone(),
+            },
+            background.clone(),
+        );
         let reloader = Reloader::new(state.clone(), source.path, source.env, source.loaded_hash);
         let early_watch = std::sync::Mutex::new(source.watch);
         let nofile = fd_limit::raise();
@@ -144,11 +157,14 @@ impl Server {
             tracing::info!(listener = %l.name, %addr, max_connections = cap, "listening");
             tasks.push(tokio::spawn(listener::serve(
                 bound,
-                l.clone(),
-                cap,
-                state.runtime.clone(),
-                state.certificates.listener(&l.name),
-                state.metrics.listener(&l.name),
+                listener::Listener {
+                    settings: l.clone(),
+                    cap,
+                    runtime: state.runtime.clone(),
+                    tls: state.certificates.listener(&l.name),
+                    metrics: state.metrics.listener(&l.name),
+                    pressure: state.pressure.clone(),
+                },
                 stop_accepting.clone(),
             )));
         }
@@ -179,7 +195,7 @@ impl Server {
             tasks,
             admin_task,
             admin_stop,
-            background: CancellationToken::new(),
+            background,
         })
     }
 

@@ -13,14 +13,17 @@ use crate::metrics::Metrics;
 /// Every TLS listener's certificate state, kept for the life of the process (listeners are
 /// bound once; a reload re-reads their files).
 #[derive(Default)]
-pub struct Certificates {
+pub(crate) struct Certificates {
     listeners: Vec<Arc<ListenerTls>>,
 }
 
 impl Certificates {
     /// Loads every TLS listener's certificate and checks every upstream's TLS files, so that a
     /// config whose files are missing or broken does not start.
-    pub fn load(settings: &Settings, metrics: &Metrics) -> Result<Certificates, ConfigErrors> {
+    pub(crate) fn load(
+        settings: &Settings,
+        metrics: &Metrics,
+    ) -> Result<Certificates, ConfigErrors> {
         let mut errors = Vec::new();
         let mut listeners = Vec::new();
         for (i, l) in settings.listeners.iter().enumerate() {
@@ -41,13 +44,16 @@ impl Certificates {
     }
 
     /// The TLS state of the listener named `name`, if it terminates TLS.
-    pub fn listener(&self, name: &str) -> Option<Arc<ListenerTls>> {
+    pub(crate) fn listener(&self, name: &str) -> Option<Arc<ListenerTls>> {
         self.listeners.iter().find(|l| l.name() == name).cloned()
     }
 
     /// For a reload: re-reads every certificate, key and CA file the new `settings` name, and
     /// applies none of them. Any that fails refuses the reload (nothing changes).
-    pub fn prepare(&self, settings: &Settings) -> Result<PreparedCertificates, ConfigErrors> {
+    pub(crate) fn prepare(
+        &self,
+        settings: &Settings,
+    ) -> Result<PreparedCertificates, ConfigErrors> {
         let mut errors = Vec::new();
         let mut listeners = Vec::new();
         for (i, l) in settings.listeners.iter().enumerate() {
@@ -83,7 +89,7 @@ fn listener_error(i: usize, message: String) -> ConfigError {
 }
 
 /// Certificates read for a reload and not applied yet.
-pub struct PreparedCertificates {
+pub(crate) struct PreparedCertificates {
     listeners: Vec<(Arc<ListenerTls>, PreparedListener)>,
     upstreams: Vec<(String, TlsClient)>,
 }
@@ -92,7 +98,7 @@ impl PreparedCertificates {
     /// Applies them: listeners serve the new certificates to new connections, and each upstream
     /// that `upstream_tls` finds by name (those carried over a reload unchanged, with their
     /// pools, included) uses the new CA and client certificate for new connections.
-    pub fn commit<'a>(self, upstream_tls: impl Fn(&str) -> Option<&'a UpstreamTls>) {
+    pub(crate) fn commit<'a>(self, upstream_tls: impl Fn(&str) -> Option<&'a UpstreamTls>) {
         for (listener, p) in self.listeners {
             listener.commit(p);
         }

@@ -139,7 +139,7 @@ impl CertFiles {
 }
 
 /// TLS termination state of one listener.
-pub struct ListenerTls {
+pub(crate) struct ListenerTls {
     name: String,
     cert: Arc<CurrentCert>,
     config: ArcSwap<ServerConfig>,
@@ -153,7 +153,7 @@ pub struct ListenerTls {
 
 impl ListenerTls {
     /// Loads the listener's certificate; fails (with the reason) when it cannot be served.
-    pub fn new(
+    pub(crate) fn new(
         name: &str,
         settings: &ListenerTlsSettings,
         metrics: &Metrics,
@@ -179,7 +179,7 @@ impl ListenerTls {
     }
 
     /// The listener's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
@@ -187,7 +187,7 @@ impl ListenerTls {
     /// counted and logged at debug (it is the client's problem, and clients are many); `None`
     /// then, and the connection is dropped. A client that connects and closes without sending
     /// a byte (a TCP health check) is not a failed handshake and is not counted.
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         stream: TcpStream,
         peer: SocketAddr,

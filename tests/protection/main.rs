@@ -4,13 +4,15 @@
 //!
 //! - `heads`: request heads over the limits, broken framing, answered and counted by spillway
 //! - `connections`: silent, slow and idle connections, the connection cap, keep-alive details
-//!   (pipelining, 100-continue, HTTP/1.0, early answers, trailers)
+//!   (pipelining, 100-continue, HTTP/1.0, early answers, trailers), the upstream connection cap
+//! - `memory`: shedding when spillway is short of memory
 
 #[path = "../common/mod.rs"]
 mod common;
 
 mod connections;
 mod heads;
+mod memory;
 
 use std::net::SocketAddr;
 use std::time::Duration;

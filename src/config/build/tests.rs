@@ -192,6 +192,11 @@ fn example_config_gives_exact_settings() {
             drain_timeout: secs(30),
         },
         retry_after: secs(5),
+        limits: LimitsSettings {
+            memory_bytes: None,
+            memory_soft: 0.8,
+            memory_hard: 0.9,
+        },
     };
     assert_eq!(loaded.settings, expected);
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);

@@ -178,7 +178,7 @@ async fn exchange<H: Handler>(
     }
     drop(upgrade_tx);
 
-    let keep_alive = keep_alive && !draining() && !settings.close_connections();
+    let keep_alive = keep_alive && !draining();
     let Ok(framed) = write_response(shared, resp, &method, version, keep_alive).await else {
         return Next::Close;
     };

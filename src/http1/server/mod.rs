@@ -35,15 +35,6 @@ pub(crate) struct ServerSettings {
     pub header_timeout: Duration,
     /// How long a kept-alive connection may sit between requests.
     pub idle_timeout: Duration,
-    /// Asked before each response: when it answers true, responses carry `Connection: close`
-    /// and connections close after them (spillway is short of memory).
-    pub close_connections: fn() -> bool,
-}
-
-impl ServerSettings {
-    fn close_connections(&self) -> bool {
-        (self.close_connections)()
-    }
 }
 
 /// What the server asks of the application.
@@ -74,7 +65,7 @@ pub(crate) enum Served {
 
 /// Serves HTTP/1.1 on `io` until the connection ends or is handed on. `draining` is asked
 /// whenever the connection could close gracefully (between requests) or must say it will
-/// (`Connection: close` on a response).
+/// (`Connection: close` on a response): true while spillway drains, or is short of memory.
 pub(crate) async fn serve<H: Handler>(
     io: ClientIo,
     handler: &H,
