@@ -15,7 +15,7 @@ mod breaker;
 mod concurrency;
 mod maintenance;
 pub(crate) mod retry;
-mod timeout;
+pub(crate) mod timeout;
 mod window;
 
 #[cfg(test)]

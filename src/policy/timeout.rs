@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -11,8 +13,42 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
-use crate::error::{ProxyError, UpstreamError};
+use crate::error::{ProxyError, RequestError, UpstreamError};
 use crate::spare_timer;
+
+/// How a request body is arriving from the client, for the timeout's verdict: a request whose
+/// body the client stopped sending must not be blamed on the app. The body sets it as it is
+/// read (it travels in the request's extensions); only requests with a body carry one.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BodyProgress(Arc<AtomicU8>);
+
+/// The body has ended.
+const BODY_DONE: u8 = 1;
+/// The last read of the body found nothing from the client yet.
+const BODY_WAITING: u8 = 2;
+
+impl BodyProgress {
+    /// The last read found no data: spillway waits on the client.
+    pub(crate) fn waiting(&self) {
+        self.0.fetch_or(BODY_WAITING, Ordering::Relaxed);
+    }
+
+    /// Data arrived.
+    pub(crate) fn arrived(&self) {
+        self.0.fetch_and(!BODY_WAITING, Ordering::Relaxed);
+    }
+
+    /// The body ended (whole, or broken).
+    pub(crate) fn ended(&self) {
+        self.0.store(BODY_DONE, Ordering::Relaxed);
+    }
+
+    /// Whether the client is the one holding the request up: its body has not ended and
+    /// spillway is waiting for more of it.
+    fn stalled_by_client(&self) -> bool {
+        self.0.load(Ordering::Relaxed) == BODY_WAITING
+    }
+}
 
 /// Builds [`Timeout`] services for one route timeout.
 #[derive(Debug, Clone, Copy)]
@@ -39,8 +75,9 @@ impl<S> Layer<S> for TimeoutLayer {
 }
 
 /// Fails a request with [`UpstreamError::ResponseTimeout`] when the inner service has not
-/// produced a response head within the timeout, counted from the call. The inner future is
-/// dropped then, which cancels whatever it was doing (attempt, backoff).
+/// produced a response head within the timeout, counted from the call — or with
+/// [`RequestError::Timeout`] (408) when it is the client that stopped sending its body then.
+/// The inner future is dropped, which cancels whatever it was doing (attempt, backoff).
 #[derive(Debug, Clone)]
 pub struct Timeout<S> {
     inner: S,
@@ -61,9 +98,11 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let deadline = Instant::now() + self.timeout;
+        let body = req.extensions().get::<BodyProgress>().cloned();
         ResponseFuture {
             inner: self.inner.call(req),
             timer: Some(spare_timer::take(deadline)),
+            body,
         }
     }
 }
@@ -75,6 +114,8 @@ pin_project! {
         inner: F,
         // Taken (and given back) once the outcome is known.
         timer: Option<Pin<Box<Sleep>>>,
+        // How the request's body is arriving, when it has one.
+        body: Option<BodyProgress>,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
@@ -108,6 +149,13 @@ where
         ready!(timer.as_mut().poll(cx));
         if let Some(timer) = this.timer.take() {
             spare_timer::give_back(timer);
+        }
+        if this
+            .body
+            .as_ref()
+            .is_some_and(BodyProgress::stalled_by_client)
+        {
+            return Poll::Ready(Err(RequestError::Timeout.into()));
         }
         Poll::Ready(Err(ProxyError::Upstream(UpstreamError::ResponseTimeout)))
     }

@@ -255,6 +255,10 @@ fn start(
     if route.spread_retries {
         parts.extensions.insert(EndpointHint::default());
     }
+    if let Some(progress) = body.progress() {
+        // For the route timeout: whether a late answer is the client's fault.
+        parts.extensions.insert(progress.clone());
+    }
     let upstream_req = Request::from_parts(parts, body);
     let stack = route.service.clone().oneshot(upstream_req);
     Handling {

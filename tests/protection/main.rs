@@ -12,6 +12,7 @@ mod common;
 
 mod connections;
 mod heads;
+mod hostile;
 mod memory;
 
 use std::net::SocketAddr;

@@ -81,7 +81,7 @@ impl BodyState {
 
 /// The body of a request on an HTTP/1.1 connection.
 #[derive(Debug)]
-pub struct BodyReader {
+pub(crate) struct BodyReader {
     /// `None` for a request without a body.
     shared: Option<SharedConn>,
     /// The exact length, when `Content-Length` gave one.
@@ -99,15 +99,6 @@ impl BodyReader {
             },
             ended: shared.is_none(),
             shared,
-        }
-    }
-
-    /// An empty body, not tied to any connection.
-    pub fn empty() -> Self {
-        BodyReader {
-            shared: None,
-            length: Some(0),
-            ended: true,
         }
     }
 }

@@ -26,6 +26,7 @@ use crate::config::{UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, ShedReason, UpstreamError};
 use crate::http1::server::BodyReader;
 use crate::policy::retry::is_idempotent;
+use crate::policy::timeout::BodyProgress;
 use crate::tls::client::UpstreamTls;
 use connector::{ConnectError, Connector};
 use http1::pool::{Acquired, Http1Pool, OpenSlot};
@@ -36,16 +37,27 @@ use http2::Http2Clients;
 pub(super) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A request body on its way to the upstream. `Empty` can be rebuilt at will, which is what
-/// lets bodyless idempotent requests be sent again.
+/// lets bodyless idempotent requests be sent again. A client's body reports how it is arriving
+/// ([`BodyProgress`]), so that a client that stops sending is not blamed on the app.
 #[derive(Debug, Default)]
-pub enum RequestBody {
+pub(crate) enum RequestBody {
     /// No body at all.
     #[default]
     Empty,
     /// The body of an HTTP/1.1 client, read from its connection.
-    Http1(BodyReader),
+    Http1(BodyReader, BodyProgress),
     /// The body of an HTTP/2 client's stream.
-    Http2(Incoming),
+    Http2(Incoming, BodyProgress),
+}
+
+impl RequestBody {
+    /// How the body is arriving, for a body that is still to come.
+    pub(crate) fn progress(&self) -> Option<&BodyProgress> {
+        match self {
+            RequestBody::Empty => None,
+            RequestBody::Http1(_, p) | RequestBody::Http2(_, p) => Some(p),
+        }
+    }
 }
 
 impl From<BodyReader> for RequestBody {
@@ -53,7 +65,7 @@ impl From<BodyReader> for RequestBody {
         if body.is_end_stream() {
             RequestBody::Empty
         } else {
-            RequestBody::Http1(body)
+            RequestBody::Http1(body, BodyProgress::default())
         }
     }
 }
@@ -63,9 +75,28 @@ impl From<Incoming> for RequestBody {
         if body.is_end_stream() {
             RequestBody::Empty
         } else {
-            RequestBody::Http2(body)
+            RequestBody::Http2(body, BodyProgress::default())
         }
     }
+}
+
+/// Polls a client's body, keeping its progress up to date.
+fn poll_client<B>(
+    body: Pin<&mut B>,
+    progress: &BodyProgress,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    let polled = body.poll_frame(cx);
+    match &polled {
+        Poll::Pending => progress.waiting(),
+        Poll::Ready(Some(Ok(_))) => progress.arrived(),
+        Poll::Ready(None) | Poll::Ready(Some(Err(_))) => progress.ended(),
+    }
+    polled.map_err(Into::into)
 }
 
 impl Body for RequestBody {
@@ -78,24 +109,24 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Empty => Poll::Ready(None),
-            RequestBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
-            RequestBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
+            RequestBody::Http1(b, p) => poll_client(Pin::new(b), p, cx),
+            RequestBody::Http2(b, p) => poll_client(Pin::new(b), p, cx),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             RequestBody::Empty => true,
-            RequestBody::Http1(b) => b.is_end_stream(),
-            RequestBody::Http2(b) => b.is_end_stream(),
+            RequestBody::Http1(b, _) => b.is_end_stream(),
+            RequestBody::Http2(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             RequestBody::Empty => SizeHint::with_exact(0),
-            RequestBody::Http1(b) => b.size_hint(),
-            RequestBody::Http2(b) => b.size_hint(),
+            RequestBody::Http1(b, _) => b.size_hint(),
+            RequestBody::Http2(b, _) => b.size_hint(),
         }
     }
 }
