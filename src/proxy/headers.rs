@@ -126,8 +126,57 @@ fn sf_item(id: &str) -> String {
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names,
-/// plus the fixed set. Used in both directions.
+/// Fields a `Connection` header may not make hop-by-hop: the ones spillway routes and frames
+/// by, and the ones it relies on end to end. A client naming `Host` there would have the app
+/// see another host than the one spillway routed on.
+const PROTECTED: [HeaderName; 3] = [HOST, http::header::CONTENT_LENGTH, X_REQUEST_ID];
+
+/// Applies RFC 9112 §3.2's Host rules before the request is routed, so that the app sees
+/// exactly the authority spillway routed on: a request in absolute form gets the URI's
+/// authority as its `Host` (§3.2.2); more than one `Host`, a `Host` that is not an authority,
+/// an HTTP/1.1 request without one, or an HTTP/2 `host` that differs from `:authority` are
+/// refused.
+pub fn check_host(
+    version: Version,
+    uri: &http::Uri,
+    headers: &mut HeaderMap,
+) -> Result<(), crate::error::RequestError> {
+    use crate::error::RequestError::Malformed;
+    let mut hosts = headers.get_all(HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Malformed);
+    }
+    if let Some(host) = first {
+        let valid = !host.is_empty()
+            && !host.as_bytes().contains(&b'@')
+            && http::uri::Authority::try_from(host.as_bytes()).is_ok();
+        if !valid {
+            return Err(Malformed);
+        }
+    }
+    match (version, uri.authority(), first) {
+        (Version::HTTP_2, Some(authority), Some(host))
+            if !authority
+                .as_str()
+                .eq_ignore_ascii_case(host.to_str().unwrap_or("")) =>
+        {
+            return Err(Malformed);
+        }
+        (Version::HTTP_2, _, _) => {}
+        (_, Some(authority), _) => {
+            // Absolute form: the target's authority is the host (the Host field is ignored).
+            let host = HeaderValue::from_str(authority.as_str()).map_err(|_| Malformed)?;
+            headers.insert(HOST, host);
+        }
+        (Version::HTTP_11, None, None) => return Err(Malformed),
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): `Connection` and every header it names
+/// (except the [`PROTECTED`] ones), plus the fixed set. Used in both directions.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Most requests and responses carry none of them: one pass over the names (standard names
     // compare by tag) is much cheaper than seven hash lookups.
@@ -148,7 +197,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
                     continue;
                 }
                 if let Ok(n) = HeaderName::from_bytes(token.as_bytes()) {
-                    named.push(n);
+                    if !PROTECTED.contains(&n) {
+                        named.push(n);
+                    }
                 }
             }
         }

@@ -195,7 +195,13 @@ fn start(
     let start = Instant::now();
     let request_id = headers::request_id(&parts.headers);
     let style = ErrorStyle::of(&parts.headers);
-    let route = rt.find_route(&parts.method, &parts.uri, &parts.headers);
+    // Route on exactly the authority that is forwarded.
+    let host_ok = headers::check_host(parts.version, &parts.uri, &mut parts.headers);
+    // A request whose host cannot be trusted is counted as routed nowhere.
+    let route = host_ok
+        .is_ok()
+        .then(|| rt.find_route(&parts.method, &parts.uri, &parts.headers))
+        .flatten();
     let metrics = route.map_or_else(|| rt.unmatched.clone(), |r| r.metrics.clone());
     let exchange = Exchange::start(
         metrics,
@@ -208,6 +214,9 @@ fn start(
         state: State::Answered { resp: Some(resp) },
     };
 
+    if let Err(e) = host_ok {
+        return answer(rescue(&rt.stamps, e.into(), exchange, style));
+    }
     if rt.stamps.is_loop(&parts.headers) {
         return answer(rescue(
             &rt.stamps,

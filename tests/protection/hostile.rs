@@ -55,3 +55,87 @@ async fn a_slow_app_with_a_whole_upload_is_still_a_504() {
         1.0
     );
 }
+
+/// Two routes: `admin.internal` in maintenance, everything else to the echo upstream.
+fn host_routes(upstream: SocketAddr) -> String {
+    config(upstream, "").replace(
+        "routes:\n",
+        "routes:\n  - name: admin\n    match: { host: admin.internal }\n    upstream: app\n    maintenance: { enabled: true }\n",
+    )
+}
+
+#[tokio::test]
+async fn the_app_sees_the_host_spillway_routed_on() {
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&host_routes(up.addr)).await;
+    let exchange = |raw: &'static [u8]| async move {
+        let mut c = Raw::connect(p.addr).await;
+        c.send(raw).await;
+        c.response().await
+    };
+    // Absolute form: the target's authority is the host, whatever Host says.
+    let r = exchange(b"GET http://admin.internal/secret HTTP/1.1\r\nhost: a.test\r\n\r\n").await;
+    assert_eq!(r.status, 503, "routed to the admin route: {r:?}");
+    // `Connection: host` cannot strip the Host that was routed on.
+    let r = exchange(b"GET /x HTTP/1.1\r\nhost: a.test\r\nconnection: host\r\n\r\n").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1, "only the second reached the app");
+    assert_eq!(seen[0].header("host"), "a.test");
+    // An absolute-form request to another host reaches the app with that host.
+    let r = exchange(b"GET http://b.test/y HTTP/1.1\r\nhost: admin.internal\r\n\r\n").await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(up.seen()[1].header("host"), "b.test");
+}
+
+#[tokio::test]
+async fn ambiguous_or_missing_hosts_are_400() {
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&host_routes(up.addr)).await;
+    for raw in [
+        &b"GET /secret HTTP/1.1\r\nhost: a.test\r\nhost: admin.internal\r\n\r\n"[..],
+        b"GET /secret HTTP/1.1\r\n\r\n",
+        b"GET /secret HTTP/1.1\r\nhost: user@admin.internal\r\n\r\n",
+        b"GET /secret HTTP/1.1\r\nhost: a b\r\n\r\n",
+        b"GET /secret HTTP/1.1\r\nhost: \r\n\r\n",
+    ] {
+        let mut c = Raw::connect(p.addr).await;
+        c.send(raw).await;
+        let r = c.response().await;
+        assert_generated(&r, 400, "http_request_error", false);
+    }
+    assert_eq!(up.seen().len(), 0);
+    assert_eq!(
+        p.metric(&requests_series(400, "GET", "unmatched", "proxy"))
+            .await,
+        5.0
+    );
+}
+
+#[tokio::test]
+async fn an_http2_host_that_disagrees_with_the_authority_is_400() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&host_routes(up.addr)).await;
+    let tcp = TcpStream::connect(p.addr).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get("http://a.test/x")
+        .header("host", "admin.internal")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let r = h2.send_request(req).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let agree = http::Request::get("http://a.test/x")
+        .header("host", "a.test")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    assert_eq!(
+        h2.send_request(agree).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(up.seen().len(), 1);
+}
