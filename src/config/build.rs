@@ -606,10 +606,25 @@ impl Cx<'_> {
             };
             let own = self.policy_part(&base, &r.policy());
             let policy = self.resolve_policy(&base, &own, defaults_part);
+            let upgrades = match &r.upgrades {
+                None => defaults::UPGRADES.iter().map(|s| s.to_string()).collect(),
+                Some(list) => {
+                    for (j, p) in list.iter().enumerate() {
+                        if p.is_empty() || !p.chars().all(is_tchar) {
+                            self.error(
+                                &format!("{base}.upgrades[{j}]"),
+                                format!("`{p}` is not a protocol name (e.g. websocket)"),
+                            );
+                        }
+                    }
+                    list.iter().map(|p| p.to_ascii_lowercase()).collect()
+                }
+            };
             out.push(RouteSettings {
                 name,
                 matcher,
                 upstream,
+                upgrades,
                 policy,
             });
         }

@@ -47,6 +47,10 @@ pub(crate) const MEMORY_SOFT: f64 = 0.8;
 /// what is already in flight, before the kernel's OOM killer takes the whole pod.
 pub(crate) const MEMORY_HARD: f64 = 0.9;
 
+/// Upgrades a route passes on: WebSocket, the one browsers and apps use. Others (h2c above
+/// all, which would tunnel requests past the route's policies) only when a route lists them.
+pub(crate) const UPGRADES: &[&str] = &["websocket"];
+
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
 /// is reported as a 504 before most clients give up on their own.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);

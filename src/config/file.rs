@@ -192,6 +192,9 @@ pub struct RouteFile {
     pub match_: MatchFile,
     /// Name of an upstream.
     pub upstream: Option<String>,
+    /// The protocols a client may switch to through this route (HTTP/1.1 `Upgrade`); other
+    /// upgrades are removed from the forwarded request. Default `[websocket]`.
+    pub upgrades: Option<Vec<String>>,
     // The policy fields are spelled out rather than flattened from `PolicyFile`: serde cannot
     // combine `flatten` with `deny_unknown_fields`, and flattening loses error locations.
     /// Overrides `defaults.timeout`.

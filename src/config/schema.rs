@@ -71,6 +71,7 @@ fn key_defaults() -> Vec<(&'static str, Value, &'static str)> {
         "upstreams.<name>.max_idle" => json(MAX_IDLE),
         "upstreams.<name>.protocol" => json(PROTOCOL),
         "routes[].match.path_prefix" => json(PATH_PREFIX),
+        "routes[].upgrades" => json(UPGRADES),
         "defaults.timeout" => duration(TIMEOUT),
         "defaults.retry_after" => duration(RETRY_AFTER),
         "defaults.concurrency.max" => json(CONCURRENCY_MAX),

@@ -142,6 +142,8 @@ pub struct RouteSettings {
     pub matcher: MatchSettings,
     /// Upstream name (validated to exist).
     pub upstream: String,
+    /// Protocols a client may upgrade to (lower case).
+    pub upgrades: Vec<String>,
     /// Effective policy (defaults merged with the route's overrides).
     pub policy: PolicySettings,
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderValue, Method, Uri};
 
 use super::headers::Stamps;
 use super::route::{request_host, Matcher};
@@ -50,6 +50,39 @@ pub struct Runtime {
     pub unmatched: Arc<RouteMetrics>,
     /// Whether any route matches on host: if none does, the host is never looked at.
     match_host: bool,
+}
+
+impl Route {
+    /// Whether a client may switch to `protocol` (an `Upgrade` value, possibly a list) through
+    /// this route: every protocol named must be one the route lists, by name, any version.
+    pub(crate) fn allows_upgrade(&self, protocol: &HeaderValue) -> bool {
+        let Ok(text) = protocol.to_str() else {
+            return false;
+        };
+        text.split(',').all(|p| {
+            let name = p.trim().split('/').next().unwrap_or("");
+            !name.is_empty()
+                && self
+                    .settings
+                    .upgrades
+                    .iter()
+                    .any(|allowed| allowed.eq_ignore_ascii_case(name))
+        })
+    }
+
+    /// Whether the route takes `CONNECT`: only when its `match.methods` lists it.
+    pub(crate) fn allows_connect(&self) -> bool {
+        self.settings.matcher.methods.iter().any(|m| m == "CONNECT")
+    }
+
+    /// `Allow` for a method the route refuses: the methods it matches, or every common one.
+    pub(crate) fn allow_header(&self) -> HeaderValue {
+        let methods = &self.settings.matcher.methods;
+        if methods.is_empty() {
+            return HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH");
+        }
+        HeaderValue::from_str(&methods.join(", ")).unwrap_or(HeaderValue::from_static("GET, HEAD"))
+    }
 }
 
 impl Runtime {

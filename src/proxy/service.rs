@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use arc_swap::ArcSwap;
-use http::header::{TE, UPGRADE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::header::{ALLOW, TE, UPGRADE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
@@ -162,6 +162,8 @@ struct After {
     request_id: HeaderValue,
     /// The protocol of an Upgrade request passed on, and its downstream half.
     upgrade: Option<(HeaderValue, OnUpgrade)>,
+    /// A CONNECT: a 2xx answer opens the tunnel.
+    connect: bool,
 }
 
 impl Future for Handling {
@@ -236,12 +238,30 @@ fn start(
         return answer(rescue(&rt.stamps, shed, exchange, style));
     }
 
-    // An upgrade is only passed on to an HTTP/1.1 upstream; towards HTTP/2 it is stripped like
-    // any hop-by-hop header and the upstream answers the plain request.
-    let upgrade = headers::upgrade_request(parts.version, &parts.headers)
-        .filter(|_| route.upstream_http1)
-        // Resolves once the server has sent our 101.
-        .zip(downstream_upgrade);
+    // CONNECT asks spillway to open a tunnel: only where a route lists it in `match.methods`.
+    let connect = parts.method == Method::CONNECT;
+    if connect && !(route.allows_connect() && route.upstream_http1) {
+        let mut resp = rescue(
+            &rt.stamps,
+            RequestError::MethodNotAllowed.into(),
+            exchange,
+            style,
+        );
+        resp.headers_mut().insert(ALLOW, route.allow_header());
+        return answer(resp);
+    }
+    // An upgrade is only passed on to an HTTP/1.1 upstream, and only to a protocol the route
+    // allows (`upgrades`); otherwise it is stripped like any hop-by-hop header and the
+    // upstream answers the plain request (an `h2c` upgrade cannot smuggle requests past the
+    // route's policies).
+    let upgrade = if connect {
+        Some(HeaderValue::from_static("CONNECT"))
+    } else {
+        headers::upgrade_request(parts.version, &parts.headers)
+            .filter(|protocol| route.upstream_http1 && route.allows_upgrade(protocol))
+    }
+    // Resolves once the server has switched the connection over.
+    .zip(downstream_upgrade);
     // gRPC servers may check `te: trailers` to detect proxies that drop trailers; spillway
     // passes trailers through, so it forwards that promise.
     let te_trailers = style.is_grpc()
@@ -253,7 +273,12 @@ fn start(
 
     headers::strip_hop_by_hop(&mut parts.headers);
     let overlay = Overlay::new(&rt.stamps, &Forwarded { client_ip, proto }, &request_id)
-        .upgrade(upgrade.as_ref().map(|(protocol, _)| protocol.clone()))
+        .upgrade(
+            upgrade
+                .as_ref()
+                .filter(|_| !connect)
+                .map(|(protocol, _)| protocol.clone()),
+        )
         .te_trailers(te_trailers);
     if route.upstream_http1 {
         // Written into the request head by the HTTP/1.1 client, field by field.
@@ -279,6 +304,7 @@ fn start(
                 style,
                 request_id,
                 upgrade,
+                connect,
             }),
         },
     }
@@ -296,9 +322,29 @@ fn respond(
         style,
         request_id,
         upgrade,
+        connect,
     } = after;
     match outcome {
         Ok(resp) => {
+            if connect && resp.status().is_success() {
+                let (mut parts, body) = resp.into_parts();
+                let (Some((_, downstream)), Some(upstream)) = (upgrade, body.into_upgraded())
+                else {
+                    return rescue(
+                        &rt.stamps,
+                        UpstreamError::ProtocolError.into(),
+                        exchange,
+                        style,
+                    );
+                };
+                headers::strip_hop_by_hop(&mut parts.headers);
+                rt.stamps.stamp_upstream(&mut parts.headers);
+                parts.headers.insert(X_REQUEST_ID, request_id);
+                exchange.status = parts.status.as_u16();
+                exchange.source = ResponseSource::Upstream;
+                tokio::spawn(body::tunnel(downstream, upstream, exchange));
+                return Response::from_parts(parts, ResponseBody::empty(None));
+            }
             if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                 let (mut parts, body) = resp.into_parts();
                 let (Some((requested, downstream)), Some(upstream)) =

@@ -139,3 +139,98 @@ async fn an_http2_host_that_disagrees_with_the_authority_is_400() {
     );
     assert_eq!(up.seen().len(), 1);
 }
+
+#[tokio::test]
+async fn only_allowed_upgrades_are_passed_on() {
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&config(up.addr, "")).await;
+    // h2c is not in the default `upgrades: [websocket]`: the app gets a plain request.
+    let mut c = Raw::connect(p.addr).await;
+    c.send(b"GET /x HTTP/1.1\r\nhost: a\r\nconnection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n").await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = &up.seen()[0];
+    assert_eq!(seen.header("upgrade"), "", "no upgrade forwarded");
+    assert!(
+        !seen.header("connection").contains("pgrade"),
+        "{:?}",
+        seen.header("connection")
+    );
+    assert_eq!(seen.header("http2-settings"), "");
+}
+
+#[tokio::test]
+async fn connect_is_405_unless_a_route_lists_it() {
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&config(up.addr, "")).await;
+    let mut c = Raw::connect(p.addr).await;
+    c.send(b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n\r\n")
+        .await;
+    let r = c.response().await;
+    assert_generated(&r, 405, "http_request_denied", false);
+    assert_eq!(
+        r.header("allow"),
+        "GET, HEAD, POST, PUT, DELETE, OPTIONS, PATCH"
+    );
+    assert_eq!(up.seen().len(), 0);
+    assert_eq!(
+        p.metric(&requests_series(405, "CONNECT", DEFAULT_ROUTE, "proxy"))
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_route_that_lists_connect_tunnels_it() {
+    use tokio::net::TcpListener;
+    // An app that accepts CONNECT and then echoes the tunnel's bytes.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let seen2 = seen.clone();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        *seen2.lock().unwrap() = String::from_utf8_lossy(&head).into_owned();
+        s.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            s.write_all(&buf[..n]).await.unwrap();
+        }
+    });
+    let yaml = config(app, "").replace(
+        "    match: { path_prefix: / }\n",
+        "    match: { methods: [CONNECT] }\n",
+    );
+    let p = TestProxy::start(&yaml).await;
+    let mut c = Raw::connect(p.addr).await;
+    c.send(b"CONNECT db.internal:5432 HTTP/1.1\r\nhost: db.internal:5432\r\n\r\n")
+        .await;
+    let r = c.response().await;
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.header("content-length"), "");
+    assert!(seen
+        .lock()
+        .unwrap()
+        .starts_with("CONNECT db.internal:5432 HTTP/1.1\r\n"));
+    c.send(b"ping").await;
+    let mut echoed = [0u8; 4];
+    tokio::time::timeout(STEP, c.sock.read_exact(&mut echoed))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&echoed, b"ping");
+    drop(c);
+    let _ = tokio::time::timeout(STEP, task).await;
+}

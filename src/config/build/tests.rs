@@ -122,6 +122,7 @@ fn example_config_gives_exact_settings() {
                     methods: vec!["GET".into(), "POST".into()],
                 },
                 upstream: "app".into(),
+                upgrades: vec!["websocket".into()],
                 policy: PolicySettings {
                     timeout: secs(2),
                     retry_after: secs(5),
@@ -158,6 +159,7 @@ fn example_config_gives_exact_settings() {
                     methods: vec![],
                 },
                 upstream: "app".into(),
+                upgrades: vec!["websocket".into()],
                 policy: PolicySettings {
                     timeout: secs(30),
                     retry_after: secs(5),

@@ -158,7 +158,9 @@ async fn exchange<H: Handler>(
         return Next::Close;
     };
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let tunnel = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        || (method == Method::CONNECT && resp.status().is_success());
+    if tunnel {
         let Some(tx) = upgrade_tx else {
             // Nothing asked to switch: the handler must not answer 101 (it does not).
             return Next::Close;
@@ -349,7 +351,9 @@ where
     let (parts, body) = resp.into_parts();
     let mut body = pin!(body);
     let status = parts.status;
+    // No body, and no length or coding said of one (RFC 9110 §9.3.6 for CONNECT).
     let no_body = *method == Method::HEAD
+        || (*method == Method::CONNECT && status.is_success())
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;

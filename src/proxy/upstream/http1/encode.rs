@@ -55,7 +55,12 @@ pub(super) fn encode_head(
     buf.clear();
     buf.extend_from_slice(parts.method.as_str().as_bytes());
     buf.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    // CONNECT's target is the authority (RFC 9112 §3.2.3); everything else goes in origin form.
+    let target = if parts.method == http::Method::CONNECT {
+        parts.uri.authority().map_or("", |a| a.as_str())
+    } else {
+        parts.uri.path_and_query().map_or("/", |p| p.as_str())
+    };
     buf.extend_from_slice(if target.is_empty() {
         b"/"
     } else {

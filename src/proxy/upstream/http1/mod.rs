@@ -136,6 +136,12 @@ impl Http1Connection {
             framing,
             keep_alive,
         } = head;
+        // A 2xx to CONNECT turns the connection into a tunnel, like a 101.
+        let framing = if parts.method == Method::CONNECT && status.is_success() {
+            ResponseFraming::Upgrade
+        } else {
+            framing
+        };
         let decoder = match framing {
             _ if parts.method == Method::HEAD => Decoder::Length(0),
             ResponseFraming::Length(n) => Decoder::Length(n),
