@@ -38,6 +38,10 @@ pub enum UpstreamError {
     /// The upstream's certificate was not accepted (untrusted, expired, wrong name).
     #[error("upstream certificate was rejected")]
     TlsCertificate,
+    /// The upstream stopped sending its response body for longer than its `body_timeout`
+    /// (the head had gone out: the client's response is aborted, never presented).
+    #[error("upstream body stalled")]
+    BodyTimeout,
 }
 
 /// Why spillway refused a request on purpose (every one answers 503 with `Retry-After`).
@@ -213,6 +217,12 @@ impl ProxyError {
                     "tls_certificate_error",
                     "upstream certificate rejected\n",
                 ),
+                // Only ever counted: the head was already sent when the body stalled.
+                BodyTimeout => (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "http_response_timeout",
+                    "upstream did not respond in time\n",
+                ),
             },
             ProxyError::Shed { reason, .. } => match reason {
                 ShedReason::ConcurrencyLimit
@@ -340,8 +350,12 @@ impl ProxyError {
 }
 
 impl UpstreamError {
-    /// Metric label and Proxy-Status error type (they are the same words on purpose).
+    /// Metric label and Proxy-Status error type (they are the same words on purpose, except
+    /// for a stalled body, which never becomes a response: `body_timeout`).
     pub fn kind(self) -> &'static str {
+        if self == UpstreamError::BodyTimeout {
+            return "body_timeout";
+        }
         match ProxyError::Upstream(self).presentation().proxy_status {
             Some(k) => k,
             None => "unknown",
@@ -349,7 +363,7 @@ impl UpstreamError {
     }
 
     /// Every variant, for resolving metric handles once per route.
-    pub const ALL: [UpstreamError; 9] = [
+    pub const ALL: [UpstreamError; 10] = [
         UpstreamError::ConnectRefused,
         UpstreamError::Unreachable,
         UpstreamError::Dns,
@@ -359,6 +373,7 @@ impl UpstreamError {
         UpstreamError::ResponseTimeout,
         UpstreamError::TlsProtocol,
         UpstreamError::TlsCertificate,
+        UpstreamError::BodyTimeout,
     ];
 
     /// Whether this failure happened before any byte of the request could reach the app,
@@ -407,6 +422,7 @@ mod tests {
             (ResponseTimeout.into(), 504, Some("http_response_timeout")),
             (TlsProtocol.into(), 502, Some("tls_protocol_error")),
             (TlsCertificate.into(), 502, Some("tls_certificate_error")),
+            (BodyTimeout.into(), 504, Some("http_response_timeout")),
             (
                 s(ShedReason::ConcurrencyLimit),
                 503,

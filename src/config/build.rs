@@ -493,6 +493,13 @@ impl Cx<'_> {
                 .tls
                 .as_ref()
                 .map(|t| self.upstream_tls(&format!("{base}.tls"), t));
+            let body_timeout = self
+                .duration(
+                    &format!("{base}.body_timeout"),
+                    u.body_timeout.as_ref(),
+                    true,
+                )
+                .unwrap_or(defaults::BODY_TIMEOUT);
             let max_connections =
                 self.at_least_one(&format!("{base}.max_connections"), u.max_connections);
             if protocol == UpstreamProtocol::Http2 && max_connections.is_some() {
@@ -507,6 +514,7 @@ impl Cx<'_> {
                     endpoints: u.endpoints.iter().map(|e| e.trim().to_owned()).collect(),
                     connect_timeout: connect_timeout.unwrap_or(defaults::CONNECT_TIMEOUT),
                     idle_timeout: idle_timeout.unwrap_or(defaults::IDLE_TIMEOUT),
+                    body_timeout,
                     max_idle: u.max_idle.unwrap_or(defaults::MAX_IDLE),
                     max_connections,
                     protocol,

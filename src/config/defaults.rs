@@ -34,6 +34,11 @@ pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// client closes first (the keep-alive race, seen from the other side); nginx uses 75 s.
 pub(crate) const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Upstream body timeout: an app that stops mid-body for this long is not coming back; the
+/// client's response is aborted and both connections freed (HAProxy cuts at its 30 s server
+/// timeout too). Long enough for any pause a live stream makes between chunks.
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Idle upstream connections kept per endpoint: enough for the concurrency of a busy app
 /// (more are only opened under load, and closed as they come back), few enough that a burst
 /// does not leave spillway holding hundreds of idle connections and buffers.

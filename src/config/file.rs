@@ -156,6 +156,9 @@ pub struct UpstreamFile {
     pub connect_timeout: Option<DurationText>,
     /// Pooled connections idle longer than this are closed.
     pub idle_timeout: Option<DurationText>,
+    /// Longest the upstream may pause while sending a response body; the client's response is
+    /// then aborted.
+    pub body_timeout: Option<DurationText>,
     /// Most idle connections kept per endpoint; more are closed as they come back.
     pub max_idle: Option<u32>,
     /// Most open connections per endpoint (busy and idle); beyond it a request waits (as long

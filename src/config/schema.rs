@@ -69,6 +69,7 @@ fn key_defaults() -> Vec<(&'static str, Value, &'static str)> {
         "upstreams.<name>.connect_timeout" => duration(CONNECT_TIMEOUT),
         "upstreams.<name>.idle_timeout" => duration(IDLE_TIMEOUT),
         "upstreams.<name>.max_idle" => json(MAX_IDLE),
+        "upstreams.<name>.body_timeout" => duration(BODY_TIMEOUT),
         "upstreams.<name>.protocol" => json(PROTOCOL),
         "routes[].match.path_prefix" => json(PATH_PREFIX),
         "routes[].upgrades" => json(UPGRADES),

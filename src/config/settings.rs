@@ -110,6 +110,9 @@ pub struct UpstreamSettings {
     /// Idle pooled connections are closed after this.
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
+    /// Longest pause in a response body before the response is aborted.
+    #[serde(with = "humantime_serde_compat")]
+    pub body_timeout: Duration,
     /// Most idle pooled connections per endpoint.
     pub max_idle: u32,
     /// Most open connections per endpoint; `None`: no cap.

@@ -2,24 +2,35 @@
 //! [`Exchange`], so metrics and the access log see the whole exchange (including a body that the
 //! upstream cut off, or a client that went away). Upgraded connections are tunnelled here too.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 
 use super::exchange::{Exchange, ExchangeOutcome};
 use super::upstream::http1::Upgraded;
 use super::upstream::{BoxError, UpstreamBody};
+use crate::error::UpstreamError;
 use crate::http1::server::upgrade::OnUpgrade;
+use crate::spare_timer;
 
 pin_project! {
     /// What a response body streams from.
     #[project = SourceBodyProj]
     enum SourceBody {
-        /// The upstream's body, passed through frame by frame (trailers included).
-        Upstream { #[pin] inner: UpstreamBody },
+        /// The upstream's body, passed through frame by frame (trailers included). `idle` is
+        /// the deadline for its next frame, set once the body first keeps the client waiting.
+        Upstream {
+            #[pin]
+            inner: UpstreamBody,
+            body_timeout: Duration,
+            idle: Option<Pin<Box<Sleep>>>,
+        },
         /// A short body spillway generated.
         Full { data: Option<Bytes> },
     }
@@ -36,10 +47,15 @@ pin_project! {
 
     impl PinnedDrop for ResponseBody {
         fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
+            let mut this = this.project();
+            if let SourceBodyProj::Upstream { idle, .. } = this.source.as_mut().project() {
+                if let Some(timer) = idle.take() {
+                    spare_timer::give_back(timer);
+                }
+            }
             if let Some(ex) = this.exchange.take() {
                 let ended = match &*this.source {
-                    SourceBody::Upstream { inner } => inner.is_end_stream(),
+                    SourceBody::Upstream { inner, .. } => inner.is_end_stream(),
                     SourceBody::Full { data } => data.is_none(),
                 };
                 // A body nobody polled to the end: fine if there was nothing left to send
@@ -51,10 +67,18 @@ pin_project! {
 }
 
 impl ResponseBody {
-    /// Streams the upstream's body.
-    pub(crate) fn upstream(inner: UpstreamBody, exchange: Exchange) -> Self {
+    /// Streams the upstream's body; one that sends nothing for `body_timeout` is aborted.
+    pub(crate) fn upstream(
+        inner: UpstreamBody,
+        exchange: Exchange,
+        body_timeout: Duration,
+    ) -> Self {
         ResponseBody {
-            source: SourceBody::Upstream { inner },
+            source: SourceBody::Upstream {
+                inner,
+                body_timeout,
+                idle: None,
+            },
             exchange: Some(exchange),
         }
     }
@@ -128,17 +152,42 @@ impl Body for ResponseBody {
         let this = self.project();
         let polled = match this.source.project() {
             SourceBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            SourceBodyProj::Upstream { inner } => match inner.poll_frame(cx) {
+            SourceBodyProj::Upstream {
+                inner,
+                body_timeout,
+                idle,
+            } => match inner.poll_frame(cx) {
                 Poll::Ready(Some(Err(e))) => {
                     if let Some(ex) = this.exchange.take() {
-                        ex.finish(ExchangeOutcome::UpstreamAborted);
+                        ex.finish(ExchangeOutcome::UpstreamAborted(
+                            UpstreamError::ConnectionTerminated,
+                        ));
                     }
-                    // Returning the error makes hyper abort the downstream response (HTTP/1:
-                    // close without the terminating chunk; HTTP/2: RST_STREAM), so a truncated
-                    // body is never presented as complete.
+                    // Returning the error makes the server abort the downstream response
+                    // (HTTP/1: close without the terminating chunk; HTTP/2: RST_STREAM), so a
+                    // truncated body is never presented as complete.
                     return Poll::Ready(Some(Err(e)));
                 }
-                other => other,
+                Poll::Pending => {
+                    // The client waits on the upstream: its next frame is due within the body
+                    // timeout of the last one (the timer starts at the first wait).
+                    let deadline = Instant::now() + *body_timeout;
+                    let timer = idle.get_or_insert_with(|| spare_timer::take(deadline));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        if let Some(ex) = this.exchange.take() {
+                            ex.finish(ExchangeOutcome::UpstreamAborted(UpstreamError::BodyTimeout));
+                        }
+                        return Poll::Ready(Some(Err(Box::new(UpstreamError::BodyTimeout))));
+                    }
+                    Poll::Pending
+                }
+                ready => {
+                    // A frame (or the end): the next one gets the whole timeout again.
+                    if let Some(timer) = idle.as_mut() {
+                        timer.as_mut().reset(Instant::now() + *body_timeout);
+                    }
+                    ready
+                }
             },
         };
         if let Poll::Ready(None) = polled {
@@ -151,14 +200,14 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.source {
-            SourceBody::Upstream { inner } => inner.is_end_stream(),
+            SourceBody::Upstream { inner, .. } => inner.is_end_stream(),
             SourceBody::Full { data } => data.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.source {
-            SourceBody::Upstream { inner } => inner.size_hint(),
+            SourceBody::Upstream { inner, .. } => inner.size_hint(),
             SourceBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }

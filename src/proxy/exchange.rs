@@ -15,7 +15,7 @@ pub(super) enum ExchangeOutcome {
     /// The whole body was sent.
     Complete,
     /// The upstream body failed after the head was sent; the downstream response was aborted.
-    UpstreamAborted,
+    UpstreamAborted(UpstreamError),
     /// The client went away before the body ended.
     ClientGone,
     /// An upgraded connection (WebSocket) ended because one side failed (a reset), or the
@@ -27,7 +27,7 @@ impl ExchangeOutcome {
     fn label(self) -> &'static str {
         match self {
             ExchangeOutcome::Complete => "complete",
-            ExchangeOutcome::UpstreamAborted => "upstream_aborted",
+            ExchangeOutcome::UpstreamAborted(_) => "upstream_aborted",
             ExchangeOutcome::ClientGone => "client_gone",
             ExchangeOutcome::TunnelAborted => "tunnel_aborted",
         }
@@ -85,9 +85,8 @@ impl Exchange {
             self.source,
             elapsed.as_secs_f64(),
         );
-        if outcome == ExchangeOutcome::UpstreamAborted {
-            self.metrics
-                .upstream_error(UpstreamError::ConnectionTerminated);
+        if let ExchangeOutcome::UpstreamAborted(kind) = outcome {
+            self.metrics.upstream_error(kind);
         }
         tracing::info!(
             target: "spillway::access",

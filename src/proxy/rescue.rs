@@ -133,7 +133,7 @@ pub(super) fn rescue(
 /// | the client stopped sending its body (408) | 408 | 4 `DEADLINE_EXCEEDED` |
 pub(super) fn grpc_status(err: &ProxyError) -> u8 {
     match err {
-        ProxyError::Upstream(UpstreamError::ResponseTimeout) => 4,
+        ProxyError::Upstream(UpstreamError::ResponseTimeout | UpstreamError::BodyTimeout) => 4,
         ProxyError::Upstream(_) | ProxyError::Shed { .. } => 14,
         ProxyError::NoRoute => 12,
         ProxyError::LoopDetected => 13,
@@ -236,6 +236,7 @@ mod tests {
             (ResponseTimeout.into(), 4),
             (TlsProtocol.into(), 14),
             (TlsCertificate.into(), 14),
+            (BodyTimeout.into(), 4),
             (shed(ShedReason::ConcurrencyLimit), 14),
             (shed(ShedReason::QueueTimeout), 14),
             (shed(ShedReason::CircuitOpen), 14),

@@ -30,6 +30,8 @@ pub struct Route {
     pub spread_retries: bool,
     /// Whether its upstream speaks HTTP/1.1 (the only one an Upgrade is passed on to).
     pub upstream_http1: bool,
+    /// Its upstream's `body_timeout`.
+    pub body_timeout: std::time::Duration,
 }
 
 /// Everything that serves, as one immutable snapshot.
@@ -117,6 +119,7 @@ impl Runtime {
                 Route {
                     spread_retries: r.policy.retries.attempts > 0 && upstream.endpoint_count() > 1,
                     upstream_http1: upstream.settings.protocol == UpstreamProtocol::Http1,
+                    body_timeout: upstream.settings.body_timeout,
                     settings: r.clone(),
                     matcher: Matcher::new(&r.matcher),
                     service: stack::route_service(&policy, upstream),

@@ -164,6 +164,8 @@ struct After {
     upgrade: Option<(HeaderValue, OnUpgrade)>,
     /// A CONNECT: a 2xx answer opens the tunnel.
     connect: bool,
+    /// The upstream's `body_timeout`.
+    body_timeout: std::time::Duration,
 }
 
 impl Future for Handling {
@@ -295,6 +297,7 @@ fn start(
     }
     let upstream_req = Request::from_parts(parts, body);
     let stack = route.service.clone().oneshot(upstream_req);
+    let body_timeout = route.body_timeout;
     Handling {
         state: State::Forwarding {
             stack,
@@ -305,6 +308,7 @@ fn start(
                 request_id,
                 upgrade,
                 connect,
+                body_timeout,
             }),
         },
     }
@@ -323,6 +327,7 @@ fn respond(
         request_id,
         upgrade,
         connect,
+        body_timeout,
     } = after;
     match outcome {
         Ok(resp) => {
@@ -375,7 +380,7 @@ fn respond(
             parts.headers.insert(X_REQUEST_ID, request_id);
             exchange.status = parts.status.as_u16();
             exchange.source = ResponseSource::Upstream;
-            Response::from_parts(parts, ResponseBody::upstream(body, exchange))
+            Response::from_parts(parts, ResponseBody::upstream(body, exchange, body_timeout))
         }
         Err(e) => rescue(&rt.stamps, e, exchange, style),
     }

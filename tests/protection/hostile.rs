@@ -234,3 +234,44 @@ async fn a_route_that_lists_connect_tunnels_it() {
     drop(c);
     let _ = tokio::time::timeout(STEP, task).await;
 }
+
+#[tokio::test]
+async fn an_app_that_stalls_mid_body_is_cut_at_the_body_timeout() {
+    use tokio::net::TcpListener;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let _app = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = [0u8; 1024];
+        let _ = s.read(&mut buf).await.unwrap();
+        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello")
+            .await
+            .unwrap();
+        // And nothing more, without closing.
+        tokio::time::sleep(STEP * 2).await;
+    });
+    let yaml = config(app, "").replace(
+        "    connect_timeout: 500ms\n",
+        "    connect_timeout: 500ms\n    body_timeout: 300ms\n",
+    );
+    let p = TestProxy::start(&yaml).await;
+    let mut c = Raw::connect(p.addr).await;
+    c.send(b"GET /stream HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    let started = Instant::now();
+    let took = c.closed_within().await;
+    let text = String::from_utf8_lossy(&c.buf).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\nhello"),
+        "the body is cut, not completed: {text}"
+    );
+    assert!(
+        took >= Duration::from_millis(250) && started.elapsed() < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(
+        p.metric_settles_at(&upstream_errors_series("body_timeout", DEFAULT_ROUTE), 1.0)
+            .await,
+        1.0
+    );
+}

@@ -106,6 +106,7 @@ fn example_config_gives_exact_settings() {
             UpstreamSettings {
                 endpoints: vec!["127.0.0.1:3000".into()],
                 connect_timeout: secs(1),
+                body_timeout: secs(30),
                 max_idle: 64,
                 max_connections: None,
                 idle_timeout: secs(4),
