@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::CONTENT_TYPE;
+use http::header::{CONTENT_TYPE, HOST};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -27,14 +27,20 @@ struct Admin {
     reloader: Arc<Reloader>,
 }
 
-/// Serves the admin endpoint until `stop` fires.
+/// Serves the admin endpoint until `stop` fires. A connection must send each request head
+/// within `header_timeout` (the listeners' own), idle time before it included.
 pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<ProcessState>,
     reloader: Arc<Reloader>,
+    header_timeout: std::time::Duration,
     stop: CancellationToken,
 ) {
     let admin = Arc::new(Admin { state, reloader });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
     loop {
         let (stream, _) = tokio::select! {
             _ = stop.cancelled() => return,
@@ -49,13 +55,13 @@ pub(crate) async fn serve(
         };
         let admin = admin.clone();
         let stop = stop.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let admin = admin.clone();
                 async move { Ok::<_, Infallible>(route(&admin, req).await) }
             });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {
                 _ = conn.as_mut() => {}
@@ -77,9 +83,65 @@ fn text(
     r
 }
 
+/// Whether a request may use the control endpoints. Its `Host` must name this admin endpoint
+/// (its address, `localhost`, a loopback address) or a host `admin.allowed_hosts` lists, and
+/// an `Origin` (which browsers send on cross-site requests) must be that same host. A web page
+/// the operator's browser opens elsewhere then cannot make it `POST /reload` (cross-site
+/// request) or read `/config` (DNS rebinding: the request carries the attacker's host name).
+fn host_allowed(admin: &Admin, req: &Request<Incoming>) -> bool {
+    let Some(host) = req.headers().get(HOST).and_then(|h| h.to_str().ok()) else {
+        // No Host at all: not a browser.
+        return true;
+    };
+    let Ok(host) = host.parse::<http::uri::Authority>() else {
+        return false;
+    };
+    if !allowed_name(admin, host.host()) {
+        return false;
+    }
+    match req.headers().get(http::header::ORIGIN) {
+        None => true,
+        Some(origin) => origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.parse::<http::Uri>().ok())
+            .and_then(|o| o.authority().cloned())
+            .is_some_and(|o| o == host),
+    }
+}
+
+/// Whether `name` (a Host's name part) is one the control endpoints answer to.
+fn allowed_name(admin: &Admin, name: &str) -> bool {
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    if bare.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    let rt = admin.state.runtime.load();
+    if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+        if ip.is_loopback() || Some(ip) == rt.settings.admin.map(|a| a.ip()) {
+            return true;
+        }
+    }
+    rt.settings
+        .admin_allowed_hosts
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case(bare))
+}
+
 async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
+    let control = matches!(
+        req.uri().path(),
+        "/" | "/status.json" | "/config" | "/reload"
+    );
+    if control && !host_allowed(admin, &req) {
+        return text(
+            StatusCode::FORBIDDEN,
+            PLAIN,
+            "forbidden: Host is not this admin endpoint\n",
+        );
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => {
             let mut r = text(

@@ -239,6 +239,17 @@ impl Cx<'_> {
             routes,
             shutdown,
             retry_after: defaults_part.retry_after.unwrap_or(defaults::RETRY_AFTER),
+            admin_allowed_hosts: file
+                .admin
+                .as_ref()
+                .and_then(|a| a.allowed_hosts.as_ref())
+                .map(|hosts| {
+                    hosts
+                        .iter()
+                        .map(|h| h.trim().to_ascii_lowercase())
+                        .collect()
+                })
+                .unwrap_or_default(),
             limits: self.limits(file.limits.as_ref()),
         }
     }

@@ -133,6 +133,9 @@ pub struct ListenerTlsFile {
 pub struct AdminFile {
     /// `ip:port` to bind.
     pub address: Option<String>,
+    /// Host names (besides the admin address, `localhost` and loopback addresses) that may
+    /// call the control endpoints (`/`, `/status.json`, `/config`, `/reload`).
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// Graceful shutdown timings.

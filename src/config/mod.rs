@@ -21,6 +21,9 @@ use std::path::Path;
 
 pub use schema::{key_paths, schema};
 pub use settings::*;
+
+/// The header timeout when no listener gives one.
+pub(crate) const DEFAULT_HEADER_TIMEOUT: std::time::Duration = defaults::HEADER_TIMEOUT;
 pub use summary::summary;
 
 /// One problem found in a config file.

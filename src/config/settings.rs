@@ -19,6 +19,8 @@ pub struct Settings {
     pub listeners: Vec<ListenerSettings>,
     /// Admin endpoint address, if any.
     pub admin: Option<SocketAddr>,
+    /// Extra host names allowed to call the admin's control endpoints (lower case).
+    pub admin_allowed_hosts: Vec<String>,
     /// Upstreams by name.
     pub upstreams: BTreeMap<String, UpstreamSettings>,
     /// Routes in match order.

@@ -175,10 +175,17 @@ impl Server {
                     .map_err(|e| std::io::Error::new(e.kind(), format!("admin on {addr}: {e}")))?;
                 let addr = bound.local_addr()?;
                 tracing::info!(%addr, "admin listening");
+                // Admin connections are timed like the (first) listener's.
+                let header_timeout = loaded
+                    .settings
+                    .listeners
+                    .first()
+                    .map_or(crate::config::DEFAULT_HEADER_TIMEOUT, |l| l.header_timeout);
                 let task = tokio::spawn(admin::serve(
                     bound,
                     state.clone(),
                     reloader.clone(),
+                    header_timeout,
                     admin_stop.clone(),
                 ));
                 (Some(addr), Some(task))

@@ -275,3 +275,55 @@ async fn an_app_that_stalls_mid_body_is_cut_at_the_body_timeout() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn the_admin_control_endpoints_answer_only_their_own_host() {
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&config(up.addr, "    header_timeout: 300ms\n")).await;
+    let ask = |raw: String| async move {
+        let mut c = Raw::connect(p.admin).await;
+        c.send(raw.as_bytes()).await;
+        c.response().await.status
+    };
+    let admin = p.admin;
+    for path in ["/", "/status.json", "/config"] {
+        assert_eq!(
+            ask(format!("GET {path} HTTP/1.1\r\nhost: {admin}\r\n\r\n")).await,
+            200,
+            "{path}"
+        );
+        assert_eq!(
+            ask(format!(
+                "GET {path} HTTP/1.1\r\nhost: localhost:9901\r\n\r\n"
+            ))
+            .await,
+            200
+        );
+        // DNS rebinding: the attacker's name resolving to this address.
+        assert_eq!(
+            ask(format!("GET {path} HTTP/1.1\r\nhost: evil.example\r\n\r\n")).await,
+            403,
+            "{path}"
+        );
+    }
+    // A cross-site POST from a page in the operator's browser.
+    assert_eq!(
+        ask(format!("POST /reload HTTP/1.1\r\nhost: {admin}\r\norigin: http://evil.example\r\ncontent-length: 0\r\n\r\n")).await,
+        403
+    );
+    // Probes and scrapes come by any name (the pod's address).
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        assert_eq!(
+            ask(format!(
+                "GET {path} HTTP/1.1\r\nhost: 10.1.2.3:9901\r\n\r\n"
+            ))
+            .await,
+            200,
+            "{path}"
+        );
+    }
+    // Admin connections are timed like the listener's: a silent one is closed.
+    let mut silent = Raw::connect(p.admin).await;
+    let took = silent.closed_within().await;
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}

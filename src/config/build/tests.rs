@@ -101,6 +101,7 @@ fn example_config_gives_exact_settings() {
             idle_timeout: secs(60),
         }],
         admin: Some("127.0.0.1:9901".parse().unwrap()),
+        admin_allowed_hosts: Vec::new(),
         upstreams: BTreeMap::from([(
             "app".to_owned(),
             UpstreamSettings {
