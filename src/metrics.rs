@@ -45,6 +45,8 @@ pub const CONNECTIONS_REFUSED_TOTAL: &str = "spillway_connections_refused_total"
 
 /// Gauge: memory pressure, 0 ok, 1 above the soft mark, 2 above the hard mark.
 pub const MEMORY_PRESSURE: &str = "spillway_memory_pressure";
+/// Gauge: spillway's resident memory, in bytes, as the memory watch last read it.
+pub const MEMORY_RESIDENT_BYTES: &str = "spillway_memory_resident_bytes";
 /// Gauge: the memory limit spillway sheds against, in bytes (0: none).
 pub const MEMORY_LIMIT_BYTES: &str = "spillway_memory_limit_bytes";
 
@@ -118,6 +120,8 @@ pub struct Metrics {
     pub memory_pressure: IntGauge,
     /// Memory limit in force.
     pub memory_limit_bytes: IntGauge,
+    /// Resident memory.
+    pub memory_resident_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -240,8 +244,17 @@ impl Metrics {
             )
             .expect("valid"),
         );
+        let memory_resident_bytes = reg(
+            &registry,
+            IntGauge::new(
+                MEMORY_RESIDENT_BYTES,
+                "spillway's resident memory in bytes, read every 100 ms.",
+            )
+            .expect("valid"),
+        );
         Metrics {
             registry,
+            memory_resident_bytes,
             memory_pressure,
             memory_limit_bytes,
             open_connections,

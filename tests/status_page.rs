@@ -95,6 +95,11 @@ async fn status_page_shows_every_route_with_its_traffic() {
     assert_eq!(s["ready"], true);
     assert_eq!(s["reload"]["last_successful"], true);
     assert_eq!(s["build_version"], env!("CARGO_PKG_VERSION"));
+    // spillway's own state: no memory pressure; the listener's connections (the test's client
+    // may keep some open), none refused.
+    assert_eq!(s["process"]["memory_pressure"], 0);
+    assert_eq!(s["process"]["listeners"]["http"]["refused"], 0);
+    assert!(s["process"]["listeners"]["http"]["open"].as_u64().is_some());
     let names: Vec<&str> = s["routes"]
         .as_array()
         .unwrap()

@@ -18,7 +18,8 @@ use serde::Serialize;
 
 use crate::config::settings::{HostMatch, LimitSettings};
 use crate::metrics::{
-    CONFIG_LAST_RELOAD_SUCCESSFUL, CONFIG_RELOADS_TOTAL, IN_FLIGHT, REQUESTS_TOTAL,
+    CONFIG_LAST_RELOAD_SUCCESSFUL, CONFIG_RELOADS_TOTAL, CONNECTIONS_REFUSED_TOTAL, IN_FLIGHT,
+    MEMORY_LIMIT_BYTES, MEMORY_PRESSURE, MEMORY_RESIDENT_BYTES, OPEN_CONNECTIONS, REQUESTS_TOTAL,
     REQUEST_DURATION, RETRIES_TOTAL, SHED_TOTAL, UNMATCHED_ROUTE, UPSTREAM_ERRORS_TOTAL,
 };
 use crate::policy::CircuitState;
@@ -57,8 +58,32 @@ pub(crate) struct Status {
     pub ready: bool,
     /// Config reloads.
     pub reload: ReloadStatus,
+    /// spillway's own memory and client connections.
+    pub process: ProcessStatus,
     /// One entry per route in match order, then `unmatched` when any request matched no route.
     pub routes: Vec<RouteStatus>,
+}
+
+/// spillway protecting itself: its memory against its limit, and its client connections.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub(crate) struct ProcessStatus {
+    /// Resident memory, in bytes.
+    pub memory_resident_bytes: u64,
+    /// The limit it sheds against (0: none).
+    pub memory_limit_bytes: u64,
+    /// 0 ok, 1 above the soft mark, 2 above the hard mark.
+    pub memory_pressure: u8,
+    /// Per listener: open connections, and connections refused at accept since start.
+    pub listeners: BTreeMap<String, ListenerStatus>,
+}
+
+/// One listener's connections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub(crate) struct ListenerStatus {
+    /// Open now.
+    pub open: u64,
+    /// Refused at accept since start.
+    pub refused: u64,
 }
 
 /// How config reloads went.
@@ -247,6 +272,7 @@ pub(crate) fn build(
             successes: index.counter_where(CONFIG_RELOADS_TOTAL, "result", "success"),
             failures: index.counter_where(CONFIG_RELOADS_TOTAL, "result", "failure"),
         },
+        process: index.process(),
         routes,
     }
 }
@@ -417,6 +443,26 @@ impl<'a> Index<'a> {
             .iter()
             .find(|m| route.map_or(true, |r| label(m, "route") == Some(r)))
             .map(|m| m.get_gauge().get_value())
+    }
+
+    /// Memory and connections.
+    fn process(&self) -> ProcessStatus {
+        let gauge = |family: &str| self.gauge(family, None).unwrap_or(0.0).max(0.0);
+        let mut listeners: BTreeMap<String, ListenerStatus> = BTreeMap::new();
+        for m in self.metrics(OPEN_CONNECTIONS) {
+            let name = label(m, "listener").unwrap_or("").to_owned();
+            listeners.entry(name).or_default().open = m.get_gauge().get_value().max(0.0) as u64;
+        }
+        for m in self.metrics(CONNECTIONS_REFUSED_TOTAL) {
+            let name = label(m, "listener").unwrap_or("").to_owned();
+            listeners.entry(name).or_default().refused = m.get_counter().get_value() as u64;
+        }
+        ProcessStatus {
+            memory_resident_bytes: gauge(MEMORY_RESIDENT_BYTES) as u64,
+            memory_limit_bytes: gauge(MEMORY_LIMIT_BYTES) as u64,
+            memory_pressure: gauge(MEMORY_PRESSURE) as u8,
+            listeners,
+        }
     }
 
     /// Every count of one route; the policy fields are filled in by the caller.

@@ -55,6 +55,8 @@ pub(crate) struct MemoryGauges {
     pub(crate) pressure: IntGauge,
     /// The limit in force (0: none).
     pub(crate) limit_bytes: IntGauge,
+    /// Resident memory.
+    pub(crate) resident_bytes: IntGauge,
 }
 
 /// Runs the memory watch until `stop`.
@@ -86,6 +88,9 @@ pub(crate) fn spawn(
             let Some(rss) = resident_bytes() else {
                 continue;
             };
+            gauges
+                .resident_bytes
+                .set(i64::try_from(rss).unwrap_or(i64::MAX));
             let before = pressure.level();
             let now = level(before, rss, limit, &limits);
             if now != before {

@@ -124,6 +124,7 @@ impl Server {
             memory::MemoryGauges {
                 pressure: state.metrics.memory_pressure.clone(),
                 limit_bytes: state.metrics.memory_limit_bytes.clone(),
+                resident_bytes: state.metrics.memory_resident_bytes.clone(),
             },
             background.clone(),
         );
