@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 
 use super::env::{self, Expanded};
 use super::file::{
-    ConcurrencyFile, FileConfig, LimitsFile, ListenerFile, ListenerTlsFile, MatchFile, PolicyFile,
-    RouteFile, ShutdownFile, UpstreamFile, UpstreamTlsFile,
+    AccessLogFile, ConcurrencyFile, FileConfig, LimitsFile, ListenerFile, ListenerTlsFile,
+    MatchFile, PolicyFile, RouteFile, ShutdownFile, UpstreamFile, UpstreamTlsFile,
 };
 use super::locate::{self, Locations, Position};
 use super::settings::*;
@@ -251,6 +251,84 @@ impl Cx<'_> {
                 })
                 .unwrap_or_default(),
             limits: self.limits(file.limits.as_ref()),
+            access_log: self.access_log(file.access_log.as_ref()),
+        }
+    }
+
+    fn access_log(&mut self, file: Option<&AccessLogFile>) -> AccessLogSettings {
+        let file = file.cloned().unwrap_or_default();
+        let format = match file.format.as_deref() {
+            None => None,
+            Some("text") => Some(AccessLogFormat::Text),
+            Some("json") => Some(AccessLogFormat::Json),
+            Some(other) => {
+                self.error(
+                    "access_log.format",
+                    format!("unknown format `{other}`: expected text or json"),
+                );
+                None
+            }
+        };
+        let sample = match file.sample {
+            Some(s) if !(0.0..=1.0).contains(&s) => {
+                self.error(
+                    "access_log.sample",
+                    format!("must be a share from 0 to 1 (got {s})"),
+                );
+                defaults::ACCESS_LOG_SAMPLE
+            }
+            Some(s) => s,
+            None => defaults::ACCESS_LOG_SAMPLE,
+        };
+        let always: Vec<String> = match &file.always_log {
+            Some(list) => list.clone(),
+            None => defaults::ACCESS_LOG_ALWAYS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        };
+        for (i, class) in always.iter().enumerate() {
+            if !defaults::ACCESS_LOG_ALWAYS.contains(&class.as_str()) {
+                self.error(
+                    &format!("access_log.always_log[{i}]"),
+                    format!("unknown class `{class}`: expected proxy_errors, 5xx or slow"),
+                );
+            }
+        }
+        let slow = self
+            .duration(
+                "access_log.slow_threshold",
+                file.slow_threshold.as_ref(),
+                true,
+            )
+            .unwrap_or(defaults::ACCESS_LOG_SLOW);
+        let mut names = |key: &str, list: Option<&Vec<String>>| -> Vec<String> {
+            let mut out = Vec::new();
+            for (i, n) in list.into_iter().flatten().enumerate() {
+                let lower = n.trim().to_ascii_lowercase();
+                if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+                    self.error(
+                        &format!("access_log.fields.{key}[{i}]"),
+                        format!("`{n}` is not a header name"),
+                    );
+                } else {
+                    out.push(lower);
+                }
+            }
+            out
+        };
+        let fields = file.fields.unwrap_or_default();
+        let request_fields = names("request", fields.request.as_ref());
+        let response_fields = names("response", fields.response.as_ref());
+        AccessLogSettings {
+            enabled: file.enabled.unwrap_or(defaults::ACCESS_LOG_ENABLED),
+            format,
+            sample,
+            always_proxy_errors: always.iter().any(|c| c == "proxy_errors"),
+            always_5xx: always.iter().any(|c| c == "5xx"),
+            always_slower_than: always.iter().any(|c| c == "slow").then_some(slow),
+            request_fields,
+            response_fields,
         }
     }
 

@@ -56,6 +56,19 @@ pub(crate) const MEMORY_HARD: f64 = 0.9;
 /// all, which would tunnel requests past the route's policies) only when a route lists them.
 pub(crate) const UPGRADES: &[&str] = &["websocket"];
 
+/// The access log is on: one line per request is what operators expect of a proxy.
+pub(crate) const ACCESS_LOG_ENABLED: bool = true;
+
+/// Access log sample: every request, as before the setting existed; lower it where the volume
+/// costs more than the lines are worth (the always-logged classes still get a line each).
+pub(crate) const ACCESS_LOG_SAMPLE: f64 = 1.0;
+
+/// Classes always logged whatever the sample: what an operator needs during an incident.
+pub(crate) const ACCESS_LOG_ALWAYS: &[&str] = &["proxy_errors", "5xx", "slow"];
+
+/// What `slow` means for the access log: a second is slow for any request a sidecar serves.
+pub(crate) const ACCESS_LOG_SLOW: Duration = Duration::from_secs(1);
+
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
 /// is reported as a 504 before most clients give up on their own.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);

@@ -75,6 +75,37 @@ pub struct FileConfig {
     pub shutdown: Option<ShutdownFile>,
     /// spillway's own memory: the limit it sheds against, and the marks.
     pub limits: Option<LimitsFile>,
+    /// The access log: one line per request, which ones, in what form.
+    pub access_log: Option<AccessLogFile>,
+}
+
+/// The access log.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFile {
+    /// Whether requests are logged at all.
+    pub enabled: Option<bool>,
+    /// `text` or `json`; default: the process's `--log-format`.
+    pub format: Option<String>,
+    /// Share of the requests not in an `always_log` class that are logged (0 to 1).
+    pub sample: Option<f64>,
+    /// Classes logged whatever the sample: `proxy_errors` (every response spillway generated),
+    /// `5xx`, `slow` (took at least `slow_threshold`).
+    pub always_log: Option<Vec<String>>,
+    /// What counts as `slow`.
+    pub slow_threshold: Option<DurationText>,
+    /// Extra headers to log, by name.
+    pub fields: Option<AccessLogFieldsFile>,
+}
+
+/// Extra headers in each access-log line.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogFieldsFile {
+    /// Request headers (logged as `req_<name>`).
+    pub request: Option<Vec<String>>,
+    /// Response headers (logged as `resp_<name>`).
+    pub response: Option<Vec<String>>,
 }
 
 /// spillway's own resource limits.

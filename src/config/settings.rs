@@ -29,10 +29,59 @@ pub struct Settings {
     pub shutdown: ShutdownSettings,
     /// spillway's own memory limit and marks.
     pub limits: LimitsSettings,
+    /// The access log.
+    pub access_log: AccessLogSettings,
     /// `Retry-After` (`defaults.retry_after`) on 503s answered before any route is known: a
     /// connection refused at accept.
     #[serde(with = "humantime_serde_compat")]
     pub retry_after: Duration,
+}
+
+/// The access log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    /// `key=value` after a timestamp, level and target, like the process log.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The access log: which requests get a line, in what form, with which extra headers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AccessLogSettings {
+    /// Whether anything is logged.
+    pub enabled: bool,
+    /// The format; `None`: the process's `--log-format`.
+    pub format: Option<AccessLogFormat>,
+    /// Share of the other requests logged.
+    pub sample: f64,
+    /// Every response spillway generated is logged.
+    pub always_proxy_errors: bool,
+    /// Every 5xx is logged.
+    pub always_5xx: bool,
+    /// Every request at least this slow is logged.
+    #[serde(with = "option_humantime")]
+    pub always_slower_than: Option<Duration>,
+    /// Request headers to log, lower case.
+    pub request_fields: Vec<String>,
+    /// Response headers to log, lower case.
+    pub response_fields: Vec<String>,
+}
+
+/// `Option<Duration>` shown as written in the file.
+mod option_humantime {
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: serde::Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.collect_str(&humantime::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// spillway's own memory limit and the marks it sheds at.

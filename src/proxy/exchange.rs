@@ -6,6 +6,8 @@ use std::sync::Arc;
 use http::{HeaderValue, Method};
 use tokio::time::Instant;
 
+use super::access_log::{AccessLog, Line};
+use super::trace::TraceContext;
 use crate::error::UpstreamError;
 use crate::metrics::{ResponseSource, RouteMetrics};
 
@@ -53,6 +55,14 @@ pub(crate) struct Exchange {
     pub source: ResponseSource,
     /// The error kind, for generated responses.
     pub error: Option<&'static str>,
+    /// Where its line goes, when the access log is on.
+    pub log: Option<Arc<AccessLog>>,
+    /// The trace it belongs to, for the log line.
+    pub trace: Option<TraceContext>,
+    /// Values of the access log's request fields.
+    pub request_fields: Vec<HeaderValue>,
+    /// Values of the access log's response fields.
+    pub response_fields: Vec<HeaderValue>,
 }
 
 impl Exchange {
@@ -74,7 +84,26 @@ impl Exchange {
             status: 0,
             source: ResponseSource::Proxy,
             error: None,
+            log: None,
+            trace: None,
+            request_fields: Vec::new(),
+            response_fields: Vec::new(),
         }
+    }
+
+    /// Logs the exchange to `log` when it ends (a line if the access log's rules want one).
+    pub(crate) fn logged(
+        mut self,
+        log: &Arc<AccessLog>,
+        trace: &TraceContext,
+        headers: &http::HeaderMap,
+    ) -> Self {
+        if log.enabled() {
+            self.request_fields = log.request_fields(headers);
+            self.log = Some(log.clone());
+            self.trace = Some(trace.clone());
+        }
+        self
     }
 
     pub(super) fn finish(&self, outcome: ExchangeOutcome) {
@@ -88,19 +117,25 @@ impl Exchange {
         if let ExchangeOutcome::UpstreamAborted(kind) = outcome {
             self.metrics.upstream_error(kind);
         }
-        tracing::info!(
-            target: "spillway::access",
-            request_id = self.request_id.to_str().unwrap_or("-"),
-            route = self.metrics.name(),
-            method = self.method.as_str(),
-            path = self.uri.path(),
-            status = self.status,
-            source = self.source.label(),
-            error = self.error.unwrap_or("-"),
-            outcome = outcome.label(),
-            // Whole microseconds: prints as e.g. 1.857, not 1.8570200000000001.
-            duration_ms = elapsed.as_micros() as f64 / 1000.0,
-        );
+        let Some(log) = &self.log else { return };
+        if !log.wants(self.status, self.source, elapsed) {
+            return;
+        }
+        let trace_id = self.trace.as_ref().map_or("-", TraceContext::trace_id);
+        log.write(&Line {
+            request_id: &self.request_id,
+            trace_id,
+            route: self.metrics.name(),
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            status: self.status,
+            source: self.source,
+            error: self.error.unwrap_or("-"),
+            outcome: outcome.label(),
+            elapsed,
+            request_fields: &self.request_fields,
+            response_fields: &self.response_fields,
+        });
     }
 }
 

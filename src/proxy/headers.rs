@@ -9,6 +9,7 @@ use http::{HeaderMap, Version};
 use rand::rngs::SmallRng;
 
 use crate::http1::encode::field;
+use crate::proxy::trace::TRACEPARENT;
 use rand::{Rng as _, SeedableRng as _};
 
 /// Which layer answered: every response carries it, upstream responses get `, <server_id>`
@@ -295,6 +296,8 @@ pub struct Overlay {
     upgrade: Option<HeaderValue>,
     /// Whether to promise `TE: trailers` (gRPC).
     te_trailers: bool,
+    /// The W3C `traceparent` with spillway's span, replacing the client's.
+    traceparent: Option<HeaderValue>,
 }
 
 impl Overlay {
@@ -307,7 +310,14 @@ impl Overlay {
             request_id: request_id.clone(),
             upgrade: None,
             te_trailers: false,
+            traceparent: None,
         }
+    }
+
+    /// Also sends this `traceparent` (the client's trace, spillway's span).
+    pub fn traceparent(mut self, value: HeaderValue) -> Self {
+        self.traceparent = Some(value);
+        self
     }
 
     /// Also asks the upstream to switch to `protocol`.
@@ -359,7 +369,11 @@ impl Overlay {
                 buf.extend_from_slice(value.as_bytes());
                 continue;
             }
-            if *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST || *name == X_REQUEST_ID {
+            if *name == X_FORWARDED_PROTO
+                || *name == X_FORWARDED_HOST
+                || *name == X_REQUEST_ID
+                || (*name == TRACEPARENT && self.traceparent.is_some())
+            {
                 continue;
             }
             if *name == HOST && host.is_none() {
@@ -396,6 +410,9 @@ impl Overlay {
         if self.te_trailers {
             field(buf, b"te", b"trailers");
         }
+        if let Some(tp) = &self.traceparent {
+            field(buf, b"traceparent", tp.as_bytes());
+        }
     }
 
     /// Ends the open line of list header `name` with our entry.
@@ -416,7 +433,7 @@ impl Overlay {
     /// an HTTP/2 `:authority`), `x-request-id` set. Hop-by-hop fields are stripped before.
     pub fn apply(&self, headers: &mut HeaderMap, authority: Option<&http::uri::Authority>) {
         // Room for what is added below, so the map grows (and rehashes) once at most.
-        headers.reserve(6);
+        headers.reserve(7);
         append_list(headers, VIA, &self.via);
         append_list(headers, X_FORWARDED_FOR, &self.client_ip);
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(self.proto));
@@ -440,6 +457,9 @@ impl Overlay {
         }
         if self.te_trailers {
             headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(tp) = &self.traceparent {
+            headers.insert(TRACEPARENT, tp.clone());
         }
     }
 }
@@ -630,7 +650,10 @@ mod tests {
         let upgrading = plain
             .clone()
             .upgrade(Some(hv("websocket")))
-            .te_trailers(true);
+            .te_trailers(true)
+            .traceparent(hv(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01",
+            ));
         let authority: http::uri::Authority = "api.example.com:8443".parse().unwrap();
         let mut full = HeaderMap::new();
         full.append(HOST, hv("shop.example.com"));
@@ -643,6 +666,11 @@ mod tests {
         full.append(X_FORWARDED_HOST, hv("spoofed.example"));
         full.append(X_REQUEST_ID, hv("client-id"));
         full.append("user-agent", hv("curl/8"));
+        full.append(
+            TRACEPARENT,
+            hv("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        full.append("tracestate", hv("vendor=abc"));
         let mut via_only = HeaderMap::new();
         via_only.append(VIA, hv("1.0 old"));
         via_only.append("x-b", hv("2"));

@@ -4,6 +4,7 @@
 //! turns every error into a response, [`headers`] holds every header rule, [`body`] streams
 //! the response, and [`exchange`] accounts for the request from arrival to its last byte.
 
+pub(crate) mod access_log;
 mod body;
 mod exchange;
 pub mod headers;
@@ -12,6 +13,7 @@ pub mod route;
 pub mod runtime;
 mod service;
 mod stack;
+mod trace;
 mod upstream;
 
 pub use runtime::Runtime;

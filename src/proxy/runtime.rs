@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method, Uri};
 
+use super::access_log::AccessLog;
 use super::headers::Stamps;
 use super::route::{request_host, Matcher};
 use super::stack::{self, PolicyState, RouteService};
@@ -50,6 +51,8 @@ pub struct Runtime {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Handles for requests that matched no route.
     pub unmatched: Arc<RouteMetrics>,
+    /// The access log, as this snapshot's config has it.
+    pub(crate) access_log: Arc<AccessLog>,
     /// Whether any route matches on host: if none does, the host is never looked at.
     match_host: bool,
 }
@@ -128,6 +131,7 @@ impl Runtime {
                 }
             })
             .collect::<Vec<Route>>();
+        let access_log = Arc::new(AccessLog::new(&settings.access_log));
         Runtime {
             match_host: settings.routes.iter().any(|r| r.matcher.host.is_some()),
             stamps: Stamps::new(&settings.server_id),
@@ -137,6 +141,7 @@ impl Runtime {
             routes,
             upstreams,
             unmatched: metrics.route(UNMATCHED_ROUTE),
+            access_log,
         }
     }
 

@@ -29,6 +29,7 @@ use super::headers::{self, Forwarded, Overlay, X_REQUEST_ID};
 use super::rescue::{rescue, ErrorStyle};
 use super::runtime::Runtime;
 use super::stack::RouteService;
+use super::trace::{TraceContext, TRACESTATE};
 use super::upstream::{EndpointHint, RequestBody, UpstreamBody};
 use crate::error::{ProxyError, RequestError, ShedReason, UpstreamError};
 use crate::http1::server::upgrade::OnUpgrade;
@@ -120,13 +121,15 @@ impl Handler for ProxyService {
     fn refuse(&self, error: RequestError) -> Response<ResponseBody> {
         let rt = self.runtime.load();
         // No request line could be trusted: the exchange is logged as method `-`, target `*`.
+        let trace = TraceContext::of(&http::HeaderMap::new());
         let exchange = Exchange::start(
             rt.unmatched.clone(),
             Instant::now(),
             http::Method::from_bytes(b"-").expect("a token"),
             http::Uri::from_static("*"),
             headers::new_request_id(),
-        );
+        )
+        .logged(&rt.access_log, &trace, &http::HeaderMap::new());
         rescue(&rt.stamps, error.into(), exchange, ErrorStyle::Http)
     }
 }
@@ -207,13 +210,15 @@ fn start(
         .then(|| rt.find_route(&parts.method, &parts.uri, &parts.headers))
         .flatten();
     let metrics = route.map_or_else(|| rt.unmatched.clone(), |r| r.metrics.clone());
+    let trace = TraceContext::of(&parts.headers);
     let exchange = Exchange::start(
         metrics,
         start,
         parts.method.clone(),
         parts.uri.clone(),
         request_id.clone(),
-    );
+    )
+    .logged(&rt.access_log, &trace, &parts.headers);
     let answer = |resp| Handling {
         state: State::Answered { resp: Some(resp) },
     };
@@ -274,6 +279,9 @@ fn start(
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
 
     headers::strip_hop_by_hop(&mut parts.headers);
+    if !trace.joined {
+        parts.headers.remove(TRACESTATE);
+    }
     let overlay = Overlay::new(&rt.stamps, &Forwarded { client_ip, proto }, &request_id)
         .upgrade(
             upgrade
@@ -281,7 +289,8 @@ fn start(
                 .filter(|_| !connect)
                 .map(|(protocol, _)| protocol.clone()),
         )
-        .te_trailers(te_trailers);
+        .te_trailers(te_trailers)
+        .traceparent(trace.traceparent.clone());
     if route.upstream_http1 {
         // Written into the request head by the HTTP/1.1 client, field by field.
         parts.extensions.insert(overlay);
@@ -378,6 +387,9 @@ fn respond(
             headers::strip_hop_by_hop(&mut parts.headers);
             rt.stamps.stamp_upstream(&mut parts.headers);
             parts.headers.insert(X_REQUEST_ID, request_id);
+            if let Some(log) = &exchange.log {
+                exchange.response_fields = log.response_fields(&parts.headers);
+            }
             exchange.status = parts.status.as_u16();
             exchange.source = ResponseSource::Upstream;
             Response::from_parts(parts, ResponseBody::upstream(body, exchange, body_timeout))

@@ -460,3 +460,72 @@ async fn second_signal_exits_at_once() {
         signalled.elapsed()
     );
 }
+
+/// The access log as configured: with `sample: 0`, only the always-logged classes get a line
+/// (here a 5xx and a 502 spillway generated, not the 200s); lines carry the trace id and the
+/// configured header; `format: json` gives one object per line.
+#[tokio::test]
+async fn the_access_log_samples_and_always_logs_what_matters() {
+    let _serial = SERIAL.lock().await;
+    let app = DemoApp::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let nowhere = refusing_addr().await;
+    let dir = TempDir::new("access-log");
+    let access_log = "access_log:\n  format: json\n  sample: 0\n  always_log: [proxy_errors, 5xx]\n  fields: { request: [user-agent] }\n";
+    let s = Spillway::start(&dir, |p, a| {
+        config_at(
+            &p.to_string(),
+            &a.to_string(),
+            app.local_addr(),
+            nowhere,
+            X_REFUSED,
+            "5s",
+            access_log,
+        )
+    })
+    .await;
+    let send = |path: &'static str| async move {
+        let req = Request::get(format!("http://{}{path}", s.proxy))
+            .header("user-agent", "probe/1")
+            .header(
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            )
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(req).await.status
+    };
+    for _ in 0..5 {
+        assert_eq!(send("/ok").await, StatusCode::OK);
+    }
+    assert_eq!(send("/status/500").await, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(send("/x").await, StatusCode::BAD_GATEWAY);
+    // The lines are written by a background thread: wait for both.
+    let lines = || -> Vec<serde_json::Value> {
+        s.output()
+            .lines()
+            .filter(|l| l.contains("spillway::access"))
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    assert!(
+        eventually(|| async { lines().len() >= 2 }).await,
+        "{}",
+        s.output()
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines = lines();
+    let paths: Vec<&str> = lines.iter().map(|l| l["path"].as_str().unwrap()).collect();
+    assert_eq!(
+        paths,
+        ["/status/500", "/x"],
+        "only the always-logged classes"
+    );
+    assert_eq!(lines[0]["source"], "upstream");
+    assert_eq!(lines[1]["source"], "proxy");
+    assert_eq!(lines[1]["error"], "connection_refused");
+    for l in &lines {
+        assert_eq!(l["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(l["req_user_agent"], "probe/1");
+        assert_eq!(l["level"], "INFO");
+    }
+}

@@ -202,3 +202,65 @@ async fn response_hop_by_hop_headers_are_removed() {
     assert_eq!(r.header("x-app"), "kept");
     assert_eq!(r.header("x-served-by"), SERVER_ID);
 }
+
+#[tokio::test]
+async fn the_app_joins_the_callers_trace_under_a_new_span_or_a_new_sampled_trace() {
+    let up = EchoUpstream::start().await;
+    let p = TestProxy::start(&TestProxy::simple_config(up.addr, "")).await;
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+    let get = |traceparent: Option<&str>| {
+        let mut b = Request::get(p.url("/t")).header("tracestate", "vendor=abc");
+        if let Some(t) = traceparent {
+            b = b.header("traceparent", t);
+        }
+        b.body(Full::new(Bytes::new())).unwrap()
+    };
+    for r in [
+        send(get(Some(parent))).await,
+        send(get(None)).await,
+        // Upper-case hex and an all-zero trace id are invalid: a new trace, not a broken one.
+        send(get(Some(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        )))
+        .await,
+        send(get(Some(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+        )))
+        .await,
+    ] {
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let seen = up.seen();
+    assert_eq!(seen.len(), 4);
+    let parts = |s: &str| -> Vec<String> { s.split('-').map(str::to_owned).collect() };
+
+    // Joined: same trace id and flags, spillway's own span id.
+    let joined = parts(seen[0].header("traceparent"));
+    assert_eq!(joined.len(), 4, "{joined:?}");
+    assert_eq!(joined[0], "00");
+    assert_eq!(joined[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(
+        joined[2], "00f067aa0ba902b7",
+        "the caller's span passed unchanged"
+    );
+    assert_eq!(joined[2].len(), 16);
+    assert_eq!(joined[3], "00", "the caller's sampling decision stands");
+    assert_eq!(seen[0].header("tracestate"), "vendor=abc");
+
+    // Started: a fresh, sampled trace for each request without a usable parent, without the
+    // `tracestate` that belonged to no trace we know.
+    let mut ids = std::collections::HashSet::new();
+    for s in &seen[1..] {
+        let started = parts(s.header("traceparent"));
+        assert_eq!(started.len(), 4, "{started:?}");
+        assert_eq!(started[1].len(), 32);
+        assert!(started[1]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+        assert_ne!(started[1], "0".repeat(32));
+        assert_ne!(started[1], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(started[3], "01");
+        assert!(ids.insert(started[1].clone()), "trace ids repeat");
+        assert_eq!(s.header("tracestate"), "", "state of another trace went on");
+    }
+}

@@ -201,6 +201,16 @@ fn example_config_gives_exact_settings() {
             memory_soft: 0.8,
             memory_hard: 0.9,
         },
+        access_log: AccessLogSettings {
+            enabled: true,
+            format: None,
+            sample: 1.0,
+            always_proxy_errors: true,
+            always_5xx: true,
+            always_slower_than: Some(secs(1)),
+            request_fields: Vec::new(),
+            response_fields: Vec::new(),
+        },
     };
     assert_eq!(loaded.settings, expected);
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
