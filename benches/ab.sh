@@ -5,9 +5,16 @@
 #
 #   bash benches/ab.sh old=/tmp/spillway-before new=target/release/spillway
 #   ROUNDS=6 DURATION=3 CONNS=64 bash benches/ab.sh a=/path/a b=/path/b
+#   bash benches/ab.sh off=target/release/spillway on=target/release/spillway,info \
+#       sampled=target/release/spillway,info,benches/access-log-sampled.yaml
+#
+# A target is NAME=BINARY[,RUST_LOG[,EXTRA_YAML]]: RUST_LOG defaults to
+# warn,spillway::access=off (no access log); EXTRA_YAML is a file of top-level config keys
+# appended to that target's copy of the config (e.g. an access_log section).
 #
 # Each round: wrk straight to the upstream, through nginx (1 worker, the harness's config),
-# then through each build (started fresh with benches/spillway-load.yaml, access log off).
+# then through each build (started fresh with benches/spillway-load.yaml, access log off
+# unless the target says otherwise; its log goes to a file, as a sidecar's to its log agent).
 # The upstream and wrk share LOAD_CPU; every proxy is pinned alone to PROXY_CPU, as in
 # benches/load.sh. Prints req/s per round and target, then for each build the median over
 # the rounds of its ratio to nginx and to the first build in the same round, and each proxy's
@@ -32,11 +39,13 @@ OUT=${RESULTS_DIR:-/tmp/bench-results/spillway-ab-$(date +%Y%m%d-%H%M%S)}
 require_tool wrk "apt-get install -y wrk"
 require_tool nginx "apt-get install -y nginx"
 check_ports_free "$UP_PORT" "$NGINX_PORT" "$SP_PORT" "$ADMIN_PORT"
-names=() bins=()
+names=() bins=() logs=() extras=()
 for spec in "$@"; do
-    [[ $spec == *=* ]] || fail "expected NAME=BINARY, got '$spec'"
-    [[ -x "${spec#*=}" ]] || fail "${spec#*=} is not executable"
-    names+=("${spec%%=*}"); bins+=("${spec#*=}")
+    [[ $spec == *=* ]] || fail "expected NAME=BINARY[,RUST_LOG[,EXTRA_YAML]], got '$spec'"
+    IFS=, read -r bin log extra <<<"${spec#*=}"
+    [[ -x "$bin" ]] || fail "$bin is not executable"
+    [[ -z "$extra" || -f "$extra" ]] || fail "$extra is not a file"
+    names+=("${spec%%=*}"); bins+=("$bin"); logs+=("${log:-warn,spillway::access=off}"); extras+=("$extra")
 done
 mkdir -p "$OUT/nginx"
 raise_nofile
@@ -50,6 +59,10 @@ start_bg nginx "$PROXY_CPU" "$OUT/nginx/stderr.log" nginx -p "$OUT/nginx" -c "$O
 NGINX_PID=$LAST_PID
 wait_http "http://127.0.0.1:$NGINX_PORT/health" 10 "$LAST_PID" || fail "nginx did not start"
 render_load_config "$OUT/spillway.yaml" "$SP_PORT" "127.0.0.1:$UP_PORT" "$ADMIN_PORT"
+for i in "${!names[@]}"; do
+    cp "$OUT/spillway.yaml" "$OUT/spillway-${names[$i]}.yaml"
+    [[ -z "${extras[$i]}" ]] || cat "${extras[$i]}" >>"$OUT/spillway-${names[$i]}.yaml"
+done
 
 cpu_ticks() { # PID -> "utime stime" in clock ticks, summed over PID and its descendants
     local u=0 s=0 p f
@@ -83,7 +96,7 @@ for (( r = 1; r <= ROUNDS; r++ )); do
     printf '%s\tnginx\t%s\n' "$r" "$(measure "http://127.0.0.1:$NGINX_PORT/" "$NGINX_PID")" >>"$OUT/ab.tsv"
     for i in "${!bins[@]}"; do
         start_bg "spillway-${names[$i]}" "$PROXY_CPU" "$OUT/spillway-${names[$i]}.log" \
-            env RUST_LOG=warn,spillway::access=off "${bins[$i]}" run --config "$OUT/spillway.yaml"
+            env RUST_LOG="${logs[$i]}" "${bins[$i]}" run --config "$OUT/spillway-${names[$i]}.yaml"
         pid=$LAST_PID
         if wait_http "http://127.0.0.1:$SP_PORT/health" 15 "$pid"; then
             printf '%s\t%s\t%s\n' "$r" "${names[$i]}" "$(measure "http://127.0.0.1:$SP_PORT/" "$pid")" >>"$OUT/ab.tsv"
