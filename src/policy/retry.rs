@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 
 use super::window::SlidingWindow;
 use crate::config::settings::RetrySettings;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, UpstreamError};
 
 /// Span of the budget's sliding window: long enough to smooth bursts, short enough that the
 /// budget reflects current traffic.
@@ -110,15 +110,21 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether an outcome is worth another attempt: a failure before the request could reach the
-/// app, or the app (or a proxy in front of it) saying it could not serve right now.
+/// Whether an outcome is worth another attempt (of an idempotent request without a body, the
+/// only kind retried): a failure before the request could reach the app; a connection reset or
+/// closed before a response head (`connection_terminated`: for an idempotent request as safe
+/// to send again as a refused connect, as nginx's `proxy_next_upstream error` and Envoy's
+/// `retry_on: reset` treat it); or the app (or a proxy in front of it) saying it could not
+/// serve right now. A response timeout is not retried: the app may still be working on it.
 fn is_retryable<RB>(result: &Result<Response<RB>, ProxyError>) -> bool {
     match result {
         Ok(resp) => matches!(
             resp.status(),
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
         ),
-        Err(ProxyError::Upstream(e)) => e.is_connect_failure(),
+        Err(ProxyError::Upstream(e)) => {
+            e.is_connect_failure() || *e == UpstreamError::ConnectionTerminated
+        }
         Err(_) => false,
     }
 }
@@ -322,7 +328,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{ShedReason, UpstreamError};
+    use crate::error::ShedReason;
     use crate::policy::test_support::{request, request_with_id, CountingService, Manual, Reply};
     use tower::ServiceExt;
 
@@ -453,10 +459,11 @@ mod tests {
             (Reply::status(504), true),
             (Reply::error(UpstreamError::ConnectRefused), true),
             (Reply::error(UpstreamError::ConnectTimeout), true),
+            // Reset or closed before any response: an idempotent request may go again.
+            (Reply::error(UpstreamError::ConnectionTerminated), true),
             (Reply::status(500), false),
             (Reply::status(429), false),
-            // The request may have reached the app: sending it again could duplicate work.
-            (Reply::error(UpstreamError::ConnectionTerminated), false),
+            // The app may still be working on it.
             (Reply::error(UpstreamError::ResponseTimeout), false),
         ];
         for (reply, retried) in cases {
@@ -543,6 +550,27 @@ mod tests {
         svc.clone().oneshot(request("GET", "")).await.unwrap();
         assert_eq!(f_always_503.calls(), expected_calls + 1);
         assert_eq!(f.retries(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_terminated_before_the_response_is_retried_within_the_budget() {
+        // One retry allowed per request (budget 1.0): the first request's reset is retried; a
+        // second reset of the same request is not (attempts: 1).
+        let f = fixture(1, 1.0);
+        f.upstream
+            .push(Reply::error(UpstreamError::ConnectionTerminated))
+            .push(Reply::error(UpstreamError::ConnectionTerminated))
+            .push(Reply::error(UpstreamError::ConnectionTerminated));
+        let result = f.svc.clone().oneshot(request("GET", "")).await;
+        assert_eq!(
+            result.unwrap_err(),
+            ProxyError::Upstream(UpstreamError::ConnectionTerminated)
+        );
+        assert_eq!((f.upstream.calls(), f.retries()), (2, 1));
+        // Not for a request that cannot be replayed: its body went to the first attempt.
+        let result = f.svc.clone().oneshot(request("POST", "")).await;
+        assert!(result.is_err());
+        assert_eq!((f.upstream.calls(), f.retries()), (3, 1));
     }
 
     #[tokio::test(start_paused = true)]
