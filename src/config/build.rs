@@ -619,6 +619,16 @@ impl Cx<'_> {
                 }
                 ok
             });
+            part.min_per_second = r.min_per_second.filter(|&m| {
+                let ok = m.is_finite() && m >= 0.0;
+                if !ok {
+                    self.error(
+                        &format!("{base}.min_per_second"),
+                        format!("min_per_second {m} must be 0 or more"),
+                    );
+                }
+                ok
+            });
         }
         part
     }
@@ -711,6 +721,7 @@ impl Cx<'_> {
                 attempts: p.attempts.unwrap_or(defaults::RETRY_ATTEMPTS),
                 backoff: p.backoff.unwrap_or(defaults::RETRY_BACKOFF),
                 budget: p.budget.unwrap_or(defaults::RETRY_BUDGET),
+                min_per_second: p.min_per_second.unwrap_or(defaults::RETRY_MIN_PER_SECOND),
             },
         }
     }
@@ -736,6 +747,7 @@ struct PolicyPart {
     attempts: Option<u32>,
     backoff: Option<Duration>,
     budget: Option<f64>,
+    min_per_second: Option<f64>,
 }
 
 /// The concurrency limit as one block gives it.
@@ -784,6 +796,7 @@ impl PolicyPart {
             attempts: self.attempts.or(base.attempts),
             backoff: self.backoff.or(base.backoff),
             budget: self.budget.or(base.budget),
+            min_per_second: self.min_per_second.or(base.min_per_second),
         }
     }
 }

@@ -105,6 +105,11 @@ pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// Retry budget: retries may add at most 20% load, so that they cannot multiply an overload.
 pub(crate) const RETRY_BUDGET: f64 = 0.2;
 
+/// Retries allowed per second whatever the traffic: one, as Finagle and Linkerd do. Without a
+/// floor a quiet route never retries (a budget of 0.2 needs five requests in the window before
+/// the first retry), and one retry a second cannot multiply an outage.
+pub(crate) const RETRY_MIN_PER_SECOND: f64 = 1.0;
+
 /// How long readiness fails before listeners close: about one readiness-probe period plus
 /// endpoint propagation, so load balancers stop sending before spillway stops accepting.
 pub(crate) const DRAIN_DELAY: Duration = Duration::from_secs(5);
@@ -144,6 +149,7 @@ pub(crate) fn policy() -> PolicySettings {
             attempts: RETRY_ATTEMPTS,
             backoff: RETRY_BACKOFF,
             budget: RETRY_BUDGET,
+            min_per_second: RETRY_MIN_PER_SECOND,
         },
     }
 }

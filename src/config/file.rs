@@ -241,4 +241,6 @@ pub struct RetriesFile {
     pub backoff: Option<String>,
     /// Retries allowed as a share of requests over a sliding window.
     pub budget: Option<f64>,
+    /// Retries per second always allowed, on top of the budget.
+    pub min_per_second: Option<f64>,
 }

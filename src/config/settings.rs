@@ -221,6 +221,8 @@ pub struct RetrySettings {
     pub backoff: Duration,
     /// Retries allowed as a share of requests over a sliding window.
     pub budget: f64,
+    /// Retries per second allowed whatever the traffic, on top of the budget.
+    pub min_per_second: f64,
 }
 
 /// Durations shown in `/config` the way they are written in the file ("250ms", "5s").

@@ -173,10 +173,11 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
     if p.retries != d.retries {
         let r = &p.retries;
         lines.push(format!(
-            "retries {} (backoff {}, budget {})",
+            "retries {} (backoff {}, budget {} + {}/s)",
             r.attempts,
             dur(r.backoff),
-            percent(r.budget)
+            percent(r.budget),
+            r.min_per_second
         ));
     }
     lines
@@ -235,7 +236,7 @@ listeners
 routes (first match wins)
   [0] api  *.example.com /api GET  -> app  timeout 2s
       concurrency adaptive 4..256, queue 64 (wait up to 100ms)
-      retries 2 (backoff 25ms, budget 20%)
+      retries 2 (backoff 25ms, budget 20% + 1/s)
   [1] all  * / *                   -> app  timeout 30s
       maintenance ON: every request gets 503 (retry_after 5s)
 

@@ -31,7 +31,7 @@ routes:
     concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms }
     circuit_breaker: { enabled: true, window: 10s, min_requests: 20, failure_ratio: 0.5, open_for: 10s, half_open_requests: 3, failure_codes: [502, 503, 504] }
     maintenance: { enabled: false, retry_after: 10m }
-    retries: { attempts: 2, backoff: 25ms, budget: 0.2 }
+    retries: { attempts: 2, backoff: 25ms, budget: 0.2, min_per_second: 2.5 }
   - name: default
     match: { path_prefix: / }
     upstream: app
@@ -133,6 +133,7 @@ fn example_config_gives_exact_settings() {
                         attempts: 2,
                         backoff: ms(25),
                         budget: 0.2,
+                        min_per_second: 2.5,
                     },
                 },
             },
@@ -169,6 +170,7 @@ fn example_config_gives_exact_settings() {
                         attempts: 0,
                         backoff: ms(25),
                         budget: 0.2,
+                        min_per_second: 1.0,
                     },
                 },
             },
@@ -480,7 +482,7 @@ defaults:
   retry_after: 7s
   concurrency: { max: 50, queue: 10, queue_timeout: 1s }
   circuit_breaker: { enabled: true, window: 30s, failure_codes: [503] }
-  retries: { attempts: 1, budget: 0.1 }
+  retries: { attempts: 1, budget: 0.1, min_per_second: 0 }
 upstreams: { app: { endpoints: [\"app:3000\"] } }
 routes:
   - name: a
@@ -524,7 +526,8 @@ routes:
         RetrySettings {
             attempts: 1,
             backoff: ms(50),
-            budget: 0.1
+            budget: 0.1,
+            min_per_second: 0.0,
         }
     );
     // Maintenance inherits the effective Retry-After when it sets none.
@@ -616,6 +619,20 @@ fn max_and_adaptive_in_one_block_is_an_error_and_bounds_are_checked() {
             ),
             ("routes[1].concurrency.max".to_owned(), Some(29), "must be at least 1".to_owned()),
         ]
+    );
+}
+
+#[test]
+fn the_retry_floor_is_zero_or_more() {
+    let text = MINIMAL.to_owned()
+        + "  - { name: s, upstream: app, match: { path_prefix: /s }, retries: { min_per_second: -1 } }\n";
+    let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.3)).collect();
+    assert_eq!(
+        got,
+        [(
+            "routes[1].retries.min_per_second".to_owned(),
+            "min_per_second -1 must be 0 or more".to_owned()
+        )]
     );
 }
 
