@@ -495,6 +495,7 @@ impl<'a> Index<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Priority;
     use crate::error::{ShedReason, UpstreamError};
     use crate::metrics::{Metrics, ResponseSource};
     use http::Method;
@@ -600,7 +601,7 @@ mod tests {
         api.response(&Method::GET, 500, ResponseSource::Upstream, 0.004);
         api.response(&Method::GET, 502, ResponseSource::Proxy, 0.001);
         api.response(&Method::GET, 503, ResponseSource::Proxy, 0.0001);
-        api.shed(ShedReason::ConcurrencyLimit);
+        api.shed(ShedReason::ConcurrencyLimit, Priority::Sheddable);
         api.upstream_error(UpstreamError::ALL[0]);
         api.retries.inc();
         metrics

@@ -564,6 +564,18 @@ impl Cx<'_> {
         if let Some(c) = &p.concurrency {
             self.concurrency_part(&format!("{base}.concurrency"), c, &mut part);
         }
+        if let Some(word) = &p.priority {
+            part.priority = Priority::parse(word.trim().as_bytes());
+            if part.priority.is_none() {
+                self.error(
+                    &format!("{base}.priority"),
+                    format!("unknown priority `{word}`: expected critical, normal or sheddable"),
+                );
+            }
+        }
+        if let Some(name) = &p.priority_header {
+            part.priority_header = self.priority_header(&format!("{base}.priority_header"), name);
+        }
         if let Some(b) = &p.circuit_breaker {
             let base = format!("{base}.circuit_breaker");
             part.breaker_enabled = b.enabled;
@@ -631,6 +643,36 @@ impl Cx<'_> {
             });
         }
         part
+    }
+
+    /// A request header name for `priority_header`, lower-cased; `None` (with an error) when it
+    /// is not a valid field name or one that is removed before forwarding.
+    fn priority_header(&mut self, path: &str, name: &str) -> Option<String> {
+        let lower = name.trim().to_ascii_lowercase();
+        if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            self.error(path, format!("`{name}` is not a valid header name"));
+            return None;
+        }
+        // Hop-by-hop fields are removed before the request is classified and forwarded.
+        const HOP_BY_HOP: [&str; 9] = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ];
+        if HOP_BY_HOP.contains(&lower.as_str()) {
+            self.error(
+                path,
+                format!("`{name}` is a hop-by-hop header, removed before forwarding: name another"),
+            );
+            return None;
+        }
+        Some(lower)
     }
 
     fn concurrency_part(&mut self, base: &str, c: &ConcurrencyFile, part: &mut PolicyPart) {
@@ -723,6 +765,8 @@ impl Cx<'_> {
                 budget: p.budget.unwrap_or(defaults::RETRY_BUDGET),
                 min_per_second: p.min_per_second.unwrap_or(defaults::RETRY_MIN_PER_SECOND),
             },
+            priority: p.priority.unwrap_or(defaults::PRIORITY),
+            priority_header: p.priority_header,
         }
     }
 }
@@ -748,6 +792,8 @@ struct PolicyPart {
     backoff: Option<Duration>,
     budget: Option<f64>,
     min_per_second: Option<f64>,
+    priority: Option<Priority>,
+    priority_header: Option<String>,
 }
 
 /// The concurrency limit as one block gives it.
@@ -797,6 +843,11 @@ impl PolicyPart {
             backoff: self.backoff.or(base.backoff),
             budget: self.budget.or(base.budget),
             min_per_second: self.min_per_second.or(base.min_per_second),
+            priority: self.priority.or(base.priority),
+            priority_header: self
+                .priority_header
+                .clone()
+                .or_else(|| base.priority_header.clone()),
         }
     }
 }

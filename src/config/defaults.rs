@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::settings::{
     BreakerSettings, ConcurrencySettings, LimitSettings, MaintenanceSettings, PolicySettings,
-    RetrySettings, UpstreamProtocol,
+    Priority, RetrySettings, UpstreamProtocol,
 };
 
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
@@ -65,6 +65,10 @@ pub(crate) const QUEUE: u32 = 0;
 /// Longest wait in the queue: a queued request should wait about as long as a slow request
 /// takes, not until its client has given up.
 pub(crate) const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// The class of a route's requests: `normal`, so that a config that says nothing about
+/// priorities treats every request alike.
+pub(crate) const PRIORITY: Priority = Priority::Normal;
 
 /// Circuit breaker off: opening a breaker turns errors into refusals, which should be a choice.
 pub(crate) const BREAKER_ENABLED: bool = false;
@@ -151,5 +155,7 @@ pub(crate) fn policy() -> PolicySettings {
             budget: RETRY_BUDGET,
             min_per_second: RETRY_MIN_PER_SECOND,
         },
+        priority: PRIORITY,
+        priority_header: None,
     }
 }

@@ -131,6 +131,10 @@ pub struct RouteFile {
     pub maintenance: Option<MaintenanceFile>,
     /// Overrides `defaults.retries` field by field.
     pub retries: Option<RetriesFile>,
+    /// Overrides `defaults.priority`.
+    pub priority: Option<String>,
+    /// Overrides `defaults.priority_header`.
+    pub priority_header: Option<String>,
 }
 
 impl RouteFile {
@@ -143,6 +147,8 @@ impl RouteFile {
             circuit_breaker: self.circuit_breaker.clone(),
             maintenance: self.maintenance.clone(),
             retries: self.retries.clone(),
+            priority: self.priority.clone(),
+            priority_header: self.priority_header.clone(),
         }
     }
 }
@@ -175,6 +181,12 @@ pub struct PolicyFile {
     pub maintenance: Option<MaintenanceFile>,
     /// Retries.
     pub retries: Option<RetriesFile>,
+    /// The class of the route's requests under overload: `critical`, `normal` (default) or
+    /// `sheddable`.
+    pub priority: Option<String>,
+    /// A request header whose value (`critical`, `normal`, `sheddable`) sets the class of that
+    /// request; unset by default (clients do not choose).
+    pub priority_header: Option<String>,
 }
 
 /// Concurrency limit settings.

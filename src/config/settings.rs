@@ -151,6 +151,57 @@ pub struct PolicySettings {
     pub maintenance: MaintenanceSettings,
     /// Retries.
     pub retries: RetrySettings,
+    /// The class of the route's requests, unless `priority_header` says otherwise.
+    pub priority: Priority,
+    /// Request header whose value (`critical`, `normal`, `sheddable`, any case) sets a
+    /// request's class; lower-case. `None`: clients do not choose.
+    pub priority_header: Option<String>,
+}
+
+/// How important a request is when there is not room for all: under overload the least
+/// important are shed first. Ordered from least to most important.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Work that may wait or be dropped (prefetches, batch jobs): admitted only while the
+    /// upstream is well below its limit.
+    Sheddable,
+    /// Everything else.
+    #[default]
+    Normal,
+    /// Work that must get through (a checkout): admitted up to the whole limit.
+    Critical,
+}
+
+impl Priority {
+    /// Every class, most important first: the order the queue serves them in.
+    pub const ALL: [Priority; 3] = [Priority::Critical, Priority::Normal, Priority::Sheddable];
+
+    /// The word for it in the config, the priority header and the `priority` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Normal => "normal",
+            Priority::Sheddable => "sheddable",
+        }
+    }
+
+    /// The class a header value or config word names, ignoring ASCII case; `None` for
+    /// anything else.
+    pub fn parse(value: &[u8]) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| value.eq_ignore_ascii_case(p.label().as_bytes()))
+    }
+
+    /// Position in [`Priority::ALL`], for per-class tables.
+    pub fn index(self) -> usize {
+        match self {
+            Priority::Critical => 0,
+            Priority::Normal => 1,
+            Priority::Sheddable => 2,
+        }
+    }
 }
 
 /// How the in-flight limit is chosen.

@@ -144,6 +144,13 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
             dur(c.queue_timeout)
         ));
     }
+    if p.priority != d.priority || p.priority_header.is_some() {
+        let mut line = format!("priority {}", p.priority.label());
+        if let Some(h) = &p.priority_header {
+            let _ = write!(line, " (or the request's `{h}` header)");
+        }
+        lines.push(line);
+    }
     if p.circuit_breaker != d.circuit_breaker {
         let b = &p.circuit_breaker;
         let codes: Vec<String> = b.failure_codes.iter().map(u16::to_string).collect();

@@ -19,7 +19,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use super::adaptive::{GradientLimit, Outcome};
-use crate::config::settings::{ConcurrencySettings, LimitSettings};
+use crate::config::settings::{ConcurrencySettings, LimitSettings, Priority};
 use crate::error::{ProxyError, ShedReason, UpstreamError};
 
 /// The shared state of one route's concurrency limit: current limit, requests in flight, the
@@ -390,11 +390,13 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let priority = super::priority::of(&req);
         let state = match self.state.admit() {
             Admission::Refused => {
                 let error = ProxyError::Shed {
                     reason: ShedReason::ConcurrencyLimit,
                     retry_after: self.state.retry_after,
+                    priority,
                 };
                 return ResponseFuture {
                     state: State::Refused { error },
@@ -414,6 +416,7 @@ where
             Admission::Wait(ticket) => State::Queued {
                 deadline: tokio::time::sleep(self.state.queue_timeout),
                 ticket,
+                priority,
             },
         };
         ResponseFuture {
@@ -444,7 +447,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Refused { error: ProxyError },
-        Queued { #[pin] deadline: Sleep, ticket: Ticket },
+        Queued { #[pin] deadline: Sleep, ticket: Ticket, priority: Priority },
         Readying,
         Calling { #[pin] future: F },
         Done,
@@ -462,7 +465,11 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Refused { error } => return Poll::Ready(Err(*error)),
-                StateProj::Queued { deadline, ticket } => {
+                StateProj::Queued {
+                    deadline,
+                    ticket,
+                    priority,
+                } => {
                     let permit = match ticket.poll_grant(cx) {
                         Poll::Ready(permit) => permit,
                         Poll::Pending => {
@@ -472,10 +479,12 @@ where
                                 Some(permit) => permit,
                                 None => {
                                     let retry_after = ticket.state.retry_after;
+                                    let priority = *priority;
                                     this.state.set(State::Done);
                                     return Poll::Ready(Err(ProxyError::Shed {
                                         reason: ShedReason::QueueTimeout,
                                         retry_after,
+                                        priority,
                                     }));
                                 }
                             }
@@ -551,6 +560,7 @@ mod tests {
         ProxyError::Shed {
             reason,
             retry_after: RETRY_AFTER,
+            priority: Priority::Normal,
         }
     }
 

@@ -14,6 +14,7 @@ mod adaptive;
 mod breaker;
 mod concurrency;
 mod maintenance;
+pub(crate) mod priority;
 pub(crate) mod retry;
 mod timeout;
 mod window;
@@ -22,6 +23,7 @@ mod window;
 mod test_support;
 
 pub use concurrency::LimiterState;
+pub use priority::Classifier;
 
 pub(crate) use breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitState};
 pub(crate) use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};

@@ -495,6 +495,7 @@ mod tests {
         let shed = ProxyError::Shed {
             reason: ShedReason::CircuitOpen,
             retry_after: Duration::from_secs(1),
+            priority: crate::config::Priority::Normal,
         };
         let svc = RetryLayer::new(f.state.clone()).layer(tower::service_fn(
             move |_req: Request<String>| async move { Err::<Response<String>, _>(shed) },

@@ -184,6 +184,10 @@ fn start(
     if route.spread_retries {
         parts.extensions.insert(EndpointHint::default());
     }
+    // The request's class under overload, for the limiter and the shed counter.
+    parts
+        .extensions
+        .insert(route.policy.classifier.classify(&parts.headers));
     let upstream_req = Request::from_parts(parts, RequestBody::from_incoming(body));
     let stack = route.service.clone().oneshot(upstream_req);
     Handling {

@@ -9,9 +9,9 @@ use super::upstream::{Forward, Upstream};
 use crate::config::{PolicySettings, RouteSettings};
 use crate::metrics::RouteMetrics;
 use crate::policy::{
-    BreakerState, CircuitBreaker, CircuitBreakerLayer, ConcurrencyLimit, ConcurrencyLimitLayer,
-    LimiterState, Maintenance, MaintenanceLayer, Retry, RetryLayer, RetryState, Timeout,
-    TimeoutLayer,
+    BreakerState, CircuitBreaker, CircuitBreakerLayer, Classifier, ConcurrencyLimit,
+    ConcurrencyLimitLayer, LimiterState, Maintenance, MaintenanceLayer, Retry, RetryLayer,
+    RetryState, Timeout, TimeoutLayer,
 };
 
 /// A route's composed service (a concrete type: no boxing on the request path).
@@ -29,6 +29,8 @@ pub struct PolicyState {
     pub breaker: Arc<BreakerState>,
     /// Retry budget.
     pub retry: Arc<RetryState>,
+    /// Decides each request's class (stateless: rebuilt on every reload).
+    pub classifier: Classifier,
 }
 
 impl PolicyState {
@@ -72,6 +74,7 @@ impl PolicyState {
             limiter,
             breaker,
             retry,
+            classifier: Classifier::new(p),
         }
     }
 }

@@ -6,7 +6,8 @@
 //! - [`concurrency`]: the concurrency limit, its queue, and the adaptive limit
 //! - [`breaker`]: the circuit breaker
 //! - [`maintenance`]: maintenance mode
-//! - [`retries`]: retries, their budget, and the route timeout over all attempts
+//! - [`priorities`]: classes of requests, the least important shed first
+//! - [`retries`]: retries, their budget and its floor, and the route timeout over all attempts
 //! - [`reload`]: breaker and limiter state across reloads
 //!
 //! The upstream is a [`GatedUpstream`]: it records every request on arrival and can hold
@@ -20,6 +21,7 @@ mod common;
 mod breaker;
 mod concurrency;
 mod maintenance;
+mod priorities;
 mod reload;
 mod retries;
 
@@ -41,8 +43,13 @@ const ROUTE: &str = DEFAULT_ROUTE;
 const RETRY_AFTER_YAML: &str = "    retry_after: 7s\n";
 const RETRY_AFTER_SECS: &str = "7";
 
+/// The shed counter of `reason` on `route` for requests of the default class, `normal`.
 fn shed_series(reason: &str, route: &str) -> String {
-    format!(r#"spillway_shed_total{{reason="{reason}",route="{route}"}}"#)
+    shed_series_of("normal", reason, route)
+}
+
+fn shed_series_of(priority: &str, reason: &str, route: &str) -> String {
+    format!(r#"spillway_shed_total{{priority="{priority}",reason="{reason}",route="{route}"}}"#)
 }
 
 fn limit_series(route: &str) -> String {

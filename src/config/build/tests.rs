@@ -32,6 +32,8 @@ routes:
     circuit_breaker: { enabled: true, window: 10s, min_requests: 20, failure_ratio: 0.5, open_for: 10s, half_open_requests: 3, failure_codes: [502, 503, 504] }
     maintenance: { enabled: false, retry_after: 10m }
     retries: { attempts: 2, backoff: 25ms, budget: 0.2, min_per_second: 2.5 }
+    priority: critical
+    priority_header: X-Priority
   - name: default
     match: { path_prefix: / }
     upstream: app
@@ -135,6 +137,8 @@ fn example_config_gives_exact_settings() {
                         budget: 0.2,
                         min_per_second: 2.5,
                     },
+                    priority: Priority::Critical,
+                    priority_header: Some("x-priority".into()),
                 },
             },
             RouteSettings {
@@ -172,6 +176,8 @@ fn example_config_gives_exact_settings() {
                         budget: 0.2,
                         min_per_second: 1.0,
                     },
+                    priority: Priority::Normal,
+                    priority_header: None,
                 },
             },
         ],
@@ -326,8 +332,8 @@ fn every_semantic_error_is_reported_in_file_order() {
         ("routes[0].circuit_breaker.failure_codes[1]", 25),
         ("routes[0].maintenance.retry_after", 26),
         ("routes[0].retries.budget", 27),
-        ("routes[1].name", 28),
-        ("routes[1].match.path_prefix", 29),
+        ("routes[1].name", 30),
+        ("routes[1].match.path_prefix", 31),
     ]
     .into_iter()
     .map(|(p, l)| (p.to_owned(), Some(l)))
@@ -483,6 +489,8 @@ defaults:
   concurrency: { max: 50, queue: 10, queue_timeout: 1s }
   circuit_breaker: { enabled: true, window: 30s, failure_codes: [503] }
   retries: { attempts: 1, budget: 0.1, min_per_second: 0 }
+  priority: sheddable
+  priority_header: x-class
 upstreams: { app: { endpoints: [\"app:3000\"] } }
 routes:
   - name: a
@@ -491,11 +499,13 @@ routes:
     circuit_breaker: { min_requests: 5 }
     retries: { backoff: 50ms }
     maintenance: { enabled: true }
+    priority: Critical
   - name: b
     match: { path_prefix: /b }
     upstream: app
     retry_after: 1s
     concurrency: { adaptive: { max: 20 } }
+    priority_header: X-Other
 ";
     let s = ok(text).settings;
     let a = &s.routes[0].policy;
@@ -530,6 +540,9 @@ routes:
             min_per_second: 0.0,
         }
     );
+    // Priority words ignore case; the header is inherited.
+    assert_eq!(a.priority, Priority::Critical);
+    assert_eq!(a.priority_header.as_deref(), Some("x-class"));
     // Maintenance inherits the effective Retry-After when it sets none.
     assert_eq!(
         a.maintenance,
@@ -556,6 +569,8 @@ routes:
             retry_after: secs(1)
         }
     );
+    assert_eq!(b.priority, Priority::Sheddable);
+    assert_eq!(b.priority_header.as_deref(), Some("x-other"));
 }
 
 #[test]
@@ -617,7 +632,7 @@ fn max_and_adaptive_in_one_block_is_an_error_and_bounds_are_checked() {
                 Some(24),
                 "adaptive min (300) must not exceed adaptive max (256)".to_owned()
             ),
-            ("routes[1].concurrency.max".to_owned(), Some(29), "must be at least 1".to_owned()),
+            ("routes[1].concurrency.max".to_owned(), Some(31), "must be at least 1".to_owned()),
         ]
     );
 }
@@ -634,6 +649,41 @@ fn the_retry_floor_is_zero_or_more() {
             "min_per_second -1 must be 0 or more".to_owned()
         )]
     );
+}
+
+#[test]
+fn priorities_and_priority_headers_are_checked() {
+    let text = MINIMAL.to_owned()
+        + "  - name: s
+    match: { path_prefix: /s }
+    upstream: app
+    priority: urgent
+    priority_header: \"x priority\"
+  - name: t
+    match: { path_prefix: /t }
+    upstream: app
+    priority_header: Connection
+";
+    let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.3)).collect();
+    let want = [
+        (
+            "routes[1].priority",
+            "unknown priority `urgent`: expected critical, normal or sheddable",
+        ),
+        (
+            "routes[1].priority_header",
+            "`x priority` is not a valid header name",
+        ),
+        (
+            "routes[2].priority_header",
+            "`Connection` is a hop-by-hop header, removed before forwarding: name another",
+        ),
+    ];
+    let want: Vec<_> = want
+        .iter()
+        .map(|(p, m)| (p.to_string(), m.to_string()))
+        .collect();
+    assert_eq!(got, want);
 }
 
 #[test]
