@@ -675,6 +675,20 @@ impl Cx<'_> {
         Some(lower)
     }
 
+    /// A share of the concurrency limit: greater than 0, at most 1.
+    fn share(&mut self, path: &str, value: Option<f64>) -> Option<f64> {
+        value.filter(|&v| {
+            let ok = v > 0.0 && v <= 1.0;
+            if !ok {
+                self.error(
+                    path,
+                    format!("share {v} must be greater than 0 and at most 1"),
+                );
+            }
+            ok
+        })
+    }
+
     fn concurrency_part(&mut self, base: &str, c: &ConcurrencyFile, part: &mut PolicyPart) {
         if c.max.is_some() && c.adaptive.is_some() {
             self.error(&format!("{base}.adaptive"), "`max` and `adaptive` cannot both be set: give a fixed `max` or `adaptive: { min, max }`");
@@ -693,6 +707,11 @@ impl Cx<'_> {
             c.queue_timeout.as_ref(),
             true,
         );
+        if let Some(shares) = &c.shares {
+            part.share_sheddable =
+                self.share(&format!("{base}.shares.sheddable"), shares.sheddable);
+            part.share_normal = self.share(&format!("{base}.shares.normal"), shares.normal);
+        }
     }
 
     fn at_least_one(&mut self, path: &str, value: Option<u32>) -> Option<u32> {
@@ -730,6 +749,20 @@ impl Cx<'_> {
                 LimitSettings::Adaptive { min, max }
             }
         };
+        let shares = Shares {
+            sheddable: p.share_sheddable.unwrap_or(defaults::SHARE_SHEDDABLE),
+            normal: p.share_normal.unwrap_or(defaults::SHARE_NORMAL),
+        };
+        let own_shares = own.share_sheddable.is_some() || own.share_normal.is_some();
+        if shares.sheddable > shares.normal && own_shares {
+            self.error(
+                &format!("{base}.concurrency.shares"),
+                format!(
+                    "shares.sheddable ({}) must not exceed shares.normal ({}): a sheddable request would get in where a normal one does not",
+                    shares.sheddable, shares.normal
+                ),
+            );
+        }
         let retry_after = p.retry_after.unwrap_or(defaults::RETRY_AFTER);
         PolicySettings {
             timeout: p.timeout.unwrap_or(defaults::TIMEOUT),
@@ -738,6 +771,7 @@ impl Cx<'_> {
                 limit,
                 queue: p.queue.unwrap_or(defaults::QUEUE),
                 queue_timeout: p.queue_timeout.unwrap_or(defaults::QUEUE_TIMEOUT),
+                shares,
             },
             circuit_breaker: BreakerSettings {
                 enabled: p.breaker_enabled.unwrap_or(defaults::BREAKER_ENABLED),
@@ -779,6 +813,8 @@ struct PolicyPart {
     limit: Option<LimitPart>,
     queue: Option<u32>,
     queue_timeout: Option<Duration>,
+    share_sheddable: Option<f64>,
+    share_normal: Option<f64>,
     breaker_enabled: Option<bool>,
     window: Option<Duration>,
     min_requests: Option<u32>,
@@ -825,6 +861,8 @@ impl PolicyPart {
             limit,
             queue: self.queue.or(base.queue),
             queue_timeout: self.queue_timeout.or(base.queue_timeout),
+            share_sheddable: self.share_sheddable.or(base.share_sheddable),
+            share_normal: self.share_normal.or(base.share_normal),
             breaker_enabled: self.breaker_enabled.or(base.breaker_enabled),
             window: self.window.or(base.window),
             min_requests: self.min_requests.or(base.min_requests),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::settings::{
     BreakerSettings, ConcurrencySettings, LimitSettings, MaintenanceSettings, PolicySettings,
-    Priority, RetrySettings, UpstreamProtocol,
+    Priority, RetrySettings, Shares, UpstreamProtocol,
 };
 
 /// Route timeout: long enough for slow but healthy requests, short enough that a hung upstream
@@ -66,8 +66,18 @@ pub(crate) const QUEUE: u32 = 0;
 /// takes, not until its client has given up.
 pub(crate) const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Share of the limit `sheddable` requests may fill: half, so that under overload the other
+/// half is kept for the requests that matter, while a quiet upstream still serves sheddable
+/// work at full speed.
+pub(crate) const SHARE_SHEDDABLE: f64 = 0.5;
+
+/// Share of the limit `normal` requests may fill: 90 %, keeping the last tenth for `critical`
+/// requests, which then get in even when normal traffic alone would fill the limit.
+pub(crate) const SHARE_NORMAL: f64 = 0.9;
+
 /// The class of a route's requests: `normal`, so that a config that says nothing about
-/// priorities treats every request alike.
+/// priorities treats every request alike (and without a priority header, every request of a
+/// route has one class, which may fill the whole limit).
 pub(crate) const PRIORITY: Priority = Priority::Normal;
 
 /// Circuit breaker off: opening a breaker turns errors into refusals, which should be a choice.
@@ -135,6 +145,10 @@ pub(crate) fn policy() -> PolicySettings {
             limit: LimitSettings::Fixed(CONCURRENCY_MAX),
             queue: QUEUE,
             queue_timeout: QUEUE_TIMEOUT,
+            shares: Shares {
+                sheddable: SHARE_SHEDDABLE,
+                normal: SHARE_NORMAL,
+            },
         },
         circuit_breaker: BreakerSettings {
             enabled: BREAKER_ENABLED,

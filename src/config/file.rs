@@ -197,10 +197,22 @@ pub struct ConcurrencyFile {
     pub max: Option<u32>,
     /// Adaptive limit; replaces `max` when present.
     pub adaptive: Option<AdaptiveFile>,
-    /// Bounded FIFO queue length; 0 sheds at once.
+    /// Bounded queue length; 0 sheds at once.
     pub queue: Option<u32>,
     /// Longest wait in the queue.
     pub queue_timeout: Option<String>,
+    /// Share of the limit each class below `critical` may fill.
+    pub shares: Option<SharesFile>,
+}
+
+/// Shares of the concurrency limit by class.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SharesFile {
+    /// `sheddable` requests are admitted while fewer than this share of the limit are in flight.
+    pub sheddable: Option<f64>,
+    /// `normal` requests are admitted while fewer than this share of the limit are in flight.
+    pub normal: Option<f64>,
 }
 
 /// Adaptive concurrency limit bounds.

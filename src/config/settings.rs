@@ -224,11 +224,34 @@ pub enum LimitSettings {
 pub struct ConcurrencySettings {
     /// The limit.
     pub limit: LimitSettings,
-    /// Bounded FIFO queue length; 0 sheds at once.
+    /// Bounded queue length; 0 sheds at once.
     pub queue: u32,
     /// Longest wait in the queue.
     #[serde(with = "humantime_serde_compat")]
     pub queue_timeout: Duration,
+    /// Share of the limit each lower class may fill.
+    pub shares: Shares,
+}
+
+/// Share of the concurrency limit up to which each class below `critical` is admitted:
+/// a `sheddable` request gets in while fewer than `sheddable × limit` are in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Shares {
+    /// Share for `sheddable` requests, in (0, 1], at most `normal`.
+    pub sheddable: f64,
+    /// Share for `normal` requests, in (0, 1].
+    pub normal: f64,
+}
+
+impl Shares {
+    /// The share of the limit `priority` may fill (1 for `critical`).
+    pub fn of(&self, priority: Priority) -> f64 {
+        match priority {
+            Priority::Critical => 1.0,
+            Priority::Normal => self.normal,
+            Priority::Sheddable => self.sheddable,
+        }
+    }
 }
 
 /// Circuit breaker.

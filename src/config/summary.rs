@@ -138,11 +138,20 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
             LimitSettings::Fixed(n) => format!("max {n}"),
             LimitSettings::Adaptive { min, max } => format!("adaptive {min}..{max}"),
         };
-        lines.push(format!(
+        let mut line = format!(
             "concurrency {limit}, queue {} (wait up to {})",
             c.queue,
             dur(c.queue_timeout)
-        ));
+        );
+        if c.shares != d.concurrency.shares {
+            let _ = write!(
+                line,
+                ", sheddable up to {} and normal up to {} of the limit",
+                percent(c.shares.sheddable),
+                percent(c.shares.normal)
+            );
+        }
+        lines.push(line);
     }
     if p.priority != d.priority || p.priority_header.is_some() {
         let mut line = format!("priority {}", p.priority.label());

@@ -1,5 +1,18 @@
-//! The concurrency limit: at most `limit` requests in flight to the upstream, a bounded FIFO
-//! queue in front, and immediate refusal beyond that.
+//! The concurrency limit: at most `limit` requests in flight to the upstream, each class of
+//! request up to its share of the limit, a bounded queue in front, and immediate refusal beyond
+//! that.
+//!
+//! Admission by class ([`Priority`]), against the current limit `L`: a `sheddable` request gets
+//! in while fewer than `shares.sheddable × L` are in flight, a `normal` one while fewer than
+//! `shares.normal × L`, a `critical` one up to `L`. So as load rises the least important
+//! requests are refused first, and the last slots are kept for the most important. Shares only
+//! apply on a route whose requests can differ in class (it names a priority header): on any
+//! other, every request has the route's class, there is nobody to keep room for, and the whole
+//! limit is theirs.
+//!
+//! The queue serves higher classes first, first in first out within a class. A request
+//! arriving at a full queue pushes out a waiter of a lower class, if there is one, rather than
+//! being refused itself.
 //!
 //! The waiting is done by a small hand-written queue rather than a semaphore because the limit
 //! can move (adaptive limit), the queue length is bounded, and a refusal must not allocate or
@@ -19,7 +32,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use super::adaptive::{GradientLimit, Outcome};
-use crate::config::settings::{ConcurrencySettings, LimitSettings, Priority};
+use crate::config::settings::{ConcurrencySettings, LimitSettings, Priority, Shares};
 use crate::error::{ProxyError, ShedReason, UpstreamError};
 
 /// The shared state of one route's concurrency limit: current limit, requests in flight, the
@@ -30,6 +43,8 @@ pub struct LimiterState {
     queue_capacity: usize,
     queue_timeout: Duration,
     retry_after: Duration,
+    /// `None` when every request of the route has the same class: the whole limit for all.
+    shares: Option<Shares>,
     limit_gauge: IntGauge,
 }
 
@@ -37,11 +52,12 @@ pub struct LimiterState {
 struct Shared {
     limit: usize,
     in_flight: usize,
-    /// Waiting requests, oldest first; ids increase, so the queue is sorted by id.
-    waiters: VecDeque<Waiter>,
-    /// Waiters that were handed a permit but have not picked it up yet. The permit is already
-    /// counted in `in_flight`.
-    granted: Vec<u64>,
+    /// Waiting requests by class ([`Priority::index`]), each oldest first; ids increase, so
+    /// each is sorted by id.
+    waiters: [VecDeque<Waiter>; Priority::ALL.len()],
+    /// What waiters were told but have not picked up yet. A granted permit is already counted
+    /// in `in_flight`.
+    verdicts: Vec<(u64, Verdict)>,
     next_id: u64,
     adaptive: Option<GradientLimit>,
 }
@@ -52,20 +68,33 @@ struct Waiter {
     waker: Option<Waker>,
 }
 
+/// What a waiter is told while it is away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// A permit is held for it.
+    Granted,
+    /// It is refused, for this reason.
+    Refused(ShedReason),
+}
+
 /// What a request gets on arrival.
 enum Admission {
     Go(Permit),
-    Wait(Ticket),
+    /// Queued; refused if still waiting after the deadline.
+    Wait(Ticket, Duration),
     Refused,
 }
 
 impl LimiterState {
-    /// State for `settings`; `retry_after` is the route's `Retry-After` for refusals and
-    /// `limit_gauge` (spillway_concurrency_limit for the route) is kept equal to the limit.
+    /// State for `settings`; `by_class` says whether the route's requests can differ in class
+    /// (else `settings.shares` do not apply); `retry_after` is the route's `Retry-After` for
+    /// refusals and `limit_gauge` (spillway_concurrency_limit for the route) is kept equal to
+    /// the limit.
     ///
     /// An adaptive limit starts at `min` (see [`GradientLimit`]).
     pub fn new(
         settings: &ConcurrencySettings,
+        by_class: bool,
         retry_after: Duration,
         limit_gauge: IntGauge,
     ) -> Self {
@@ -81,16 +110,22 @@ impl LimiterState {
             shared: Mutex::new(Shared {
                 limit,
                 in_flight: 0,
-                waiters: VecDeque::new(),
-                granted: Vec::new(),
+                waiters: Default::default(),
+                verdicts: Vec::new(),
                 next_id: 0,
                 adaptive,
             }),
             queue_capacity: settings.queue as usize,
             queue_timeout: settings.queue_timeout,
             retry_after,
+            shares: by_class.then_some(settings.shares),
             limit_gauge,
         }
+    }
+
+    /// The share of the limit requests of class `priority` may fill.
+    fn share(&self, priority: Priority) -> f64 {
+        self.shares.map_or(1.0, |s| s.of(priority))
     }
 
     /// The current limit.
@@ -106,7 +141,7 @@ impl LimiterState {
 
     /// Requests waiting in the queue.
     pub fn queued(&self) -> u32 {
-        self.lock().waiters.len() as u32
+        self.lock().queued() as u32
     }
 
     /// The no-load latency the adaptive limit currently assumes (`None` for a fixed limit or
@@ -126,46 +161,68 @@ impl LimiterState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn admit(self: &Arc<Self>) -> Admission {
+    /// The refusal a client of class `priority` gets.
+    fn refusal(&self, reason: ShedReason, priority: Priority) -> ProxyError {
+        ProxyError::Shed {
+            reason,
+            retry_after: self.retry_after,
+            priority,
+        }
+    }
+
+    fn admit(self: &Arc<Self>, priority: Priority) -> Admission {
+        let now = Instant::now();
+        let mut wake = WakeList::default();
         let mut shared = self.lock();
-        if shared.in_flight < shared.limit && shared.waiters.is_empty() {
+        let cap = shared.cap(self.share(priority));
+        let ahead = shared.queued_from(priority);
+        if shared.in_flight < cap && ahead == 0 {
             shared.in_flight += 1;
-            let mut wake = WakeList::default();
-            let permit = self.permit(&mut shared, &mut wake);
+            let permit = self.permit(&mut shared, now, &mut wake);
             drop(shared);
             wake.wake_all();
             return Admission::Go(permit);
         }
-        let demand = shared.in_flight + shared.waiters.len() + 1;
+        // What the limit would have to be to let this one in: what it waits behind, over the
+        // share of the limit its class may fill.
+        let share = self.share(priority);
+        let demand = ((shared.in_flight + ahead + 1) as f64 / share).ceil() as usize;
         if let Some(g) = shared.adaptive.as_mut() {
             g.note_demand(demand);
         }
-        if shared.waiters.len() >= self.queue_capacity {
+        if shared.queued() >= self.queue_capacity && !shared.evict_below(priority, &mut wake) {
+            drop(shared);
+            wake.wake_all();
             return Admission::Refused;
         }
         let id = shared.next_id;
         shared.next_id += 1;
-        shared.waiters.push_back(Waiter { id, waker: None });
+        shared.waiters[priority.index()].push_back(Waiter { id, waker: None });
+        let patience = self.queue_timeout;
         drop(shared);
-        Admission::Wait(Ticket {
-            state: self.clone(),
-            id,
-            active: true,
-        })
+        wake.wake_all();
+        Admission::Wait(
+            Ticket {
+                state: self.clone(),
+                id,
+                priority,
+                active: true,
+            },
+            patience,
+        )
     }
 
     /// A permit for a request already counted in `in_flight`.
-    fn permit(self: &Arc<Self>, shared: &mut Shared, wake: &mut WakeList) -> Permit {
-        let started = Instant::now();
+    fn permit(self: &Arc<Self>, shared: &mut Shared, now: Instant, wake: &mut WakeList) -> Permit {
         let in_flight = shared.in_flight;
         let tag = shared
             .adaptive
             .as_mut()
-            .and_then(|g| g.on_admit(started, in_flight));
+            .and_then(|g| g.on_admit(now, in_flight));
         self.sync_limit(shared, wake);
         Permit {
             state: self.clone(),
-            started,
+            started: now,
             tag,
             outcome: Outcome::Ignore,
         }
@@ -178,45 +235,102 @@ impl LimiterState {
             if limit != shared.limit {
                 shared.limit = limit;
                 self.limit_gauge.set(limit as i64);
-                shared.grant_waiters(wake);
+                shared.grant_waiters(self, wake);
             }
         }
     }
 
     /// Gives a permit back, feeds the adaptive limit, and hands freed permits to waiters.
     fn release(&self, permit: &Permit) {
+        let now = Instant::now();
         let mut wake = WakeList::default();
         let mut shared = self.lock();
         shared.in_flight -= 1;
         let in_flight = shared.in_flight;
         if let Some(g) = shared.adaptive.as_mut() {
-            g.on_complete(
-                permit.tag,
-                permit.started,
-                permit.outcome,
-                Instant::now(),
-                in_flight,
-            );
+            g.on_complete(permit.tag, permit.started, permit.outcome, now, in_flight);
         }
         self.sync_limit(&mut shared, &mut wake);
-        shared.grant_waiters(&mut wake);
+        shared.grant_waiters(self, &mut wake);
         drop(shared);
         wake.wake_all();
     }
 }
 
+/// Slack when a share of the limit is rounded up to whole requests, so that float rounding
+/// (0.9 × 10 = 9.000…01) does not let in one more than the exact rule.
+const SHARE_EPSILON: f64 = 1e-9;
+
 impl Shared {
-    /// Hands free permits to the oldest waiters; their wakers go to `wake`.
-    fn grant_waiters(&mut self, wake: &mut WakeList) {
-        while self.in_flight < self.limit {
-            let Some(waiter) = self.waiters.pop_front() else {
-                break;
-            };
-            self.in_flight += 1;
-            self.granted.push(waiter.id);
-            if let Some(waker) = waiter.waker {
-                wake.push(waker);
+    fn queued(&self) -> usize {
+        self.waiters.iter().map(VecDeque::len).sum()
+    }
+
+    /// Waiters of class `priority` or above: the ones a request of that class waits behind.
+    fn queued_from(&self, priority: Priority) -> usize {
+        Priority::ALL
+            .iter()
+            .filter(|p| **p >= priority)
+            .map(|p| self.waiters[p.index()].len())
+            .sum()
+    }
+
+    /// How many may be in flight for a request to get in, given its class's `share` of the
+    /// limit: in whole requests, at least one.
+    fn cap(&self, share: f64) -> usize {
+        let share = share * self.limit as f64;
+        ((share - SHARE_EPSILON).ceil().max(1.0) as usize).min(self.limit)
+    }
+
+    /// Makes room in a full queue for a request of class `priority` by refusing a waiter of the
+    /// lowest class below it (the one it would serve last); false when there is none.
+    fn evict_below(&mut self, priority: Priority, wake: &mut WakeList) -> bool {
+        for p in Priority::ALL.iter().rev().filter(|p| **p < priority) {
+            if let Some(w) = self.waiters[p.index()].pop_back() {
+                self.verdicts
+                    .push((w.id, Verdict::Refused(ShedReason::ConcurrencyLimit)));
+                if let Some(waker) = w.waker {
+                    wake.push(waker);
+                }
+                return true;
             }
+        }
+        false
+    }
+
+    /// Hands free permits to waiters, higher classes first, each class up to its share of the
+    /// limit, the oldest first. Their wakers go to `wake`.
+    fn grant_waiters(&mut self, limiter: &LimiterState, wake: &mut WakeList) {
+        for p in Priority::ALL {
+            let cap = self.cap(limiter.share(p));
+            while self.in_flight < cap {
+                let Some(waiter) = self.waiters[p.index()].pop_front() else {
+                    break;
+                };
+                self.in_flight += 1;
+                self.verdicts.push((waiter.id, Verdict::Granted));
+                if let Some(waker) = waiter.waker {
+                    wake.push(waker);
+                }
+            }
+        }
+    }
+
+    /// Takes what waiter `id` was told, if anything.
+    fn take_verdict(&mut self, id: u64) -> Option<Verdict> {
+        let pos = self.verdicts.iter().position(|(v, _)| *v == id)?;
+        Some(self.verdicts.swap_remove(pos).1)
+    }
+
+    /// Takes waiter `id` out of the queue of its class; false if it is not there.
+    fn remove(&mut self, priority: Priority, id: u64) -> bool {
+        let queue = &mut self.waiters[priority.index()];
+        match queue.binary_search_by_key(&id, |w| w.id) {
+            Ok(pos) => {
+                queue.remove(pos);
+                true
+            }
+            Err(_) => false,
         }
     }
 }
@@ -269,47 +383,60 @@ impl Drop for Permit {
 struct Ticket {
     state: Arc<LimiterState>,
     id: u64,
-    /// Still in the queue or holding an unclaimed grant.
+    priority: Priority,
+    /// Still in the queue or holding a verdict not picked up.
     active: bool,
 }
 
 impl Ticket {
-    /// Takes the permit if one was handed over; otherwise registers the waker.
-    fn poll_grant(&mut self, cx: &mut Context<'_>) -> Poll<Permit> {
+    /// Takes the permit if one was handed over, or the refusal; otherwise registers the waker.
+    fn poll_verdict(&mut self, cx: &mut Context<'_>) -> Poll<Result<Permit, ShedReason>> {
+        let now = Instant::now();
+        let mut wake = WakeList::default();
         let mut shared = self.state.lock();
-        if take_grant(&mut shared, self.id) {
-            self.active = false;
-            let mut wake = WakeList::default();
-            let permit = self.state.permit(&mut shared, &mut wake);
-            drop(shared);
-            wake.wake_all();
-            return Poll::Ready(permit);
-        }
-        if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
-            let slot = &mut shared.waiters[pos].waker;
-            match slot {
-                Some(w) if w.will_wake(cx.waker()) => {}
-                _ => *slot = Some(cx.waker().clone()),
+        let result = match shared.take_verdict(self.id) {
+            Some(Verdict::Granted) => {
+                Poll::Ready(Ok(self.state.permit(&mut shared, now, &mut wake)))
             }
+            Some(Verdict::Refused(reason)) => Poll::Ready(Err(reason)),
+            None => {
+                let queue = &mut shared.waiters[self.priority.index()];
+                if let Ok(pos) = queue.binary_search_by_key(&self.id, |w| w.id) {
+                    let slot = &mut queue[pos].waker;
+                    match slot {
+                        Some(w) if w.will_wake(cx.waker()) => {}
+                        _ => *slot = Some(cx.waker().clone()),
+                    }
+                }
+                Poll::Pending
+            }
+        };
+        if result.is_ready() {
+            self.active = false;
         }
-        Poll::Pending
+        drop(shared);
+        wake.wake_all();
+        result
     }
 
-    /// Leaves the queue; returns the permit if it was handed over in the meantime.
-    fn cancel(&mut self) -> Option<Permit> {
+    /// Leaves the queue at its deadline; returns the permit if it was handed over in the
+    /// meantime, else why it is refused.
+    fn give_up(&mut self) -> Result<Permit, ShedReason> {
+        let now = Instant::now();
+        let mut wake = WakeList::default();
         let mut shared = self.state.lock();
         self.active = false;
-        if take_grant(&mut shared, self.id) {
-            let mut wake = WakeList::default();
-            let permit = self.state.permit(&mut shared, &mut wake);
-            drop(shared);
-            wake.wake_all();
-            return Some(permit);
-        }
-        if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
-            shared.waiters.remove(pos);
-        }
-        None
+        let result = match shared.take_verdict(self.id) {
+            Some(Verdict::Granted) => Ok(self.state.permit(&mut shared, now, &mut wake)),
+            Some(Verdict::Refused(reason)) => Err(reason),
+            None => {
+                shared.remove(self.priority, self.id);
+                Err(ShedReason::QueueTimeout)
+            }
+        };
+        drop(shared);
+        wake.wake_all();
+        result
     }
 }
 
@@ -320,25 +447,19 @@ impl Drop for Ticket {
         }
         let mut wake = WakeList::default();
         let mut shared = self.state.lock();
-        if take_grant(&mut shared, self.id) {
-            // Handed a permit it will never use: pass it on.
-            shared.in_flight -= 1;
-            shared.grant_waiters(&mut wake);
-        } else if let Ok(pos) = shared.waiters.binary_search_by_key(&self.id, |w| w.id) {
-            shared.waiters.remove(pos);
+        match shared.take_verdict(self.id) {
+            Some(Verdict::Granted) => {
+                // Handed a permit it will never use: pass it on.
+                shared.in_flight -= 1;
+                shared.grant_waiters(&self.state, &mut wake);
+            }
+            Some(Verdict::Refused(_)) => {}
+            None => {
+                shared.remove(self.priority, self.id);
+            }
         }
         drop(shared);
         wake.wake_all();
-    }
-}
-
-fn take_grant(shared: &mut Shared, id: u64) -> bool {
-    match shared.granted.iter().position(|&g| g == id) {
-        Some(pos) => {
-            shared.granted.swap_remove(pos);
-            true
-        }
-        None => false,
     }
 }
 
@@ -366,10 +487,11 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
     }
 }
 
-/// Admits a request when fewer than `limit` are in flight, queues it (FIFO, bounded, up to
-/// `queue_timeout`) otherwise, and refuses it with `Shed { ConcurrencyLimit }` when the queue is
-/// full (or zero-length) or `Shed { QueueTimeout }` when it waited too long. The permit is held
-/// until the inner future resolves (response head or error) or is dropped.
+/// Admits a request when fewer than its class's share of the limit are in flight, queues it
+/// (bounded, up to `queue_timeout`) otherwise, and refuses it with
+/// `Shed { ConcurrencyLimit }` when the queue is full (or zero-length) or it is pushed out by a
+/// more important request, or `Shed { QueueTimeout }` when it waited too long. The permit is
+/// held until the inner future resolves (response head or error) or is dropped.
 #[derive(Debug, Clone)]
 pub struct ConcurrencyLimit<S> {
     inner: S,
@@ -391,13 +513,9 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let priority = super::priority::of(&req);
-        let state = match self.state.admit() {
+        let state = match self.state.admit(priority) {
             Admission::Refused => {
-                let error = ProxyError::Shed {
-                    reason: ShedReason::ConcurrencyLimit,
-                    retry_after: self.state.retry_after,
-                    priority,
-                };
+                let error = self.state.refusal(ShedReason::ConcurrencyLimit, priority);
                 return ResponseFuture {
                     state: State::Refused { error },
                     service: None,
@@ -413,10 +531,9 @@ where
                     permit: Some(permit),
                 };
             }
-            Admission::Wait(ticket) => State::Queued {
-                deadline: tokio::time::sleep(self.state.queue_timeout),
+            Admission::Wait(ticket, patience) => State::Queued {
+                deadline: tokio::time::sleep(patience),
                 ticket,
-                priority,
             },
         };
         ResponseFuture {
@@ -447,7 +564,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Refused { error: ProxyError },
-        Queued { #[pin] deadline: Sleep, ticket: Ticket, priority: Priority },
+        Queued { #[pin] deadline: Sleep, ticket: Ticket },
         Readying,
         Calling { #[pin] future: F },
         Done,
@@ -465,33 +582,26 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Refused { error } => return Poll::Ready(Err(*error)),
-                StateProj::Queued {
-                    deadline,
-                    ticket,
-                    priority,
-                } => {
-                    let permit = match ticket.poll_grant(cx) {
-                        Poll::Ready(permit) => permit,
+                StateProj::Queued { deadline, ticket } => {
+                    let verdict = match ticket.poll_verdict(cx) {
+                        Poll::Ready(verdict) => verdict,
                         Poll::Pending => {
                             ready!(deadline.poll(cx));
-                            match ticket.cancel() {
-                                // Handed a permit at the last moment: use it.
-                                Some(permit) => permit,
-                                None => {
-                                    let retry_after = ticket.state.retry_after;
-                                    let priority = *priority;
-                                    this.state.set(State::Done);
-                                    return Poll::Ready(Err(ProxyError::Shed {
-                                        reason: ShedReason::QueueTimeout,
-                                        retry_after,
-                                        priority,
-                                    }));
-                                }
-                            }
+                            // Handed a permit at the last moment: use it.
+                            ticket.give_up()
                         }
                     };
-                    *this.permit = Some(permit);
-                    this.state.set(State::Readying);
+                    match verdict {
+                        Ok(permit) => {
+                            *this.permit = Some(permit);
+                            this.state.set(State::Readying);
+                        }
+                        Err(reason) => {
+                            let error = ticket.state.refusal(reason, ticket.priority);
+                            this.state.set(State::Done);
+                            return Poll::Ready(Err(error));
+                        }
+                    }
                 }
                 StateProj::Readying => {
                     let service = this.service.as_mut().expect("service present until called");
@@ -538,6 +648,7 @@ mod tests {
     use crate::policy::test_support::{
         quantile, request, request_with_id, CapacityApp, CountingService, Manual, Reply,
     };
+    use std::sync::Mutex;
     use tower::ServiceExt;
 
     const RETRY_AFTER: Duration = Duration::from_secs(7);
@@ -547,20 +658,45 @@ mod tests {
         IntGauge::new("spillway_concurrency_limit", "limit").unwrap()
     }
 
+    fn settings(limit: LimitSettings, queue: u32, queue_timeout: Duration) -> ConcurrencySettings {
+        let mut s = crate::config::defaults::policy().concurrency;
+        s.limit = limit;
+        s.queue = queue;
+        s.queue_timeout = queue_timeout;
+        s
+    }
+
+    /// A limiter whose requests all have one class (a route without a priority header).
     fn state(limit: LimitSettings, queue: u32, queue_timeout: Duration) -> Arc<LimiterState> {
-        let settings = ConcurrencySettings {
-            limit,
-            queue,
-            queue_timeout,
-        };
-        Arc::new(LimiterState::new(&settings, RETRY_AFTER, gauge()))
+        Arc::new(LimiterState::new(
+            &settings(limit, queue, queue_timeout),
+            false,
+            RETRY_AFTER,
+            gauge(),
+        ))
+    }
+
+    /// A limiter admitting by class, with the default shares (sheddable 0.5, normal 0.9).
+    fn classed(settings: ConcurrencySettings) -> Arc<LimiterState> {
+        Arc::new(LimiterState::new(&settings, true, RETRY_AFTER, gauge()))
+    }
+
+    /// A GET of class `priority` carrying `x-id: id`.
+    fn request_as(priority: Priority, id: usize) -> Request<String> {
+        let mut req = request_with_id(id);
+        req.extensions_mut().insert(priority);
+        req
     }
 
     fn shed(reason: ShedReason) -> ProxyError {
+        shed_as(reason, Priority::Normal)
+    }
+
+    fn shed_as(reason: ShedReason, priority: Priority) -> ProxyError {
         ProxyError::Shed {
             reason,
             retry_after: RETRY_AFTER,
-            priority: Priority::Normal,
+            priority,
         }
     }
 
@@ -715,6 +851,264 @@ mod tests {
         }
         assert_eq!(limiter.in_flight(), 0);
         assert_eq!(inner.calls(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_class_is_admitted_up_to_its_share_of_the_limit() {
+        use Priority::*;
+        let inner = CountingService::new(Reply::hang());
+        let limiter = classed(settings(LimitSettings::Fixed(10), 0, MS));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut calls = Vec::new();
+        // Sends one request of class `p`; `None` while it is in flight, else its refusal.
+        let mut send = |p: Priority| {
+            let mut call = Manual::new(svc.clone().oneshot(request_as(p, calls.len())));
+            let refused = call.poll_once().map(|r| r.unwrap_err());
+            calls.push(call);
+            refused
+        };
+        // Sheddable up to 0.5 × 10 = 5 in flight.
+        for _ in 0..5 {
+            assert_eq!(send(Sheddable), None);
+        }
+        assert_eq!(
+            send(Sheddable),
+            Some(shed_as(ShedReason::ConcurrencyLimit, Sheddable))
+        );
+        // Normal up to 0.9 × 10 = 9.
+        for _ in 0..4 {
+            assert_eq!(send(Normal), None);
+        }
+        assert_eq!(
+            send(Normal),
+            Some(shed_as(ShedReason::ConcurrencyLimit, Normal))
+        );
+        assert_eq!(send(Sheddable).map(|_| ()), Some(()));
+        // Critical up to the whole limit.
+        assert_eq!(send(Critical), None);
+        assert_eq!(
+            send(Critical),
+            Some(shed_as(ShedReason::ConcurrencyLimit, Critical))
+        );
+        assert_eq!((limiter.in_flight(), inner.calls()), (10, 10));
+        drop(calls);
+        assert_eq!(limiter.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shares_round_up_to_whole_requests_and_leave_at_least_one() {
+        let limiter = classed(settings(LimitSettings::Fixed(3), 0, MS));
+        let shared = limiter.lock();
+        // 0.5 × 3 = 1.5: in flight 0 and 1 are below it.
+        assert_eq!(shared.cap(limiter.share(Priority::Sheddable)), 2);
+        // 0.9 × 3 = 2.7.
+        assert_eq!(shared.cap(limiter.share(Priority::Normal)), 3);
+        drop(shared);
+        let limiter = classed(settings(LimitSettings::Fixed(1), 0, MS));
+        assert_eq!(limiter.lock().cap(limiter.share(Priority::Sheddable)), 1);
+        let limiter = classed(settings(LimitSettings::Fixed(10), 0, MS));
+        // 0.9 × 10 is 9 exactly, not 9.000…01 rounded up to 10.
+        assert_eq!(limiter.lock().cap(limiter.share(Priority::Normal)), 9);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_priority_header_every_class_may_fill_the_limit() {
+        let inner = CountingService::new(Reply::hang());
+        let limiter = state(LimitSettings::Fixed(4), 0, MS);
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut calls: Vec<_> = (0..5)
+            .map(|i| Manual::new(svc.clone().oneshot(request_as(Priority::Sheddable, i))))
+            .collect();
+        for call in calls.iter_mut().take(4) {
+            assert!(call.poll_once().is_none());
+        }
+        // Refused at the limit itself, and counted as the route's class.
+        assert_eq!(
+            calls[4].poll_once().unwrap().unwrap_err(),
+            shed_as(ShedReason::ConcurrencyLimit, Priority::Sheddable)
+        );
+        assert_eq!(inner.calls(), 4);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_queue_serves_higher_classes_first() {
+        use Priority::*;
+        let inner = CountingService::new(Reply::ok_after(10 * MS));
+        let limiter = classed(settings(LimitSettings::Fixed(1), 4, Duration::from_secs(1)));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let classes = [Normal, Sheddable, Normal, Critical, Sheddable];
+        let mut calls: Vec<_> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Manual::new(svc.clone().oneshot(request_as(*p, i))))
+            .collect();
+        for call in &mut calls {
+            assert!(call.poll_once().is_none());
+        }
+        assert_eq!(limiter.queued(), 4);
+        let mut done = Vec::new();
+        for _ in 0..5 {
+            tokio::time::advance(10 * MS).await;
+            let mut progress = true;
+            while progress {
+                progress = false;
+                for (i, call) in calls.iter_mut().enumerate() {
+                    if !done.contains(&i) && call.poll_once().is_some() {
+                        done.push(i);
+                        progress = true;
+                    }
+                }
+            }
+        }
+        // Critical, then normal, then sheddable; first come first served within a class.
+        assert_eq!(inner.seen_ids(), ["0", "3", "2", "1", "4"]);
+        assert_eq!((limiter.in_flight(), limiter.queued()), (0, 0));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_queue_pushes_out_a_lower_class_never_a_higher_one() {
+        use Priority::*;
+        let inner = CountingService::new(Reply::hang());
+        let limiter = classed(settings(LimitSettings::Fixed(1), 2, Duration::from_secs(1)));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let classes = [
+            Normal, Sheddable, Sheddable, Critical, Sheddable, Normal, Normal,
+        ];
+        let mut calls: Vec<_> = classes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Manual::new(svc.clone().oneshot(request_as(*p, i))))
+            .collect();
+        let limit_reached = |p| Some(shed_as(ShedReason::ConcurrencyLimit, p));
+        let mut poll = |i: usize| calls[i].poll_once().map(|r| r.unwrap_err());
+        assert_eq!(poll(0), None, "in flight");
+        assert_eq!(
+            (poll(1), poll(2)),
+            (None, None),
+            "queued: the queue is full"
+        );
+        // A critical request takes the place of the newest sheddable one.
+        assert_eq!(poll(3), None);
+        assert_eq!(poll(2), limit_reached(Sheddable));
+        // A sheddable one finds nothing below it.
+        assert_eq!(poll(4), limit_reached(Sheddable));
+        // A normal one pushes out the last sheddable one, then finds nothing below it.
+        assert_eq!(poll(5), None);
+        assert_eq!(poll(1), limit_reached(Sheddable));
+        assert_eq!(poll(6), limit_reached(Normal));
+        assert_eq!((limiter.in_flight(), limiter.queued()), (1, 2));
+        drop(calls);
+        assert_eq!((limiter.in_flight(), limiter.queued()), (0, 0));
+        assert_eq!(inner.seen_ids(), ["0"]);
+    }
+
+    /// How one request of [`drive_classes`] ended.
+    #[derive(Debug, Clone, Copy)]
+    struct Ended {
+        class: Priority,
+        took: Duration,
+        refused: Option<ShedReason>,
+    }
+
+    /// Open-loop load: at each millisecond `ms` (from 0 to `duration`), `arrivals(ms)[i]`
+    /// requests of class `Priority::ALL[i]`. Returns every request's outcome, once all ended.
+    async fn drive_classes<S>(
+        svc: S,
+        duration: Duration,
+        arrivals: impl Fn(u64) -> [usize; 3],
+    ) -> Vec<Ended>
+    where
+        S: Service<Request<String>, Response = Response<String>, Error = ProxyError>
+            + Clone
+            + Send
+            + 'static,
+        S::Future: Send,
+    {
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        for ms in 0..duration.as_millis() as u64 {
+            for (class, n) in Priority::ALL.into_iter().zip(arrivals(ms)) {
+                for _ in 0..n {
+                    let (svc, outcomes) = (svc.clone(), outcomes.clone());
+                    tokio::spawn(async move {
+                        let sent = Instant::now();
+                        let refused = match svc.oneshot(request_as(class, 0)).await {
+                            Ok(_) => None,
+                            Err(ProxyError::Shed { reason, .. }) => Some(reason),
+                            Err(e) => panic!("{e:?}"),
+                        };
+                        outcomes.lock().unwrap().push(Ended {
+                            class,
+                            took: sent.elapsed(),
+                            refused,
+                        });
+                    });
+                }
+            }
+            tokio::time::sleep(MS).await;
+        }
+        // Let the last ones end: bounded by the queue timeout and the app's latency.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let out = outcomes.lock().unwrap().clone();
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_overload_critical_requests_keep_their_latency_and_sheddable_ones_are_shed() {
+        // 32 workers × 20 ms (1600/s), adaptive limit, no queue. Offered: 1000/s critical and
+        // 4000/s sheddable, over three times the capacity.
+        let app = CapacityApp::new(32, 20 * MS);
+        let limiter = classed(settings(
+            LimitSettings::Adaptive { min: 1, max: 500 },
+            0,
+            MS,
+        ));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        drive_classes(svc.clone(), Duration::from_secs(3), |_| [1, 0, 0]).await;
+        let secs = 20;
+        let run = drive_classes(svc.clone(), Duration::from_secs(secs), |_| [1, 0, 4]).await;
+        let of = |class| run.iter().filter(move |o| o.class == class);
+        let critical_ok: Vec<Duration> = of(Priority::Critical)
+            .filter(|o| o.refused.is_none())
+            .map(|o| o.took)
+            .collect();
+        let critical = of(Priority::Critical).count();
+        let sheddable_ok = of(Priority::Sheddable)
+            .filter(|o| o.refused.is_none())
+            .count();
+        assert!(
+            critical_ok.len() as f64 >= 0.99 * critical as f64,
+            "critical answered {} of {critical}",
+            critical_ok.len()
+        );
+        let p99 = quantile(&mut critical_ok.clone(), 0.99);
+        assert!(p99 <= 25 * MS, "critical p99 {p99:?} above 1.25 × 20 ms");
+        let goodput = (critical_ok.len() + sheddable_ok) as f64 / secs as f64;
+        assert!(goodput >= 0.97 * 1600.0, "goodput {goodput}/s");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_adaptive_limit_grows_for_sheddable_traffic_to_fill_the_upstream() {
+        // Only sheddable requests, which may fill half the limit: the limit grows to about
+        // twice the capacity so that they, alone, keep every worker busy.
+        let app = CapacityApp::new(32, 20 * MS);
+        let limiter = classed(settings(
+            LimitSettings::Adaptive { min: 1, max: 500 },
+            0,
+            MS,
+        ));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(app.clone());
+        drive_classes(svc.clone(), Duration::from_secs(5), |_| [0, 0, 2]).await;
+        app.take_latencies();
+        let secs = 20;
+        let run = drive_classes(svc.clone(), Duration::from_secs(secs), |_| [0, 0, 2]).await;
+        let answered = run.iter().filter(|o| o.refused.is_none()).count();
+        assert!(
+            answered as f64 >= 0.95 * 1600.0 * secs as f64,
+            "answered {answered}"
+        );
+        let p99 = quantile(&mut app.take_latencies(), 0.99);
+        assert!(p99 <= 40 * MS, "p99 {p99:?}");
+        assert!((60..=90).contains(&limiter.limit()), "{}", limiter.limit());
     }
 
     /// What [`drive`] saw.

@@ -42,15 +42,19 @@ impl PolicyState {
         previous: Option<&PolicyState>,
     ) -> Self {
         let p = &route.policy;
+        // Only a route that reads a priority header sees requests of different classes.
+        let by_class = p.priority_header.is_some();
         let limiter = previous
             .filter(|old| {
                 old.settings.concurrency == p.concurrency
                     && old.settings.retry_after == p.retry_after
+                    && old.settings.priority_header.is_some() == by_class
             })
             .map(|old| old.limiter.clone())
             .unwrap_or_else(|| {
                 Arc::new(LimiterState::new(
                     &p.concurrency,
+                    by_class,
                     p.retry_after,
                     metrics.concurrency_limit.clone(),
                 ))

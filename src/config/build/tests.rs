@@ -28,7 +28,7 @@ routes:
     match: { path_prefix: /checkout, host: shop.example.com, methods: [GET, POST] }
     upstream: app
     timeout: 2s
-    concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms }
+    concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms, shares: { sheddable: 0.4, normal: 0.8 } }
     circuit_breaker: { enabled: true, window: 10s, min_requests: 20, failure_ratio: 0.5, open_for: 10s, half_open_requests: 3, failure_codes: [502, 503, 504] }
     maintenance: { enabled: false, retry_after: 10m }
     retries: { attempts: 2, backoff: 25ms, budget: 0.2, min_per_second: 2.5 }
@@ -117,6 +117,10 @@ fn example_config_gives_exact_settings() {
                         limit: LimitSettings::Adaptive { min: 4, max: 256 },
                         queue: 64,
                         queue_timeout: ms(100),
+                        shares: Shares {
+                            sheddable: 0.4,
+                            normal: 0.8,
+                        },
                     },
                     circuit_breaker: BreakerSettings {
                         enabled: true,
@@ -156,6 +160,10 @@ fn example_config_gives_exact_settings() {
                         limit: LimitSettings::Fixed(1000),
                         queue: 0,
                         queue_timeout: ms(100),
+                        shares: Shares {
+                            sheddable: 0.5,
+                            normal: 0.9,
+                        },
                     },
                     circuit_breaker: BreakerSettings {
                         enabled: false,
@@ -486,7 +494,7 @@ listeners: [{ address: 127.0.0.1:0 }]
 defaults:
   timeout: 10s
   retry_after: 7s
-  concurrency: { max: 50, queue: 10, queue_timeout: 1s }
+  concurrency: { max: 50, queue: 10, queue_timeout: 1s, shares: { sheddable: 0.3 } }
   circuit_breaker: { enabled: true, window: 30s, failure_codes: [503] }
   retries: { attempts: 1, budget: 0.1, min_per_second: 0 }
   priority: sheddable
@@ -495,7 +503,7 @@ upstreams: { app: { endpoints: [\"app:3000\"] } }
 routes:
   - name: a
     upstream: app
-    concurrency: { queue: 5 }
+    concurrency: { queue: 5, shares: { normal: 0.7 } }
     circuit_breaker: { min_requests: 5 }
     retries: { backoff: 50ms }
     maintenance: { enabled: true }
@@ -516,7 +524,11 @@ routes:
         ConcurrencySettings {
             limit: LimitSettings::Fixed(50),
             queue: 5,
-            queue_timeout: secs(1)
+            queue_timeout: secs(1),
+            shares: Shares {
+                sheddable: 0.3,
+                normal: 0.7
+            },
         }
     );
     assert_eq!(
@@ -559,7 +571,11 @@ routes:
         ConcurrencySettings {
             limit: LimitSettings::Adaptive { min: 1, max: 20 },
             queue: 10,
-            queue_timeout: secs(1)
+            queue_timeout: secs(1),
+            shares: Shares {
+                sheddable: 0.3,
+                normal: 0.9
+            },
         }
     );
     assert_eq!(
@@ -652,7 +668,7 @@ fn the_retry_floor_is_zero_or_more() {
 }
 
 #[test]
-fn priorities_and_priority_headers_are_checked() {
+fn priorities_priority_headers_and_shares_are_checked() {
     let text = MINIMAL.to_owned()
         + "  - name: s
     match: { path_prefix: /s }
@@ -663,6 +679,11 @@ fn priorities_and_priority_headers_are_checked() {
     match: { path_prefix: /t }
     upstream: app
     priority_header: Connection
+    concurrency: { shares: { sheddable: 0.8, normal: 0.6 } }
+  - name: u
+    match: { path_prefix: /u }
+    upstream: app
+    concurrency: { shares: { sheddable: 0, normal: 1.5 } }
 ";
     let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.3)).collect();
     let want = [
@@ -677,6 +698,18 @@ fn priorities_and_priority_headers_are_checked() {
         (
             "routes[2].priority_header",
             "`Connection` is a hop-by-hop header, removed before forwarding: name another",
+        ),
+        (
+            "routes[2].concurrency.shares",
+            "shares.sheddable (0.8) must not exceed shares.normal (0.6): a sheddable request would get in where a normal one does not",
+        ),
+        (
+            "routes[3].concurrency.shares.sheddable",
+            "share 0 must be greater than 0 and at most 1",
+        ),
+        (
+            "routes[3].concurrency.shares.normal",
+            "share 1.5 must be greater than 0 and at most 1",
         ),
     ];
     let want: Vec<_> = want
