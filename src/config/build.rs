@@ -707,6 +707,16 @@ impl Cx<'_> {
             c.queue_timeout.as_ref(),
             true,
         );
+        part.queue_target = self.duration(
+            &format!("{base}.queue_target"),
+            c.queue_target.as_ref(),
+            true,
+        );
+        part.queue_interval = self.duration(
+            &format!("{base}.queue_interval"),
+            c.queue_interval.as_ref(),
+            true,
+        );
         if let Some(shares) = &c.shares {
             part.share_sheddable =
                 self.share(&format!("{base}.shares.sheddable"), shares.sheddable);
@@ -771,6 +781,8 @@ impl Cx<'_> {
                 limit,
                 queue: p.queue.unwrap_or(defaults::QUEUE),
                 queue_timeout: p.queue_timeout.unwrap_or(defaults::QUEUE_TIMEOUT),
+                queue_target: p.queue_target.unwrap_or(defaults::QUEUE_TARGET),
+                queue_interval: p.queue_interval.unwrap_or(defaults::QUEUE_INTERVAL),
                 shares,
             },
             circuit_breaker: BreakerSettings {
@@ -813,6 +825,8 @@ struct PolicyPart {
     limit: Option<LimitPart>,
     queue: Option<u32>,
     queue_timeout: Option<Duration>,
+    queue_target: Option<Duration>,
+    queue_interval: Option<Duration>,
     share_sheddable: Option<f64>,
     share_normal: Option<f64>,
     breaker_enabled: Option<bool>,
@@ -861,6 +875,8 @@ impl PolicyPart {
             limit,
             queue: self.queue.or(base.queue),
             queue_timeout: self.queue_timeout.or(base.queue_timeout),
+            queue_target: self.queue_target.or(base.queue_target),
+            queue_interval: self.queue_interval.or(base.queue_interval),
             share_sheddable: self.share_sheddable.or(base.share_sheddable),
             share_normal: self.share_normal.or(base.share_normal),
             breaker_enabled: self.breaker_enabled.or(base.breaker_enabled),

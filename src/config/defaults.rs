@@ -66,6 +66,16 @@ pub(crate) const QUEUE: u32 = 0;
 /// takes, not until its client has given up.
 pub(crate) const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Queue delay target: CoDel's recommended 5 ms. A queue whose shortest wait stays above it
+/// for a whole interval is not absorbing a burst but standing, and waiting in it only adds
+/// latency; a few milliseconds is well under the latency of a typical request, so a queue
+/// that merely smooths arrivals never reaches it.
+pub(crate) const QUEUE_TARGET: Duration = Duration::from_millis(5);
+
+/// Interval over which the shortest queue wait is taken: CoDel's 100 ms, a few round trips of
+/// a typical request. A queue that drains within about an interval is never taken for standing.
+pub(crate) const QUEUE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Share of the limit `sheddable` requests may fill: half, so that under overload the other
 /// half is kept for the requests that matter, while a quiet upstream still serves sheddable
 /// work at full speed.
@@ -145,6 +155,8 @@ pub(crate) fn policy() -> PolicySettings {
             limit: LimitSettings::Fixed(CONCURRENCY_MAX),
             queue: QUEUE,
             queue_timeout: QUEUE_TIMEOUT,
+            queue_target: QUEUE_TARGET,
+            queue_interval: QUEUE_INTERVAL,
             shares: Shares {
                 sheddable: SHARE_SHEDDABLE,
                 normal: SHARE_NORMAL,

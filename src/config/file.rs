@@ -201,6 +201,10 @@ pub struct ConcurrencyFile {
     pub queue: Option<u32>,
     /// Longest wait in the queue.
     pub queue_timeout: Option<String>,
+    /// Queue delay above which a queue whose waits stay there counts as standing.
+    pub queue_target: Option<String>,
+    /// Interval over which the shortest queue wait is taken.
+    pub queue_interval: Option<String>,
     /// Share of the limit each class below `critical` may fill.
     pub shares: Option<SharesFile>,
 }

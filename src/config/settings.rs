@@ -229,6 +229,13 @@ pub struct ConcurrencySettings {
     /// Longest wait in the queue.
     #[serde(with = "humantime_serde_compat")]
     pub queue_timeout: Duration,
+    /// Queue delay that counts as standing when even the shortest wait of an interval stays
+    /// above it.
+    #[serde(with = "humantime_serde_compat")]
+    pub queue_target: Duration,
+    /// The interval over which the shortest wait is taken.
+    #[serde(with = "humantime_serde_compat")]
+    pub queue_interval: Duration,
     /// Share of the limit each lower class may fill.
     pub shares: Shares,
 }

@@ -139,10 +139,19 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
             LimitSettings::Adaptive { min, max } => format!("adaptive {min}..{max}"),
         };
         let mut line = format!(
-            "concurrency {limit}, queue {} (wait up to {})",
+            "concurrency {limit}, queue {} (wait up to {}",
             c.queue,
             dur(c.queue_timeout)
         );
+        if c.queue > 0 {
+            let _ = write!(
+                line,
+                "; standing above {} over {}",
+                dur(c.queue_target),
+                dur(c.queue_interval)
+            );
+        }
+        line.push(')');
         if c.shares != d.concurrency.shares {
             let _ = write!(
                 line,
@@ -251,7 +260,7 @@ listeners
 
 routes (first match wins)
   [0] api  *.example.com /api GET  -> app  timeout 2s
-      concurrency adaptive 4..256, queue 64 (wait up to 100ms)
+      concurrency adaptive 4..256, queue 64 (wait up to 100ms; standing above 5ms over 100ms)
       retries 2 (backoff 25ms, budget 20% + 1/s)
   [1] all  * / *                   -> app  timeout 30s
       maintenance ON: every request gets 503 (retry_after 5s)

@@ -1,6 +1,6 @@
 //! The concurrency limit: at most `limit` requests in flight to the upstream, each class of
-//! request up to its share of the limit, a bounded queue in front, and immediate refusal beyond
-//! that.
+//! request up to its share of the limit, a bounded queue in front that absorbs bursts but never
+//! stands, and immediate refusal beyond that.
 //!
 //! Admission by class ([`Priority`]), against the current limit `L`: a `sheddable` request gets
 //! in while fewer than `shares.sheddable × L` are in flight, a `normal` one while fewer than
@@ -10,9 +10,11 @@
 //! other, every request has the route's class, there is nobody to keep room for, and the whole
 //! limit is theirs.
 //!
-//! The queue serves higher classes first, first in first out within a class. A request
-//! arriving at a full queue pushes out a waiter of a lower class, if there is one, rather than
-//! being refused itself.
+//! The queue serves higher classes first. Within a class it is first in first out while it
+//! absorbs a burst; when it stands ([`Codel`]: even the shortest wait of an interval above
+//! `queue_target`) it serves the newest first and refuses every request that waited longer
+//! than the target. A request arriving at a full queue pushes out a waiter of a lower class,
+//! if there is one, rather than being refused itself.
 //!
 //! The waiting is done by a small hand-written queue rather than a semaphore because the limit
 //! can move (adaptive limit), the queue length is bounded, and a refusal must not allocate or
@@ -32,6 +34,7 @@ use tokio::time::{Instant, Sleep};
 use tower::{Layer, Service};
 
 use super::adaptive::{GradientLimit, Outcome};
+use super::codel::Codel;
 use crate::config::settings::{ConcurrencySettings, LimitSettings, Priority, Shares};
 use crate::error::{ProxyError, ShedReason, UpstreamError};
 
@@ -60,11 +63,14 @@ struct Shared {
     verdicts: Vec<(u64, Verdict)>,
     next_id: u64,
     adaptive: Option<GradientLimit>,
+    codel: Codel,
 }
 
 #[derive(Debug)]
 struct Waiter {
     id: u64,
+    /// When it joined the queue.
+    since: Instant,
     waker: Option<Waker>,
 }
 
@@ -114,6 +120,11 @@ impl LimiterState {
                 verdicts: Vec::new(),
                 next_id: 0,
                 adaptive,
+                codel: Codel::new(
+                    settings.queue_target,
+                    settings.queue_interval,
+                    Instant::now(),
+                ),
             }),
             queue_capacity: settings.queue as usize,
             queue_timeout: settings.queue_timeout,
@@ -142,6 +153,12 @@ impl LimiterState {
     /// Requests waiting in the queue.
     pub fn queued(&self) -> u32 {
         self.lock().queued() as u32
+    }
+
+    /// Whether the queue stands: it then serves the newest waiter first and refuses those that
+    /// waited longer than `queue_target`.
+    pub fn queue_standing(&self) -> bool {
+        self.lock().codel.standing()
     }
 
     /// The no-load latency the adaptive limit currently assumes (`None` for a fixed limit or
@@ -174,9 +191,14 @@ impl LimiterState {
         let now = Instant::now();
         let mut wake = WakeList::default();
         let mut shared = self.lock();
+        shared.tick(now, &mut wake);
         let cap = shared.cap(self.share(priority));
         let ahead = shared.queued_from(priority);
         if shared.in_flight < cap && ahead == 0 {
+            if shared.queued() == 0 {
+                // Passed without waiting: the queue is not standing.
+                shared.codel.observe(Duration::ZERO);
+            }
             shared.in_flight += 1;
             let permit = self.permit(&mut shared, now, &mut wake);
             drop(shared);
@@ -197,8 +219,16 @@ impl LimiterState {
         }
         let id = shared.next_id;
         shared.next_id += 1;
-        shared.waiters[priority.index()].push_back(Waiter { id, waker: None });
-        let patience = self.queue_timeout;
+        shared.waiters[priority.index()].push_back(Waiter {
+            id,
+            since: now,
+            waker: None,
+        });
+        let patience = if shared.codel.standing() {
+            self.queue_timeout.min(shared.codel.target())
+        } else {
+            self.queue_timeout
+        };
         drop(shared);
         wake.wake_all();
         Admission::Wait(
@@ -206,6 +236,7 @@ impl LimiterState {
                 state: self.clone(),
                 id,
                 priority,
+                since: now,
                 active: true,
             },
             patience,
@@ -219,7 +250,7 @@ impl LimiterState {
             .adaptive
             .as_mut()
             .and_then(|g| g.on_admit(now, in_flight));
-        self.sync_limit(shared, wake);
+        self.sync_limit(shared, now, wake);
         Permit {
             state: self.clone(),
             started: now,
@@ -230,12 +261,12 @@ impl LimiterState {
 
     /// Copies the adaptive limit into `shared.limit` and the gauge; a higher limit lets waiters
     /// in.
-    fn sync_limit(&self, shared: &mut Shared, wake: &mut WakeList) {
+    fn sync_limit(&self, shared: &mut Shared, now: Instant, wake: &mut WakeList) {
         if let Some(limit) = shared.adaptive.as_ref().map(GradientLimit::current) {
             if limit != shared.limit {
                 shared.limit = limit;
                 self.limit_gauge.set(limit as i64);
-                shared.grant_waiters(self, wake);
+                shared.grant_waiters(self, now, wake);
             }
         }
     }
@@ -245,13 +276,14 @@ impl LimiterState {
         let now = Instant::now();
         let mut wake = WakeList::default();
         let mut shared = self.lock();
+        shared.tick(now, &mut wake);
         shared.in_flight -= 1;
         let in_flight = shared.in_flight;
         if let Some(g) = shared.adaptive.as_mut() {
             g.on_complete(permit.tag, permit.started, permit.outcome, now, in_flight);
         }
-        self.sync_limit(&mut shared, &mut wake);
-        shared.grant_waiters(self, &mut wake);
+        self.sync_limit(&mut shared, now, &mut wake);
+        shared.grant_waiters(self, now, &mut wake);
         drop(shared);
         wake.wake_all();
     }
@@ -282,11 +314,45 @@ impl Shared {
         ((share - SHARE_EPSILON).ceil().max(1.0) as usize).min(self.limit)
     }
 
+    /// Starts a new interval of the queue-delay rule if one ended, and refuses the waiters a
+    /// standing queue holds too long. Call first at every event.
+    fn tick(&mut self, now: Instant, wake: &mut WakeList) {
+        let empty = self.queued() == 0;
+        self.codel.tick(now, empty);
+        if !self.codel.standing() || empty {
+            return;
+        }
+        let target = self.codel.target();
+        for queue in &mut self.waiters {
+            // Oldest first: stop at the first one young enough.
+            while let Some(w) = queue.front() {
+                let waited = now.saturating_duration_since(w.since);
+                if waited <= target {
+                    break;
+                }
+                let w = queue.pop_front().expect("front exists");
+                self.codel.observe_refused(waited);
+                self.verdicts
+                    .push((w.id, Verdict::Refused(ShedReason::QueueTimeout)));
+                if let Some(waker) = w.waker {
+                    wake.push(waker);
+                }
+            }
+        }
+    }
+
     /// Makes room in a full queue for a request of class `priority` by refusing a waiter of the
     /// lowest class below it (the one it would serve last); false when there is none.
     fn evict_below(&mut self, priority: Priority, wake: &mut WakeList) -> bool {
+        let standing = self.codel.standing();
         for p in Priority::ALL.iter().rev().filter(|p| **p < priority) {
-            if let Some(w) = self.waiters[p.index()].pop_back() {
+            let queue = &mut self.waiters[p.index()];
+            let last_served = if standing {
+                queue.pop_front()
+            } else {
+                queue.pop_back()
+            };
+            if let Some(w) = last_served {
                 self.verdicts
                     .push((w.id, Verdict::Refused(ShedReason::ConcurrencyLimit)));
                 if let Some(waker) = w.waker {
@@ -299,14 +365,26 @@ impl Shared {
     }
 
     /// Hands free permits to waiters, higher classes first, each class up to its share of the
-    /// limit, the oldest first. Their wakers go to `wake`.
-    fn grant_waiters(&mut self, limiter: &LimiterState, wake: &mut WakeList) {
+    /// limit: the oldest first, or the newest while the queue stands. Their wakers go to `wake`.
+    fn grant_waiters(&mut self, limiter: &LimiterState, now: Instant, wake: &mut WakeList) {
+        let standing = self.codel.standing();
         for p in Priority::ALL {
             let cap = self.cap(limiter.share(p));
             while self.in_flight < cap {
-                let Some(waiter) = self.waiters[p.index()].pop_front() else {
+                let queue = &mut self.waiters[p.index()];
+                let next = if standing {
+                    queue.pop_back()
+                } else {
+                    queue.pop_front()
+                };
+                let Some(waiter) = next else {
                     break;
                 };
+                if !standing {
+                    // Served in arrival order: this is how long the queue holds requests.
+                    self.codel
+                        .observe(now.saturating_duration_since(waiter.since));
+                }
                 self.in_flight += 1;
                 self.verdicts.push((waiter.id, Verdict::Granted));
                 if let Some(waker) = waiter.waker {
@@ -341,7 +419,7 @@ impl Shared {
 struct WakeList {
     /// Almost always the only one: a release frees one permit.
     first: Option<Waker>,
-    /// More when the adaptive limit rises; allocates only then.
+    /// More when the adaptive limit rises or a standing queue refuses; allocates only then.
     rest: Vec<Waker>,
 }
 
@@ -384,6 +462,7 @@ struct Ticket {
     state: Arc<LimiterState>,
     id: u64,
     priority: Priority,
+    since: Instant,
     /// Still in the queue or holding a verdict not picked up.
     active: bool,
 }
@@ -394,6 +473,7 @@ impl Ticket {
         let now = Instant::now();
         let mut wake = WakeList::default();
         let mut shared = self.state.lock();
+        shared.tick(now, &mut wake);
         let result = match shared.take_verdict(self.id) {
             Some(Verdict::Granted) => {
                 Poll::Ready(Ok(self.state.permit(&mut shared, now, &mut wake)))
@@ -430,7 +510,12 @@ impl Ticket {
             Some(Verdict::Granted) => Ok(self.state.permit(&mut shared, now, &mut wake)),
             Some(Verdict::Refused(reason)) => Err(reason),
             None => {
-                shared.remove(self.priority, self.id);
+                shared.tick(now, &mut wake);
+                if shared.remove(self.priority, self.id) {
+                    shared
+                        .codel
+                        .observe_refused(now.saturating_duration_since(self.since));
+                }
                 Err(ShedReason::QueueTimeout)
             }
         };
@@ -451,7 +536,7 @@ impl Drop for Ticket {
             Some(Verdict::Granted) => {
                 // Handed a permit it will never use: pass it on.
                 shared.in_flight -= 1;
-                shared.grant_waiters(&self.state, &mut wake);
+                shared.grant_waiters(&self.state, Instant::now(), &mut wake);
             }
             Some(Verdict::Refused(_)) => {}
             None => {
@@ -488,7 +573,7 @@ impl<S> Layer<S> for ConcurrencyLimitLayer {
 }
 
 /// Admits a request when fewer than its class's share of the limit are in flight, queues it
-/// (bounded, up to `queue_timeout`) otherwise, and refuses it with
+/// (bounded, up to `queue_timeout`, less while the queue stands) otherwise, and refuses it with
 /// `Shed { ConcurrencyLimit }` when the queue is full (or zero-length) or it is pushed out by a
 /// more important request, or `Shed { QueueTimeout }` when it waited too long. The permit is
 /// held until the inner future resolves (response head or error) or is dropped.
@@ -663,6 +748,8 @@ mod tests {
         s.limit = limit;
         s.queue = queue;
         s.queue_timeout = queue_timeout;
+        // The queue-delay rule has tests of its own; these would trip it by holding requests.
+        s.queue_target = Duration::from_secs(3600);
         s
     }
 
@@ -686,6 +773,14 @@ mod tests {
         let mut req = request_with_id(id);
         req.extensions_mut().insert(priority);
         req
+    }
+
+    /// The queue-delay rule's defaults (5 ms over 100 ms) on top of [`settings`].
+    fn with_codel(mut s: ConcurrencySettings) -> ConcurrencySettings {
+        let d = crate::config::defaults::policy().concurrency;
+        s.queue_target = d.queue_target;
+        s.queue_interval = d.queue_interval;
+        s
     }
 
     fn shed(reason: ShedReason) -> ProxyError {
@@ -1002,10 +1097,50 @@ mod tests {
         assert_eq!(inner.seen_ids(), ["0"]);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_drains_within_an_interval_is_absorbed_first_in_first_out() {
+        let inner = CountingService::new(Reply::ok_after(10 * MS));
+        let limiter = classed(with_codel(settings(
+            LimitSettings::Fixed(1),
+            10,
+            Duration::from_secs(1),
+        )));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        // Eight at once against one slot of 10 ms: the last waits 70 ms, far above the 5 ms
+        // target, but the queue drains within the 100 ms interval.
+        let mut calls: Vec<_> = (0..8)
+            .map(|i| Manual::new(svc.clone().oneshot(request_with_id(i))))
+            .collect();
+        for call in &mut calls {
+            assert!(call.poll_once().is_none());
+        }
+        let mut done = Vec::new();
+        for _ in 0..8 {
+            tokio::time::advance(10 * MS).await;
+            let mut progress = true;
+            while progress {
+                progress = false;
+                for (i, call) in calls.iter_mut().enumerate() {
+                    if !done.contains(&i) {
+                        if let Some(result) = call.poll_once() {
+                            assert_eq!(result.unwrap().status(), 200);
+                            done.push(i);
+                            progress = true;
+                        }
+                    }
+                }
+            }
+            assert!(!limiter.queue_standing());
+        }
+        assert_eq!(done.len(), 8);
+        assert_eq!(inner.seen_ids(), ["0", "1", "2", "3", "4", "5", "6", "7"]);
+    }
+
     /// How one request of [`drive_classes`] ended.
     #[derive(Debug, Clone, Copy)]
     struct Ended {
         class: Priority,
+        sent_at: Duration,
         took: Duration,
         refused: Option<ShedReason>,
     }
@@ -1025,6 +1160,7 @@ mod tests {
         S::Future: Send,
     {
         let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let start = Instant::now();
         for ms in 0..duration.as_millis() as u64 {
             for (class, n) in Priority::ALL.into_iter().zip(arrivals(ms)) {
                 for _ in 0..n {
@@ -1038,6 +1174,7 @@ mod tests {
                         };
                         outcomes.lock().unwrap().push(Ended {
                             class,
+                            sent_at: sent - start,
                             took: sent.elapsed(),
                             refused,
                         });
@@ -1050,6 +1187,53 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let out = outcomes.lock().unwrap().clone();
         out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_standing_queue_serves_the_newest_and_refuses_waits_above_the_target() {
+        let inner = CountingService::new(Reply::ok_after(10 * MS));
+        let limiter = classed(with_codel(settings(
+            LimitSettings::Fixed(1),
+            64,
+            Duration::from_secs(1),
+        )));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        // Twice the capacity (one every 5 ms against one slot of 10 ms) for a second.
+        let run = drive_classes(svc.clone(), Duration::from_secs(1), |ms| {
+            [0, usize::from(ms % 5 == 0), 0]
+        })
+        .await;
+        assert_eq!(run.len(), 200);
+        // The first interval absorbs; by the end of the second the queue is found standing.
+        let settled: Vec<_> = run
+            .iter()
+            .filter(|o| o.sent_at >= Duration::from_millis(300))
+            .collect();
+        let answered: Vec<_> = settled.iter().filter(|o| o.refused.is_none()).collect();
+        let refused: Vec<_> = settled.iter().filter(|o| o.refused.is_some()).collect();
+        // Every answered request waited at most the target (5 ms) on top of its 10 ms.
+        let slowest = answered.iter().map(|o| o.took).max().unwrap();
+        assert!(slowest <= 16 * MS, "slowest answer {slowest:?}");
+        // The slot stayed busy: one answer per 10 ms.
+        assert!(answered.len() >= 66, "answered {}", answered.len());
+        // The rest were refused for their wait, at about the target, never for a full queue.
+        assert!(refused
+            .iter()
+            .all(|o| o.refused == Some(ShedReason::QueueTimeout) && o.took <= 6 * MS));
+        assert_eq!(answered.len() + refused.len(), 140);
+
+        // Back under capacity (one every 20 ms): a request finds the queue empty, and after an
+        // interval the queue is first-in-first-out again with its full queue_timeout.
+        assert!(limiter.queue_standing());
+        let calm = drive_classes(svc.clone(), 300 * MS, |ms| {
+            [0, usize::from(ms % 20 == 0), 0]
+        })
+        .await;
+        assert!(calm.iter().all(|o| o.refused.is_none()));
+        assert!(!limiter.queue_standing());
+        let burst = drive_classes(svc.clone(), MS, |_| [0, 8, 0]).await;
+        assert!(burst.iter().all(|o| o.refused.is_none()), "{burst:?}");
+        assert_eq!(burst.iter().map(|o| o.took).max(), Some(80 * MS));
     }
 
     #[tokio::test(start_paused = true)]

@@ -12,6 +12,7 @@
 
 mod adaptive;
 mod breaker;
+mod codel;
 mod concurrency;
 mod maintenance;
 pub(crate) mod priority;

@@ -28,7 +28,7 @@ routes:
     match: { path_prefix: /checkout, host: shop.example.com, methods: [GET, POST] }
     upstream: app
     timeout: 2s
-    concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms, shares: { sheddable: 0.4, normal: 0.8 } }
+    concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms, queue_target: 10ms, queue_interval: 200ms, shares: { sheddable: 0.4, normal: 0.8 } }
     circuit_breaker: { enabled: true, window: 10s, min_requests: 20, failure_ratio: 0.5, open_for: 10s, half_open_requests: 3, failure_codes: [502, 503, 504] }
     maintenance: { enabled: false, retry_after: 10m }
     retries: { attempts: 2, backoff: 25ms, budget: 0.2, min_per_second: 2.5 }
@@ -117,6 +117,8 @@ fn example_config_gives_exact_settings() {
                         limit: LimitSettings::Adaptive { min: 4, max: 256 },
                         queue: 64,
                         queue_timeout: ms(100),
+                        queue_target: ms(10),
+                        queue_interval: ms(200),
                         shares: Shares {
                             sheddable: 0.4,
                             normal: 0.8,
@@ -160,6 +162,8 @@ fn example_config_gives_exact_settings() {
                         limit: LimitSettings::Fixed(1000),
                         queue: 0,
                         queue_timeout: ms(100),
+                        queue_target: ms(5),
+                        queue_interval: ms(100),
                         shares: Shares {
                             sheddable: 0.5,
                             normal: 0.9,
@@ -494,7 +498,7 @@ listeners: [{ address: 127.0.0.1:0 }]
 defaults:
   timeout: 10s
   retry_after: 7s
-  concurrency: { max: 50, queue: 10, queue_timeout: 1s, shares: { sheddable: 0.3 } }
+  concurrency: { max: 50, queue: 10, queue_timeout: 1s, queue_target: 20ms, shares: { sheddable: 0.3 } }
   circuit_breaker: { enabled: true, window: 30s, failure_codes: [503] }
   retries: { attempts: 1, budget: 0.1, min_per_second: 0 }
   priority: sheddable
@@ -512,7 +516,7 @@ routes:
     match: { path_prefix: /b }
     upstream: app
     retry_after: 1s
-    concurrency: { adaptive: { max: 20 } }
+    concurrency: { adaptive: { max: 20 }, queue_interval: 1s }
     priority_header: X-Other
 ";
     let s = ok(text).settings;
@@ -525,6 +529,8 @@ routes:
             limit: LimitSettings::Fixed(50),
             queue: 5,
             queue_timeout: secs(1),
+            queue_target: ms(20),
+            queue_interval: ms(100),
             shares: Shares {
                 sheddable: 0.3,
                 normal: 0.7
@@ -572,6 +578,8 @@ routes:
             limit: LimitSettings::Adaptive { min: 1, max: 20 },
             queue: 10,
             queue_timeout: secs(1),
+            queue_target: ms(20),
+            queue_interval: secs(1),
             shares: Shares {
                 sheddable: 0.3,
                 normal: 0.9
@@ -668,7 +676,7 @@ fn the_retry_floor_is_zero_or_more() {
 }
 
 #[test]
-fn priorities_priority_headers_and_shares_are_checked() {
+fn priorities_priority_headers_shares_and_queue_timing_are_checked() {
     let text = MINIMAL.to_owned()
         + "  - name: s
     match: { path_prefix: /s }
@@ -683,7 +691,7 @@ fn priorities_priority_headers_and_shares_are_checked() {
   - name: u
     match: { path_prefix: /u }
     upstream: app
-    concurrency: { shares: { sheddable: 0, normal: 1.5 } }
+    concurrency: { queue_target: 0s, queue_interval: soon, shares: { sheddable: 0, normal: 1.5 } }
 ";
     let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.3)).collect();
     let want = [
@@ -702,6 +710,14 @@ fn priorities_priority_headers_and_shares_are_checked() {
         (
             "routes[2].concurrency.shares",
             "shares.sheddable (0.8) must not exceed shares.normal (0.6): a sheddable request would get in where a normal one does not",
+        ),
+        (
+            "routes[3].concurrency.queue_target",
+            "must be greater than zero",
+        ),
+        (
+            "routes[3].concurrency.queue_interval",
+            "invalid duration `soon` (expected number at 0); write e.g. 250ms, 5s or 1m",
         ),
         (
             "routes[3].concurrency.shares.sheddable",
