@@ -36,7 +36,7 @@ use tower::{Layer, Service};
 use super::adaptive::{GradientLimit, Outcome};
 use super::codel::Codel;
 use crate::config::settings::{ConcurrencySettings, LimitSettings, Priority, Shares};
-use crate::error::{ProxyError, ShedReason, UpstreamError};
+use crate::error::{retry_after_secs, ProxyError, ShedReason, UpstreamError};
 
 /// The shared state of one route's concurrency limit: current limit, requests in flight, the
 /// queue. Create one per route and keep it across reloads while the settings stay equal.
@@ -178,11 +178,11 @@ impl LimiterState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The refusal a client of class `priority` gets.
+    /// The refusal a client of class `priority` gets, with a spread `Retry-After`.
     fn refusal(&self, reason: ShedReason, priority: Priority) -> ProxyError {
         ProxyError::Shed {
             reason,
-            retry_after: self.retry_after,
+            retry_after: spread_retry_after(self.retry_after),
             priority,
         }
     }
@@ -411,6 +411,15 @@ impl Shared {
             Err(_) => false,
         }
     }
+}
+
+/// `Retry-After` for a refusal by the limit or the queue: whole seconds drawn uniformly from
+/// `[⌈R/2⌉, R]`, `R` being the route's `retry_after` in whole seconds (rounded up, at least 1),
+/// so that clients refused together do not all come back together.
+fn spread_retry_after(retry_after: Duration) -> Duration {
+    let most = retry_after_secs(retry_after);
+    let least = most.div_ceil(2);
+    Duration::from_secs(rand::random_range(least..=most))
 }
 
 /// Wakers collected under the lock and woken after it is released: a waker may run arbitrary
@@ -736,7 +745,9 @@ mod tests {
     use std::sync::Mutex;
     use tower::ServiceExt;
 
-    const RETRY_AFTER: Duration = Duration::from_secs(7);
+    /// One second: spread over `[1, 1]`, so refusals compare equal (the spread has its own
+    /// test).
+    const RETRY_AFTER: Duration = Duration::from_secs(1);
     const MS: Duration = Duration::from_millis(1);
 
     fn gauge() -> IntGauge {
@@ -1095,6 +1106,48 @@ mod tests {
         drop(calls);
         assert_eq!((limiter.in_flight(), limiter.queued()), (0, 0));
         assert_eq!(inner.seen_ids(), ["0"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_is_spread_over_the_upper_half_of_retry_after() {
+        let inner = CountingService::new(Reply::hang());
+        let limiter = Arc::new(LimiterState::new(
+            &settings(LimitSettings::Fixed(1), 0, MS),
+            false,
+            Duration::from_secs(7),
+            gauge(),
+        ));
+        let svc = ConcurrencyLimitLayer::new(limiter.clone()).layer(inner.clone());
+        let mut held = Manual::new(svc.clone().oneshot(request("GET", "")));
+        assert!(held.poll_once().is_none());
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..100 {
+            let err = svc.clone().oneshot(request("GET", "")).await.unwrap_err();
+            let ProxyError::Shed {
+                reason: ShedReason::ConcurrencyLimit,
+                retry_after,
+                ..
+            } = err
+            else {
+                panic!("{err:?}");
+            };
+            assert_eq!(retry_after.subsec_nanos(), 0, "whole seconds");
+            assert!((4..=7).contains(&retry_after.as_secs()), "{retry_after:?}");
+            seen.insert(retry_after.as_secs());
+        }
+        assert!(seen.len() > 1, "all 100 the same: {seen:?}");
+        // The bounds: [⌈R/2⌉, R] of R in whole seconds, rounded up, at least 1.
+        for (retry_after, range) in [
+            (1000, 1..=1),
+            (100, 1..=1),
+            (1500, 1..=2),
+            (600_000, 300..=600),
+        ] {
+            for _ in 0..50 {
+                let s = spread_retry_after(Duration::from_millis(retry_after)).as_secs();
+                assert!(range.contains(&s), "{retry_after} ms: {s}");
+            }
+        }
     }
 
     #[tokio::test(start_paused = true)]

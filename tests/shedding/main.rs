@@ -6,7 +6,8 @@
 //! - [`concurrency`]: the concurrency limit, its queue, and the adaptive limit
 //! - [`breaker`]: the circuit breaker
 //! - [`maintenance`]: maintenance mode
-//! - [`priorities`]: classes of requests, the least important shed first
+//! - [`priorities`]: classes of requests, the least important shed first; the spread
+//!   `Retry-After`
 //! - [`retries`]: retries, their budget and its floor, and the route timeout over all attempts
 //! - [`reload`]: breaker and limiter state across reloads
 //!
@@ -77,8 +78,13 @@ async fn join(h: JoinHandle<Resp>) -> Resp {
 /// Every shed response: 503, the exact `Retry-After` and `Proxy-Status`, the generated body
 /// and stamps.
 fn assert_shed(r: &Resp, retry_after: &str, error_type: &str, body: &str) {
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
     assert_eq!(r.header("retry-after"), retry_after, "{r:?}");
+    assert_shed_spread(r, error_type, body);
+}
+
+/// [`assert_shed`] without the exact `Retry-After`.
+fn assert_shed_spread(r: &Resp, error_type: &str, body: &str) {
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
     assert_eq!(
         r.header("proxy-status"),
         format!("{SERVER_ID}; error={error_type}"),
@@ -94,12 +100,16 @@ fn assert_shed(r: &Resp, retry_after: &str, error_type: &str, body: &str) {
     assert_eq!(r.text(), body, "{r:?}");
 }
 
+/// A refusal by the concurrency limit or its queue, on a route whose `retry_after` is
+/// `retry_after` seconds: its `Retry-After` is spread over `[⌈retry_after/2⌉, retry_after]`.
 fn assert_overloaded(r: &Resp, retry_after: &str) {
-    assert_shed(
-        r,
-        retry_after,
-        "connection_limit_reached",
-        "overloaded, retry later\n",
+    assert_shed_spread(r, "connection_limit_reached", "overloaded, retry later\n");
+    let most: u64 = retry_after.parse().expect("whole seconds");
+    let got: u64 = r.header("retry-after").parse().expect("delay-seconds");
+    assert!(
+        (most.div_ceil(2)..=most).contains(&got),
+        "Retry-After {got} outside [{}, {most}]: {r:?}",
+        most.div_ceil(2)
     );
 }
 

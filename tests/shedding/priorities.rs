@@ -1,6 +1,7 @@
 //! Priorities: under overload the least important requests are shed first. A route's class is
 //! its `priority`; with a `priority_header`, a request's header names its own class. Refusals
-//! are counted by class.
+//! are counted by class, and the `Retry-After` of the limit's refusals is spread so that
+//! refused clients do not come back together.
 
 use super::*;
 
@@ -171,4 +172,29 @@ async fn refusals_are_counted_under_the_class_the_request_was_given() {
     let r = send(get_as(&p.url("/echo"), "Critical")).await;
     assert_eq!(r.status, StatusCode::OK, "{r:?}");
     assert_eq!(echo.seen()[0].header("x-priority"), "Critical");
+}
+
+#[tokio::test]
+async fn retry_after_of_the_limit_is_spread_over_the_upper_half_of_retry_after() {
+    let up = GatedUpstream::start().await;
+    let extra = format!("    concurrency: {{ max: 1, queue: 0 }}\n{RETRY_AFTER_YAML}");
+    let p = TestProxy::start(&TestProxy::simple_config(up.addr, &extra)).await;
+    let held = spawn_get(p.url("/hold"));
+    assert_eq!(up.wait_held(1).await, 1);
+    let mut seen = std::collections::BTreeMap::<u64, usize>::new();
+    for i in 0..100 {
+        let r = get(&p.url(&format!("/over?i={i}"))).await;
+        // In [⌈7/2⌉, 7] = [4, 7], whole seconds.
+        assert_overloaded(&r, RETRY_AFTER_SECS);
+        *seen
+            .entry(r.header("retry-after").parse().unwrap())
+            .or_default() += 1;
+    }
+    assert!(seen.len() > 1, "100 refusals, one Retry-After: {seen:?}");
+    assert_eq!(
+        p.metric(&shed_series("concurrency_limit", ROUTE)).await,
+        100.0
+    );
+    up.release(1);
+    assert_from_upstream(&join(held).await, 200);
 }
