@@ -4,21 +4,23 @@
 //!
 //! A queue that absorbs a burst drains: some request soon passes with little or no wait. A
 //! standing queue never does: every request waits, and the wait is pure added latency. So the
-//! rule watches the *shortest* wait over an interval: if even that stays above the target for a
+//! rule watches the *shortest* wait over an interval: if even that is above the target for a
 //! whole interval, the queue stands. While it stands, the limiter serves the newest waiter
 //! first (its caller is still there; the oldest have likely given up) and refuses every request
-//! that waited longer than the target.
+//! that waited longer than the target. It stands until a whole interval passes in which no
+//! request waited longer than the target: the waits have fallen below it again.
 //!
 //! What counts as a wait:
 //! - a request admitted while the queue is empty: zero;
-//! - a request handed a permit while the queue does not stand: its time in the queue;
+//! - a request handed a permit: its time in the queue;
 //! - a request refused after waiting (its deadline, or too old while standing): its time in
 //!   the queue, and above the target in any case (it would have waited longer).
 //!
-//! While the queue stands, the waits of the requests it serves say nothing (the newest go
-//! first, so they are short however long the backlog), and are not counted: the queue stops
-//! standing when a request passes an empty queue, or an interval ends with the queue empty
-//! and nothing seen. An interval with nothing seen otherwise keeps the verdict.
+//! Why the exit is not the mirror of the entry: while the queue stands, the newest waiters are
+//! served, so the shortest wait is short however long the backlog, and a moment's lull in
+//! arrivals empties the queue without the overload being over. What does say the overload is
+//! over is that nobody had to be refused for waiting too long, for a whole interval. An interval
+//! with no event at all (the queue sat empty) ends standing too.
 
 use std::time::Duration;
 
@@ -34,6 +36,8 @@ pub(super) struct Codel {
     interval_end: Instant,
     /// The shortest wait seen in the current interval.
     shortest: Option<Duration>,
+    /// Whether a wait above the target was seen in the current interval.
+    above: bool,
 }
 
 impl Codel {
@@ -45,6 +49,7 @@ impl Codel {
             standing: false,
             interval_end: now + interval,
             shortest: None,
+            above: false,
         }
     }
 
@@ -60,32 +65,35 @@ impl Codel {
 
     /// Ends the current interval if `now` is past it, and decides from what it saw. Call it
     /// before [`observe`](Self::observe) at each event, so a wait lands in the interval it
-    /// happened in; `queue_empty` is whether nobody waits right now.
-    pub(super) fn tick(&mut self, now: Instant, queue_empty: bool) {
+    /// happened in.
+    pub(super) fn tick(&mut self, now: Instant) {
         if now < self.interval_end {
             return;
         }
-        match self.shortest.take() {
-            Some(shortest) => self.standing = shortest > self.target,
-            None if queue_empty => self.standing = false,
-            None => {}
-        }
         // No event for a whole interval after the last one ended: the queue sat empty (a
-        // waiter's own deadline is an event), whatever the last waits said.
-        if queue_empty && now >= self.interval_end + self.interval {
-            self.standing = false;
-        }
+        // waiter's own deadline is an event), whatever the waits before said.
+        let idle = now >= self.interval_end + self.interval;
+        self.standing = if idle {
+            false
+        } else if self.standing {
+            self.above
+        } else {
+            self.shortest.is_some_and(|s| s > self.target)
+        };
+        self.shortest = None;
+        self.above = false;
         self.interval_end = now + self.interval;
     }
 
     /// Records one wait (zero for a request that found the queue empty).
     pub(super) fn observe(&mut self, wait: Duration) {
         self.shortest = Some(self.shortest.map_or(wait, |s| s.min(wait)));
+        self.above |= wait > self.target;
     }
 
     /// Records the wait of a request refused after `waited`: how long it would have waited is
     /// not known, only that it is longer, so it counts as above the target even when refused
-    /// exactly at it (a standing queue's own refusals must not end its standing).
+    /// exactly at it.
     pub(super) fn observe_refused(&mut self, waited: Duration) {
         self.observe(waited.max(self.target + Duration::from_nanos(1)));
     }
@@ -102,22 +110,31 @@ mod tests {
     }
 
     /// Advances the paused clock and ticks.
-    async fn at(c: &mut Codel, after: Duration, queue_empty: bool) {
+    async fn at(c: &mut Codel, after: Duration) {
         tokio::time::advance(after).await;
-        c.tick(Instant::now(), queue_empty);
+        c.tick(Instant::now());
+    }
+
+    /// A standing queue, one interval in.
+    async fn standing() -> Codel {
+        let mut c = codel();
+        c.observe(20 * MS);
+        at(&mut c, 100 * MS).await;
+        assert!(c.standing());
+        c
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_whole_interval_of_waits_above_the_target_makes_the_queue_stand() {
         let mut c = codel();
         for _ in 0..9 {
-            at(&mut c, 10 * MS, false).await;
+            at(&mut c, 10 * MS).await;
             c.observe(6 * MS);
         }
         // Decided only at the end of the interval.
-        at(&mut c, 9 * MS, false).await;
+        at(&mut c, 9 * MS).await;
         assert!(!c.standing());
-        at(&mut c, MS, false).await;
+        at(&mut c, MS).await;
         assert!(c.standing());
     }
 
@@ -127,64 +144,67 @@ mod tests {
         c.observe(40 * MS);
         c.observe(5 * MS); // at the target is not above it
         c.observe(60 * MS);
-        at(&mut c, 100 * MS, false).await;
+        at(&mut c, 100 * MS).await;
         assert!(!c.standing());
         // A burst's queue: long waits, but the interval also saw an empty queue.
         c.observe(80 * MS);
         c.observe(Duration::ZERO);
-        at(&mut c, 100 * MS, false).await;
+        at(&mut c, 100 * MS).await;
+        assert!(!c.standing());
+        // Nothing seen: no news, the queue does not stand.
+        at(&mut c, 100 * MS).await;
         assert!(!c.standing());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_standing_queue_stays_standing_until_a_wait_falls_below_the_target() {
-        let mut c = codel();
-        c.observe(20 * MS);
-        at(&mut c, 100 * MS, false).await;
-        assert!(c.standing());
-        // Refused waiters keep it standing, even those refused at the target itself.
+    async fn a_standing_queue_stands_while_anyone_waits_past_the_target() {
+        let mut c = standing().await;
+        // Its own refusals keep it standing, even those refused at the target itself, and even
+        // when the newest requests it serves wait next to nothing, or the queue runs empty for
+        // a moment.
+        c.observe(Duration::ZERO);
+        c.observe(MS);
         c.observe_refused(5 * MS);
-        at(&mut c, 100 * MS, false).await;
+        at(&mut c, 100 * MS).await;
         assert!(c.standing());
         c.observe_refused(Duration::ZERO);
-        at(&mut c, 100 * MS, false).await;
+        at(&mut c, 100 * MS).await;
         assert!(c.standing());
-        // Nothing seen and somebody waiting: no news, the verdict holds.
-        at(&mut c, 100 * MS, false).await;
-        assert!(c.standing());
-        // A request that found the queue empty.
+        // A whole interval in which nobody waited past the target: the overload is over.
         c.observe(Duration::ZERO);
-        at(&mut c, 100 * MS, false).await;
+        c.observe(5 * MS);
+        at(&mut c, 100 * MS).await;
         assert!(!c.standing());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_empty_queue_with_nothing_seen_or_an_idle_spell_ends_standing() {
-        let mut c = codel();
-        c.observe(20 * MS);
-        at(&mut c, 100 * MS, false).await;
-        assert!(c.standing());
-        at(&mut c, 100 * MS, true).await;
+    async fn an_interval_with_nothing_seen_or_an_idle_spell_ends_standing() {
+        let mut c = standing().await;
+        at(&mut c, 100 * MS).await;
         assert!(!c.standing());
 
         // Stale waits from before a long quiet spell do not make the next burst's queue stand.
         c.observe(20 * MS);
-        at(&mut c, 100 * MS, false).await;
+        at(&mut c, 100 * MS).await;
         assert!(c.standing());
         c.observe(30 * MS);
-        at(&mut c, 10_000 * MS, true).await;
+        at(&mut c, 10_000 * MS).await;
+        assert!(!c.standing());
+        let mut c = codel();
+        c.observe(30 * MS);
+        at(&mut c, 10_000 * MS).await;
         assert!(!c.standing());
     }
 
     #[tokio::test(start_paused = true)]
     async fn intervals_restart_at_the_first_event_after_one_ends() {
         let mut c = codel();
-        at(&mut c, 250 * MS, false).await;
-        // The interval now runs to 350 ms: a wait at 340 ms still belongs to it.
-        at(&mut c, 90 * MS, false).await;
+        at(&mut c, 150 * MS).await;
+        // The interval now runs to 250 ms: a wait at 240 ms still belongs to it.
+        at(&mut c, 90 * MS).await;
         c.observe(7 * MS);
         assert!(!c.standing());
-        at(&mut c, 10 * MS, false).await;
+        at(&mut c, 10 * MS).await;
         assert!(c.standing());
     }
 }

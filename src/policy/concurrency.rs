@@ -317,9 +317,8 @@ impl Shared {
     /// Starts a new interval of the queue-delay rule if one ended, and refuses the waiters a
     /// standing queue holds too long. Call first at every event.
     fn tick(&mut self, now: Instant, wake: &mut WakeList) {
-        let empty = self.queued() == 0;
-        self.codel.tick(now, empty);
-        if !self.codel.standing() || empty {
+        self.codel.tick(now);
+        if !self.codel.standing() {
             return;
         }
         let target = self.codel.target();
@@ -380,11 +379,8 @@ impl Shared {
                 let Some(waiter) = next else {
                     break;
                 };
-                if !standing {
-                    // Served in arrival order: this is how long the queue holds requests.
-                    self.codel
-                        .observe(now.saturating_duration_since(waiter.since));
-                }
+                self.codel
+                    .observe(now.saturating_duration_since(waiter.since));
                 self.in_flight += 1;
                 self.verdicts.push((waiter.id, Verdict::Granted));
                 if let Some(waker) = waiter.waker {
