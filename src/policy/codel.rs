@@ -4,11 +4,13 @@
 //!
 //! A queue that absorbs a burst drains: some request soon passes with little or no wait. A
 //! standing queue never does: every request waits, and the wait is pure added latency. So the
-//! rule watches the *shortest* wait over an interval: if even that is above the target for a
-//! whole interval, the queue stands. While it stands, the limiter serves the newest waiter
+//! rule watches the waits: when every wait seen for a whole interval was above the target (the
+//! shortest wait over the interval stays above it), the queue stands. As in CoDel the interval
+//! starts at the first wait above the target, and any wait at or below it, or the queue
+//! running empty, starts it over. While the queue stands, the limiter serves the newest waiter
 //! first (its caller is still there; the oldest have likely given up) and refuses every request
-//! that waited longer than the target. It stands until a whole interval passes in which no
-//! request waited longer than the target: the waits have fallen below it again.
+//! that waited longer than the target. It stands until a whole interval passes in which nobody
+//! waited longer than the target: the waits have fallen below it again.
 //!
 //! What counts as a wait:
 //! - a request admitted while the queue is empty: zero;
@@ -19,8 +21,7 @@
 //! Why the exit is not the mirror of the entry: while the queue stands, the newest waiters are
 //! served, so the shortest wait is short however long the backlog, and a moment's lull in
 //! arrivals empties the queue without the overload being over. What does say the overload is
-//! over is that nobody had to be refused for waiting too long, for a whole interval. An interval
-//! with no event at all (the queue sat empty) ends standing too.
+//! over is that nobody had to be refused for waiting too long, for a whole interval.
 
 use std::time::Duration;
 
@@ -32,24 +33,22 @@ pub(super) struct Codel {
     target: Duration,
     interval: Duration,
     standing: bool,
-    /// When the current interval ends.
-    interval_end: Instant,
-    /// The shortest wait seen in the current interval.
-    shortest: Option<Duration>,
-    /// Whether a wait above the target was seen in the current interval.
-    above: bool,
+    /// Not standing: since when every wait seen was above the target (`None`: the last one
+    /// was not, or the queue ran empty since).
+    above_since: Option<Instant>,
+    /// Standing: when a wait was last above the target.
+    last_above: Instant,
 }
 
 impl Codel {
-    /// Not standing, with a first interval starting `now`.
+    /// Not standing.
     pub(super) fn new(target: Duration, interval: Duration, now: Instant) -> Self {
         Codel {
             target,
             interval,
             standing: false,
-            interval_end: now + interval,
-            shortest: None,
-            above: false,
+            above_since: None,
+            last_above: now,
         }
     }
 
@@ -63,39 +62,49 @@ impl Codel {
         self.standing
     }
 
-    /// Ends the current interval if `now` is past it, and decides from what it saw. Call it
-    /// before [`observe`](Self::observe) at each event, so a wait lands in the interval it
-    /// happened in.
-    pub(super) fn tick(&mut self, now: Instant) {
-        if now < self.interval_end {
-            return;
+    /// Brings the verdict up to `now`; call it first at each event. `queue_empty` is whether
+    /// nobody waits right now.
+    pub(super) fn tick(&mut self, now: Instant, queue_empty: bool) {
+        if self.standing {
+            if now >= self.last_above + self.interval {
+                self.standing = false;
+                self.above_since = None;
+            }
+        } else if queue_empty {
+            // A queue that ran empty was not standing.
+            self.above_since = None;
+        } else if self.above_since.is_some_and(|t| now >= t + self.interval) {
+            self.stand(now);
         }
-        // No event for a whole interval after the last one ended: the queue sat empty (a
-        // waiter's own deadline is an event), whatever the waits before said.
-        let idle = now >= self.interval_end + self.interval;
-        self.standing = if idle {
-            false
-        } else if self.standing {
-            self.above
-        } else {
-            self.shortest.is_some_and(|s| s > self.target)
-        };
-        self.shortest = None;
-        self.above = false;
-        self.interval_end = now + self.interval;
     }
 
-    /// Records one wait (zero for a request that found the queue empty).
-    pub(super) fn observe(&mut self, wait: Duration) {
-        self.shortest = Some(self.shortest.map_or(wait, |s| s.min(wait)));
-        self.above |= wait > self.target;
+    /// Records one wait, ending at `now` (zero for a request that found the queue empty).
+    pub(super) fn observe(&mut self, now: Instant, wait: Duration) {
+        if wait <= self.target {
+            if !self.standing {
+                self.above_since = None;
+            }
+            return;
+        }
+        self.last_above = now;
+        if !self.standing {
+            let since = *self.above_since.get_or_insert(now);
+            if now >= since + self.interval {
+                self.stand(now);
+            }
+        }
     }
 
     /// Records the wait of a request refused after `waited`: how long it would have waited is
     /// not known, only that it is longer, so it counts as above the target even when refused
     /// exactly at it.
-    pub(super) fn observe_refused(&mut self, waited: Duration) {
-        self.observe(waited.max(self.target + Duration::from_nanos(1)));
+    pub(super) fn observe_refused(&mut self, now: Instant, waited: Duration) {
+        self.observe(now, waited.max(self.target + Duration::from_nanos(1)));
+    }
+
+    fn stand(&mut self, now: Instant) {
+        self.standing = true;
+        self.last_above = now;
     }
 }
 
@@ -109,51 +118,66 @@ mod tests {
         Codel::new(5 * MS, 100 * MS, Instant::now())
     }
 
-    /// Advances the paused clock and ticks.
-    async fn at(c: &mut Codel, after: Duration) {
+    /// Advances the paused clock by `after`, ticks (`queue_empty`), and returns the time.
+    async fn at(c: &mut Codel, after: Duration, queue_empty: bool) -> Instant {
         tokio::time::advance(after).await;
-        c.tick(Instant::now());
+        let now = Instant::now();
+        c.tick(now, queue_empty);
+        now
     }
 
-    /// A standing queue, one interval in.
+    /// A standing queue.
     async fn standing() -> Codel {
         let mut c = codel();
-        c.observe(20 * MS);
-        at(&mut c, 100 * MS).await;
+        c.observe(Instant::now(), 20 * MS);
+        let now = at(&mut c, 100 * MS, false).await;
+        c.observe(now, 20 * MS);
         assert!(c.standing());
         c
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_whole_interval_of_waits_above_the_target_makes_the_queue_stand() {
+    async fn waits_above_the_target_for_a_whole_interval_make_the_queue_stand() {
         let mut c = codel();
+        // The interval starts at the first wait above the target, not before.
+        let now = at(&mut c, 30 * MS, false).await;
+        c.observe(now, 6 * MS);
         for _ in 0..9 {
-            at(&mut c, 10 * MS).await;
-            c.observe(6 * MS);
+            let now = at(&mut c, 10 * MS, false).await;
+            c.observe(now, 6 * MS);
+            assert!(!c.standing());
         }
-        // Decided only at the end of the interval.
-        at(&mut c, 9 * MS).await;
-        assert!(!c.standing());
-        at(&mut c, MS).await;
+        let now = at(&mut c, 10 * MS, false).await;
+        assert!(
+            c.standing(),
+            "decided at the first event a whole interval on"
+        );
+        c.observe(now, 6 * MS);
         assert!(c.standing());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn one_short_wait_in_the_interval_means_the_queue_drains() {
+    async fn one_short_wait_or_an_empty_queue_starts_the_interval_over() {
         let mut c = codel();
-        c.observe(40 * MS);
-        c.observe(5 * MS); // at the target is not above it
-        c.observe(60 * MS);
-        at(&mut c, 100 * MS).await;
+        c.observe(Instant::now(), 40 * MS);
+        let now = at(&mut c, 60 * MS, false).await;
+        c.observe(now, 5 * MS); // at the target is not above it
+        let now = at(&mut c, 60 * MS, false).await;
+        c.observe(now, 60 * MS);
+        let now = at(&mut c, 60 * MS, false).await;
+        c.observe(now, 60 * MS);
+        assert!(!c.standing(), "above for 60 ms only");
+        // A burst's queue: long waits, then it drains.
+        at(&mut c, 30 * MS, true).await;
+        let now = at(&mut c, 30 * MS, false).await;
+        c.observe(now, 80 * MS);
         assert!(!c.standing());
-        // A burst's queue: long waits, but the interval also saw an empty queue.
-        c.observe(80 * MS);
-        c.observe(Duration::ZERO);
-        at(&mut c, 100 * MS).await;
+        let now = at(&mut c, 90 * MS, false).await;
+        c.observe(now, 80 * MS);
         assert!(!c.standing());
-        // Nothing seen: no news, the queue does not stand.
-        at(&mut c, 100 * MS).await;
-        assert!(!c.standing());
+        c.observe(now, Duration::ZERO);
+        at(&mut c, 500 * MS, false).await;
+        assert!(!c.standing(), "nothing seen since a short wait");
     }
 
     #[tokio::test(start_paused = true)]
@@ -162,49 +186,45 @@ mod tests {
         // Its own refusals keep it standing, even those refused at the target itself, and even
         // when the newest requests it serves wait next to nothing, or the queue runs empty for
         // a moment.
-        c.observe(Duration::ZERO);
-        c.observe(MS);
-        c.observe_refused(5 * MS);
-        at(&mut c, 100 * MS).await;
-        assert!(c.standing());
-        c.observe_refused(Duration::ZERO);
-        at(&mut c, 100 * MS).await;
-        assert!(c.standing());
+        for waited in [5 * MS, Duration::ZERO] {
+            let now = at(&mut c, 90 * MS, true).await;
+            c.observe(now, Duration::ZERO);
+            c.observe(now, MS);
+            c.observe_refused(now, waited);
+            assert!(c.standing());
+        }
         // A whole interval in which nobody waited past the target: the overload is over.
-        c.observe(Duration::ZERO);
-        c.observe(5 * MS);
-        at(&mut c, 100 * MS).await;
+        let now = at(&mut c, 60 * MS, false).await;
+        c.observe(now, 5 * MS);
+        at(&mut c, 39 * MS, false).await;
+        assert!(c.standing());
+        at(&mut c, MS, false).await;
         assert!(!c.standing());
     }
 
     #[tokio::test(start_paused = true)]
-    async fn an_interval_with_nothing_seen_or_an_idle_spell_ends_standing() {
+    async fn a_queue_that_stops_moving_stands_an_interval_after_its_last_long_wait() {
+        // A wait above the target, then nobody is served (the upstream holds every slot) while
+        // requests keep waiting: any event a whole interval on finds the queue standing.
+        let mut c = codel();
+        c.observe(Instant::now(), 10 * MS);
+        at(&mut c, 99 * MS, false).await;
+        assert!(!c.standing());
+        at(&mut c, MS, false).await;
+        assert!(c.standing());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_spell_ends_standing_and_forgets_the_waits_before_it() {
         let mut c = standing().await;
-        at(&mut c, 100 * MS).await;
+        at(&mut c, 10_000 * MS, true).await;
         assert!(!c.standing());
-
-        // Stale waits from before a long quiet spell do not make the next burst's queue stand.
-        c.observe(20 * MS);
-        at(&mut c, 100 * MS).await;
-        assert!(c.standing());
-        c.observe(30 * MS);
-        at(&mut c, 10_000 * MS).await;
+        // Not standing, waits above the target, then a long quiet spell with the queue empty:
+        // the next burst starts from scratch.
+        c.observe(Instant::now(), 30 * MS);
+        at(&mut c, 10_000 * MS, true).await;
+        let now = at(&mut c, MS, false).await;
+        c.observe(now, 30 * MS);
         assert!(!c.standing());
-        let mut c = codel();
-        c.observe(30 * MS);
-        at(&mut c, 10_000 * MS).await;
-        assert!(!c.standing());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn intervals_restart_at_the_first_event_after_one_ends() {
-        let mut c = codel();
-        at(&mut c, 150 * MS).await;
-        // The interval now runs to 250 ms: a wait at 240 ms still belongs to it.
-        at(&mut c, 90 * MS).await;
-        c.observe(7 * MS);
-        assert!(!c.standing());
-        at(&mut c, 10 * MS).await;
-        assert!(c.standing());
     }
 }
