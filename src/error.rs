@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use http::StatusCode;
 
+use crate::config::Priority;
+
 /// Why spillway could not get a response from the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum UpstreamError {
@@ -143,6 +145,8 @@ pub enum ProxyError {
         reason: ShedReason,
         /// How long the client should wait before trying again.
         retry_after: Duration,
+        /// The class of the request refused (the `priority` label of the shed counter).
+        priority: Priority,
     },
     /// The request's `Via` already names this proxy: it went round in a loop.
     #[error("routing loop detected")]
@@ -308,8 +312,8 @@ impl ProxyError {
         }
     }
 
-    /// One instance of every kind of error (sheds with a placeholder `retry_after`), e.g. to
-    /// precompute what each one is presented as.
+    /// One instance of every kind of error (sheds with a placeholder `retry_after` and
+    /// priority), e.g. to precompute what each one is presented as.
     pub fn every_kind() -> impl Iterator<Item = ProxyError> {
         UpstreamError::ALL
             .into_iter()
@@ -317,6 +321,7 @@ impl ProxyError {
             .chain(ShedReason::ALL.into_iter().map(|reason| ProxyError::Shed {
                 reason,
                 retry_after: Duration::ZERO,
+                priority: Priority::Normal,
             }))
             .chain(RequestError::ALL.into_iter().map(ProxyError::Request))
             .chain([ProxyError::LoopDetected, ProxyError::NoRoute])
@@ -407,6 +412,7 @@ mod tests {
         let s = |reason| ProxyError::Shed {
             reason,
             retry_after: Duration::from_secs(5),
+            priority: Priority::Sheddable,
         };
         let table: &[(ProxyError, u16, Option<&str>)] = &[
             (ConnectRefused.into(), 502, Some("connection_refused")),

@@ -10,6 +10,7 @@ use prometheus::{
     Registry,
 };
 
+use crate::config::Priority;
 use crate::error::{ShedReason, UpstreamError};
 
 /// Counter: every response, by route, method, code and source (`upstream` or `proxy`).
@@ -22,7 +23,7 @@ pub const UPSTREAM_ERRORS_TOTAL: &str = "spillway_upstream_errors_total";
 pub const IN_FLIGHT: &str = "spillway_in_flight_requests";
 /// Gauge: always 1, labelled with the version.
 pub const BUILD_INFO: &str = "spillway_build_info";
-/// Counter: requests refused on purpose, by route and reason.
+/// Counter: requests refused on purpose, by route, reason and priority (the request's class).
 pub const SHED_TOTAL: &str = "spillway_shed_total";
 /// Gauge: the current concurrency limit, by route.
 pub const CONCURRENCY_LIMIT: &str = "spillway_concurrency_limit";
@@ -178,8 +179,8 @@ impl Metrics {
             .set(1);
         let shed = counter(
             SHED_TOTAL,
-            "Requests refused on purpose, by route and reason.",
-            &["route", "reason"],
+            "Requests refused on purpose, by route, reason and priority (the request's class).",
+            &["route", "reason", "priority"],
         );
         let concurrency_limit = gauge(
             CONCURRENCY_LIMIT,
@@ -297,7 +298,9 @@ impl Metrics {
             duration: CodeTable::default(),
             upstream_errors: UpstreamError::ALL
                 .map(|k| self.upstream_errors.with_label_values(&[route, k.kind()])),
-            shed: ShedReason::ALL.map(|s| self.shed.with_label_values(&[route, s.label()])),
+            shed: ShedReason::ALL.map(|s| {
+                Priority::ALL.map(|p| self.shed.with_label_values(&[route, s.label(), p.label()]))
+            }),
             in_flight: self.in_flight.with_label_values(&r),
             concurrency_limit: self.concurrency_limit.with_label_values(&r),
             breaker_state: self.breaker_state.with_label_values(&r),
@@ -380,7 +383,8 @@ pub struct RouteMetrics {
     requests: [[CodeTable<IntCounter>; 2]; METHODS.len()],
     duration: CodeTable<Histogram>,
     upstream_errors: [IntCounter; UpstreamError::ALL.len()],
-    shed: [IntCounter; ShedReason::ALL.len()],
+    /// By reason (in [`ShedReason::ALL`] order), then by priority ([`Priority::index`]).
+    shed: [[IntCounter; Priority::ALL.len()]; ShedReason::ALL.len()],
     /// Requests in flight on this route.
     pub in_flight: IntGauge,
     /// Current concurrency limit.
@@ -428,13 +432,13 @@ impl RouteMetrics {
         self.upstream_errors[i].inc();
     }
 
-    /// Counts one shed request.
-    pub fn shed(&self, reason: ShedReason) {
+    /// Counts one shed request of class `priority`.
+    pub fn shed(&self, reason: ShedReason, priority: Priority) {
         let i = ShedReason::ALL
             .iter()
             .position(|k| *k == reason)
             .unwrap_or(0);
-        self.shed[i].inc();
+        self.shed[i][priority.index()].inc();
     }
 }
 
@@ -483,6 +487,37 @@ mod tests {
             text.contains(r#"spillway_request_duration_seconds_count{code="200",route="api"} 2"#)
         );
         assert!(text.contains(r#"spillway_build_info{version=""#));
+    }
+
+    #[test]
+    fn sheds_are_counted_by_reason_and_priority_from_handles_resolved_up_front() {
+        let m = Metrics::new();
+        let r = m.route("api");
+        // Every (reason, priority) series exists at 0 before the first shed.
+        let text = m.render();
+        for reason in ShedReason::ALL {
+            for p in Priority::ALL {
+                let series = format!(
+                    r#"spillway_shed_total{{priority="{}",reason="{}",route="api"}} 0"#,
+                    p.label(),
+                    reason.label()
+                );
+                assert!(text.contains(&series), "{series} missing:\n{text}");
+            }
+        }
+        r.shed(ShedReason::ConcurrencyLimit, Priority::Sheddable);
+        r.shed(ShedReason::ConcurrencyLimit, Priority::Sheddable);
+        r.shed(ShedReason::QueueTimeout, Priority::Critical);
+        let text = m.render();
+        assert!(text.contains(
+            r#"spillway_shed_total{priority="sheddable",reason="concurrency_limit",route="api"} 2"#
+        ));
+        assert!(text.contains(
+            r#"spillway_shed_total{priority="critical",reason="queue_timeout",route="api"} 1"#
+        ));
+        assert!(text.contains(
+            r#"spillway_shed_total{priority="normal",reason="concurrency_limit",route="api"} 0"#
+        ));
     }
 
     #[test]

@@ -120,6 +120,8 @@ pub(crate) struct RouteStatus {
     pub maintenance: bool,
     /// Requests refused on purpose since start, by reason (every reason, zeros included).
     pub shed: BTreeMap<&'static str, u64>,
+    /// The same refusals by the class of the request refused (every class, zeros included).
+    pub shed_by_priority: BTreeMap<&'static str, u64>,
     /// Retries sent since start.
     pub retries: u64,
     /// Failures talking to the upstream since start, by kind (only kinds that happened).
@@ -509,6 +511,17 @@ impl<'a> Index<'a> {
                 (reason.label(), n)
             })
             .collect();
+        let shed_by_priority = crate::config::Priority::ALL
+            .iter()
+            .map(|p| {
+                let n = self
+                    .with_label(SHED_TOTAL, "route", route)
+                    .filter(|m| label(m, "priority") == Some(p.label()))
+                    .map(|m| m.get_counter().get_value() as u64)
+                    .sum();
+                (p.label(), n)
+            })
+            .collect();
         let mut upstream_errors = BTreeMap::new();
         for m in self.with_label(UPSTREAM_ERRORS_TOTAL, "route", route) {
             let n = m.get_counter().get_value() as u64;
@@ -532,6 +545,7 @@ impl<'a> Index<'a> {
             breaker: "disabled",
             maintenance: false,
             shed,
+            shed_by_priority,
             retries: self.counter_where(RETRIES_TOTAL, "route", route),
             upstream_errors,
         }
@@ -541,6 +555,7 @@ impl<'a> Index<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Priority;
     use crate::error::{ShedReason, UpstreamError};
     use crate::metrics::{Metrics, ResponseSource};
     use http::Method;
@@ -625,6 +640,11 @@ mod tests {
         );
         assert!(web.shed.values().all(|&n| n == 0));
         assert_eq!(
+            web.shed_by_priority.keys().copied().collect::<Vec<_>>(),
+            ["critical", "normal", "sheddable"],
+            "every class listed, zeros included"
+        );
+        assert_eq!(
             s.reload,
             ReloadStatus {
                 last_successful: true,
@@ -646,7 +666,9 @@ mod tests {
         api.response(&Method::GET, 500, ResponseSource::Upstream, 0.004);
         api.response(&Method::GET, 502, ResponseSource::Proxy, 0.001);
         api.response(&Method::GET, 503, ResponseSource::Proxy, 0.0001);
-        api.shed(ShedReason::ConcurrencyLimit);
+        api.shed(ShedReason::ConcurrencyLimit, Priority::Sheddable);
+        api.shed(ShedReason::QueueTimeout, Priority::Sheddable);
+        api.shed(ShedReason::QueueTimeout, Priority::Critical);
         api.upstream_error(UpstreamError::ALL[0]);
         api.retries.inc();
         metrics
@@ -682,7 +704,11 @@ mod tests {
         // Rank 99.99 of 101 falls in the (1 ms, 2.5 ms] bucket, where 98 of them are.
         assert!(p99 > 0.001 && p99 <= 0.0025, "p99 {p99}");
         assert_eq!(r.shed["concurrency_limit"], 1);
+        assert_eq!(r.shed["queue_timeout"], 2);
         assert_eq!(r.shed["circuit_open"], 0);
+        assert_eq!(r.shed_by_priority["sheddable"], 2);
+        assert_eq!(r.shed_by_priority["critical"], 1);
+        assert_eq!(r.shed_by_priority["normal"], 0);
         assert_eq!(
             r.upstream_errors.get(UpstreamError::ALL[0].kind()),
             Some(&1)

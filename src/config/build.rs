@@ -807,6 +807,18 @@ impl Cx<'_> {
         if let Some(c) = &p.concurrency {
             self.concurrency_part(&format!("{base}.concurrency"), c, &mut part);
         }
+        if let Some(word) = &p.priority {
+            part.priority = Priority::parse(word.trim().as_bytes());
+            if part.priority.is_none() {
+                self.error(
+                    &format!("{base}.priority"),
+                    format!("unknown priority `{word}`: expected critical, normal or sheddable"),
+                );
+            }
+        }
+        if let Some(name) = &p.priority_header {
+            part.priority_header = self.priority_header(&format!("{base}.priority_header"), name);
+        }
         if let Some(b) = &p.circuit_breaker {
             let base = format!("{base}.circuit_breaker");
             part.breaker_enabled = b.enabled;
@@ -862,8 +874,62 @@ impl Cx<'_> {
                 }
                 ok
             });
+            part.min_per_second = r.min_per_second.filter(|&m| {
+                let ok = m.is_finite() && m >= 0.0;
+                if !ok {
+                    self.error(
+                        &format!("{base}.min_per_second"),
+                        format!("min_per_second {m} must be 0 or more"),
+                    );
+                }
+                ok
+            });
         }
         part
+    }
+
+    /// A request header name for `priority_header`, lower-cased; `None` (with an error) when it
+    /// is not a valid field name or one that is removed before forwarding.
+    fn priority_header(&mut self, path: &str, name: &str) -> Option<String> {
+        let lower = name.trim().to_ascii_lowercase();
+        if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            self.error(path, format!("`{name}` is not a valid header name"));
+            return None;
+        }
+        // Hop-by-hop fields are removed before the request is classified and forwarded.
+        const HOP_BY_HOP: [&str; 9] = [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "proxy-authenticate",
+            "proxy-authorization",
+            "te",
+            "trailer",
+            "transfer-encoding",
+            "upgrade",
+        ];
+        if HOP_BY_HOP.contains(&lower.as_str()) {
+            self.error(
+                path,
+                format!("`{name}` is a hop-by-hop header, removed before forwarding: name another"),
+            );
+            return None;
+        }
+        Some(lower)
+    }
+
+    /// A share of the concurrency limit: greater than 0, at most 1.
+    fn share(&mut self, path: &str, value: Option<f64>) -> Option<f64> {
+        value.filter(|&v| {
+            let ok = v > 0.0 && v <= 1.0;
+            if !ok {
+                self.error(
+                    path,
+                    format!("share {v} must be greater than 0 and at most 1"),
+                );
+            }
+            ok
+        })
     }
 
     fn concurrency_part(&mut self, base: &str, c: &ConcurrencyFile, part: &mut PolicyPart) {
@@ -884,6 +950,21 @@ impl Cx<'_> {
             c.queue_timeout.as_ref(),
             true,
         );
+        part.queue_target = self.duration(
+            &format!("{base}.queue_target"),
+            c.queue_target.as_ref(),
+            true,
+        );
+        part.queue_interval = self.duration(
+            &format!("{base}.queue_interval"),
+            c.queue_interval.as_ref(),
+            true,
+        );
+        if let Some(shares) = &c.shares {
+            part.share_sheddable =
+                self.share(&format!("{base}.shares.sheddable"), shares.sheddable);
+            part.share_normal = self.share(&format!("{base}.shares.normal"), shares.normal);
+        }
     }
 
     fn at_least_one(&mut self, path: &str, value: Option<u32>) -> Option<u32> {
@@ -921,6 +1002,20 @@ impl Cx<'_> {
                 LimitSettings::Adaptive { min, max }
             }
         };
+        let shares = Shares {
+            sheddable: p.share_sheddable.unwrap_or(defaults::SHARE_SHEDDABLE),
+            normal: p.share_normal.unwrap_or(defaults::SHARE_NORMAL),
+        };
+        let own_shares = own.share_sheddable.is_some() || own.share_normal.is_some();
+        if shares.sheddable > shares.normal && own_shares {
+            self.error(
+                &format!("{base}.concurrency.shares"),
+                format!(
+                    "shares.sheddable ({}) must not exceed shares.normal ({}): a sheddable request would get in where a normal one does not",
+                    shares.sheddable, shares.normal
+                ),
+            );
+        }
         let retry_after = p.retry_after.unwrap_or(defaults::RETRY_AFTER);
         PolicySettings {
             timeout: p.timeout.unwrap_or(defaults::TIMEOUT),
@@ -929,6 +1024,9 @@ impl Cx<'_> {
                 limit,
                 queue: p.queue.unwrap_or(defaults::QUEUE),
                 queue_timeout: p.queue_timeout.unwrap_or(defaults::QUEUE_TIMEOUT),
+                queue_target: p.queue_target.unwrap_or(defaults::QUEUE_TARGET),
+                queue_interval: p.queue_interval.unwrap_or(defaults::QUEUE_INTERVAL),
+                shares,
             },
             circuit_breaker: BreakerSettings {
                 enabled: p.breaker_enabled.unwrap_or(defaults::BREAKER_ENABLED),
@@ -954,7 +1052,10 @@ impl Cx<'_> {
                 attempts: p.attempts.unwrap_or(defaults::RETRY_ATTEMPTS),
                 backoff: p.backoff.unwrap_or(defaults::RETRY_BACKOFF),
                 budget: p.budget.unwrap_or(defaults::RETRY_BUDGET),
+                min_per_second: p.min_per_second.unwrap_or(defaults::RETRY_MIN_PER_SECOND),
             },
+            priority: p.priority.unwrap_or(defaults::PRIORITY),
+            priority_header: p.priority_header,
         }
     }
 }
@@ -967,6 +1068,10 @@ struct PolicyPart {
     limit: Option<LimitPart>,
     queue: Option<u32>,
     queue_timeout: Option<Duration>,
+    queue_target: Option<Duration>,
+    queue_interval: Option<Duration>,
+    share_sheddable: Option<f64>,
+    share_normal: Option<f64>,
     breaker_enabled: Option<bool>,
     window: Option<Duration>,
     min_requests: Option<u32>,
@@ -979,6 +1084,9 @@ struct PolicyPart {
     attempts: Option<u32>,
     backoff: Option<Duration>,
     budget: Option<f64>,
+    min_per_second: Option<f64>,
+    priority: Option<Priority>,
+    priority_header: Option<String>,
 }
 
 /// The concurrency limit as one block gives it.
@@ -1010,6 +1118,10 @@ impl PolicyPart {
             limit,
             queue: self.queue.or(base.queue),
             queue_timeout: self.queue_timeout.or(base.queue_timeout),
+            queue_target: self.queue_target.or(base.queue_target),
+            queue_interval: self.queue_interval.or(base.queue_interval),
+            share_sheddable: self.share_sheddable.or(base.share_sheddable),
+            share_normal: self.share_normal.or(base.share_normal),
             breaker_enabled: self.breaker_enabled.or(base.breaker_enabled),
             window: self.window.or(base.window),
             min_requests: self.min_requests.or(base.min_requests),
@@ -1027,6 +1139,12 @@ impl PolicyPart {
             attempts: self.attempts.or(base.attempts),
             backoff: self.backoff.or(base.backoff),
             budget: self.budget.or(base.budget),
+            min_per_second: self.min_per_second.or(base.min_per_second),
+            priority: self.priority.or(base.priority),
+            priority_header: self
+                .priority_header
+                .clone()
+                .or_else(|| base.priority_header.clone()),
         }
     }
 }

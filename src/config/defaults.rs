@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::settings::{
     BreakerSettings, ConcurrencySettings, LimitSettings, MaintenanceSettings, PolicySettings,
-    RetrySettings, UpstreamProtocol,
+    Priority, RetrySettings, Shares, UpstreamProtocol,
 };
 
 /// Open client connections per listener: far above what one app behind a sidecar serves, low
@@ -124,6 +124,30 @@ pub(crate) const QUEUE: u32 = 0;
 /// takes, not until its client has given up.
 pub(crate) const QUEUE_TIMEOUT: Duration = Duration::from_millis(100);
 
+/// Queue delay target: CoDel's recommended 5 ms. A queue whose shortest wait stays above it
+/// for a whole interval is not absorbing a burst but standing, and waiting in it only adds
+/// latency; a few milliseconds is well under the latency of a typical request, so a queue
+/// that merely smooths arrivals never reaches it.
+pub(crate) const QUEUE_TARGET: Duration = Duration::from_millis(5);
+
+/// Interval over which the shortest queue wait is taken: CoDel's 100 ms, a few round trips of
+/// a typical request. A queue that drains within about an interval is never taken for standing.
+pub(crate) const QUEUE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Share of the limit `sheddable` requests may fill: half, so that under overload the other
+/// half is kept for the requests that matter, while a quiet upstream still serves sheddable
+/// work at full speed.
+pub(crate) const SHARE_SHEDDABLE: f64 = 0.5;
+
+/// Share of the limit `normal` requests may fill: 90 %, keeping the last tenth for `critical`
+/// requests, which then get in even when normal traffic alone would fill the limit.
+pub(crate) const SHARE_NORMAL: f64 = 0.9;
+
+/// The class of a route's requests: `normal`, so that a config that says nothing about
+/// priorities treats every request alike (and without a priority header, every request of a
+/// route has one class, which may fill the whole limit).
+pub(crate) const PRIORITY: Priority = Priority::Normal;
+
 /// Circuit breaker off: opening a breaker turns errors into refusals, which should be a choice.
 pub(crate) const BREAKER_ENABLED: bool = false;
 
@@ -163,6 +187,11 @@ pub(crate) const RETRY_BACKOFF: Duration = Duration::from_millis(25);
 /// Retry budget: retries may add at most 20% load, so that they cannot multiply an overload.
 pub(crate) const RETRY_BUDGET: f64 = 0.2;
 
+/// Retries allowed per second whatever the traffic: one, as Finagle and Linkerd do. Without a
+/// floor a quiet route never retries (a budget of 0.2 needs five requests in the window before
+/// the first retry), and one retry a second cannot multiply an outage.
+pub(crate) const RETRY_MIN_PER_SECOND: f64 = 1.0;
+
 /// How long readiness fails before listeners close: about one readiness-probe period plus
 /// endpoint propagation, so load balancers stop sending before spillway stops accepting.
 pub(crate) const DRAIN_DELAY: Duration = Duration::from_secs(5);
@@ -184,6 +213,12 @@ pub(crate) fn policy() -> PolicySettings {
             limit: LimitSettings::Fixed(CONCURRENCY_MAX),
             queue: QUEUE,
             queue_timeout: QUEUE_TIMEOUT,
+            queue_target: QUEUE_TARGET,
+            queue_interval: QUEUE_INTERVAL,
+            shares: Shares {
+                sheddable: SHARE_SHEDDABLE,
+                normal: SHARE_NORMAL,
+            },
         },
         circuit_breaker: BreakerSettings {
             enabled: BREAKER_ENABLED,
@@ -202,6 +237,9 @@ pub(crate) fn policy() -> PolicySettings {
             attempts: RETRY_ATTEMPTS,
             backoff: RETRY_BACKOFF,
             budget: RETRY_BUDGET,
+            min_per_second: RETRY_MIN_PER_SECOND,
         },
+        priority: PRIORITY,
+        priority_header: None,
     }
 }

@@ -246,6 +246,10 @@ pub struct RouteFile {
     pub maintenance: Option<MaintenanceFile>,
     /// Overrides `defaults.retries` field by field.
     pub retries: Option<RetriesFile>,
+    /// Overrides `defaults.priority`.
+    pub priority: Option<String>,
+    /// Overrides `defaults.priority_header`.
+    pub priority_header: Option<String>,
 }
 
 impl RouteFile {
@@ -258,6 +262,8 @@ impl RouteFile {
             circuit_breaker: self.circuit_breaker.clone(),
             maintenance: self.maintenance.clone(),
             retries: self.retries.clone(),
+            priority: self.priority.clone(),
+            priority_header: self.priority_header.clone(),
         }
     }
 }
@@ -290,6 +296,12 @@ pub struct PolicyFile {
     pub maintenance: Option<MaintenanceFile>,
     /// Retries.
     pub retries: Option<RetriesFile>,
+    /// The class of the route's requests under overload: `critical`, `normal` (default) or
+    /// `sheddable`.
+    pub priority: Option<String>,
+    /// A request header whose value (`critical`, `normal`, `sheddable`) sets the class of that
+    /// request; unset by default (clients do not choose).
+    pub priority_header: Option<String>,
 }
 
 /// Concurrency limit settings.
@@ -300,10 +312,26 @@ pub struct ConcurrencyFile {
     pub max: Option<u32>,
     /// Adaptive limit; replaces `max` when present.
     pub adaptive: Option<AdaptiveFile>,
-    /// Bounded FIFO queue length; 0 sheds at once.
+    /// Bounded queue length; 0 sheds at once.
     pub queue: Option<u32>,
     /// Longest wait in the queue.
     pub queue_timeout: Option<DurationText>,
+    /// Queue delay above which a queue whose waits stay there counts as standing.
+    pub queue_target: Option<DurationText>,
+    /// Interval over which the shortest queue wait is taken.
+    pub queue_interval: Option<DurationText>,
+    /// Share of the limit each class below `critical` may fill.
+    pub shares: Option<SharesFile>,
+}
+
+/// Shares of the concurrency limit by class.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SharesFile {
+    /// `sheddable` requests are admitted while fewer than this share of the limit are in flight.
+    pub sheddable: Option<f64>,
+    /// `normal` requests are admitted while fewer than this share of the limit are in flight.
+    pub normal: Option<f64>,
 }
 
 /// Adaptive concurrency limit bounds.
@@ -356,6 +384,8 @@ pub struct RetriesFile {
     pub backoff: Option<DurationText>,
     /// Retries allowed as a share of requests over a sliding window.
     pub budget: Option<f64>,
+    /// Retries per second always allowed, on top of the budget.
+    pub min_per_second: Option<f64>,
 }
 
 #[cfg(test)]

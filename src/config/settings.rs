@@ -240,6 +240,57 @@ pub struct PolicySettings {
     pub maintenance: MaintenanceSettings,
     /// Retries.
     pub retries: RetrySettings,
+    /// The class of the route's requests, unless `priority_header` says otherwise.
+    pub priority: Priority,
+    /// Request header whose value (`critical`, `normal`, `sheddable`, any case) sets a
+    /// request's class; lower-case. `None`: clients do not choose.
+    pub priority_header: Option<String>,
+}
+
+/// How important a request is when there is not room for all: under overload the least
+/// important are shed first. Ordered from least to most important.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    /// Work that may wait or be dropped (prefetches, batch jobs): admitted only while the
+    /// upstream is well below its limit.
+    Sheddable,
+    /// Everything else.
+    #[default]
+    Normal,
+    /// Work that must get through (a checkout): admitted up to the whole limit.
+    Critical,
+}
+
+impl Priority {
+    /// Every class, most important first: the order the queue serves them in.
+    pub const ALL: [Priority; 3] = [Priority::Critical, Priority::Normal, Priority::Sheddable];
+
+    /// The word for it in the config, the priority header and the `priority` metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Priority::Critical => "critical",
+            Priority::Normal => "normal",
+            Priority::Sheddable => "sheddable",
+        }
+    }
+
+    /// The class a header value or config word names, ignoring ASCII case; `None` for
+    /// anything else.
+    pub fn parse(value: &[u8]) -> Option<Priority> {
+        Priority::ALL
+            .into_iter()
+            .find(|p| value.eq_ignore_ascii_case(p.label().as_bytes()))
+    }
+
+    /// Position in [`Priority::ALL`], for per-class tables.
+    pub fn index(self) -> usize {
+        match self {
+            Priority::Critical => 0,
+            Priority::Normal => 1,
+            Priority::Sheddable => 2,
+        }
+    }
 }
 
 /// How the in-flight limit is chosen.
@@ -262,11 +313,41 @@ pub enum LimitSettings {
 pub struct ConcurrencySettings {
     /// The limit.
     pub limit: LimitSettings,
-    /// Bounded FIFO queue length; 0 sheds at once.
+    /// Bounded queue length; 0 sheds at once.
     pub queue: u32,
     /// Longest wait in the queue.
     #[serde(with = "humantime_serde_compat")]
     pub queue_timeout: Duration,
+    /// Queue delay that counts as standing when even the shortest wait of an interval stays
+    /// above it.
+    #[serde(with = "humantime_serde_compat")]
+    pub queue_target: Duration,
+    /// The interval over which the shortest wait is taken.
+    #[serde(with = "humantime_serde_compat")]
+    pub queue_interval: Duration,
+    /// Share of the limit each lower class may fill.
+    pub shares: Shares,
+}
+
+/// Share of the concurrency limit up to which each class below `critical` is admitted:
+/// a `sheddable` request gets in while fewer than `sheddable × limit` are in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Shares {
+    /// Share for `sheddable` requests, in (0, 1], at most `normal`.
+    pub sheddable: f64,
+    /// Share for `normal` requests, in (0, 1].
+    pub normal: f64,
+}
+
+impl Shares {
+    /// The share of the limit `priority` may fill (1 for `critical`).
+    pub fn of(&self, priority: Priority) -> f64 {
+        match priority {
+            Priority::Critical => 1.0,
+            Priority::Normal => self.normal,
+            Priority::Sheddable => self.sheddable,
+        }
+    }
 }
 
 /// Circuit breaker.
@@ -310,6 +391,8 @@ pub struct RetrySettings {
     pub backoff: Duration,
     /// Retries allowed as a share of requests over a sliding window.
     pub budget: f64,
+    /// Retries per second allowed whatever the traffic, on top of the budget.
+    pub min_per_second: f64,
 }
 
 /// Durations shown in `/config` the way they are written in the file ("250ms", "5s").

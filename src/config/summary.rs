@@ -138,11 +138,36 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
             LimitSettings::Fixed(n) => format!("max {n}"),
             LimitSettings::Adaptive { min, max } => format!("adaptive {min}..{max}"),
         };
-        lines.push(format!(
-            "concurrency {limit}, queue {} (wait up to {})",
+        let mut line = format!(
+            "concurrency {limit}, queue {} (wait up to {}",
             c.queue,
             dur(c.queue_timeout)
-        ));
+        );
+        if c.queue > 0 {
+            let _ = write!(
+                line,
+                "; standing above {} over {}",
+                dur(c.queue_target),
+                dur(c.queue_interval)
+            );
+        }
+        line.push(')');
+        if c.shares != d.concurrency.shares {
+            let _ = write!(
+                line,
+                ", sheddable up to {} and normal up to {} of the limit",
+                percent(c.shares.sheddable),
+                percent(c.shares.normal)
+            );
+        }
+        lines.push(line);
+    }
+    if p.priority != d.priority || p.priority_header.is_some() {
+        let mut line = format!("priority {}", p.priority.label());
+        if let Some(h) = &p.priority_header {
+            let _ = write!(line, " (or the request's `{h}` header)");
+        }
+        lines.push(line);
     }
     if p.circuit_breaker != d.circuit_breaker {
         let b = &p.circuit_breaker;
@@ -173,10 +198,11 @@ fn policy_lines(p: &PolicySettings) -> Vec<String> {
     if p.retries != d.retries {
         let r = &p.retries;
         lines.push(format!(
-            "retries {} (backoff {}, budget {})",
+            "retries {} (backoff {}, budget {} + {}/s)",
             r.attempts,
             dur(r.backoff),
-            percent(r.budget)
+            percent(r.budget),
+            r.min_per_second
         ));
     }
     lines
@@ -234,8 +260,8 @@ listeners
 
 routes (first match wins)
   [0] api  *.example.com /api GET  -> app  timeout 2s
-      concurrency adaptive 4..256, queue 64 (wait up to 100ms)
-      retries 2 (backoff 25ms, budget 20%)
+      concurrency adaptive 4..256, queue 64 (wait up to 100ms; standing above 5ms over 100ms)
+      retries 2 (backoff 25ms, budget 20% + 1/s)
   [1] all  * / *                   -> app  timeout 30s
       maintenance ON: every request gets 503 (retry_after 5s)
 

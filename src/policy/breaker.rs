@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 use tracing::{info, warn};
 
 use super::window::SlidingWindow;
-use crate::config::settings::BreakerSettings;
+use crate::config::settings::{BreakerSettings, Priority};
 use crate::error::{retry_after_secs, ProxyError, ShedReason};
 
 /// `Retry-After` for requests refused while the half-open probes are out: the probes answer
@@ -123,7 +123,7 @@ impl BreakerState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn admit(self: &Arc<Self>) -> Result<Admission, ProxyError> {
+    fn admit(self: &Arc<Self>, priority: Priority) -> Result<Admission, ProxyError> {
         let mut shared = self.lock();
         if let Mode::Open { until } = shared.mode {
             // The clock is read only here: a closed breaker admits without it.
@@ -133,6 +133,7 @@ impl BreakerState {
                 return Err(ProxyError::Shed {
                     reason: ShedReason::CircuitOpen,
                     retry_after,
+                    priority,
                 });
             }
             shared.mode = Mode::HalfOpen {
@@ -154,6 +155,7 @@ impl BreakerState {
                 return Err(ProxyError::Shed {
                     reason: ShedReason::CircuitOpen,
                     retry_after: HALF_OPEN_RETRY_AFTER,
+                    priority,
                 });
             }
         };
@@ -326,7 +328,7 @@ where
         if !self.state.settings.enabled {
             return ResponseFuture::admitted(self.inner.call(req), None);
         }
-        match self.state.admit() {
+        match self.state.admit(super::priority::of(&req)) {
             Ok(admission) => ResponseFuture::admitted(self.inner.call(req), Some(admission)),
             Err(error) => ResponseFuture::refused(error),
         }
@@ -458,6 +460,7 @@ mod tests {
         ProxyError::Shed {
             reason: ShedReason::CircuitOpen,
             retry_after: Duration::from_secs(retry_after_secs),
+            priority: Priority::Normal,
         }
     }
 
@@ -614,6 +617,7 @@ mod tests {
         let shed = ProxyError::Shed {
             reason: ShedReason::QueueTimeout,
             retry_after: Duration::from_secs(1),
+            priority: Priority::Normal,
         };
         let inner =
             tower::service_fn(

@@ -74,6 +74,7 @@ where
             let error = ProxyError::Shed {
                 reason: ShedReason::Maintenance,
                 retry_after: self.retry_after,
+                priority: super::priority::of(&req),
             };
             ResponseFuture {
                 state: State::Shed { error },
@@ -123,6 +124,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Priority;
     use crate::policy::test_support::{request, CountingService};
     use tower::ServiceExt;
 
@@ -137,12 +139,16 @@ mod tests {
     async fn enabled_sheds_without_calling_the_upstream() {
         let inner = CountingService::ok();
         let svc = MaintenanceLayer::new(&settings(true)).layer(inner.clone());
-        let err = svc.oneshot(request("GET", "")).await.unwrap_err();
+        let mut req = request("GET", "");
+        req.extensions_mut().insert(Priority::Critical);
+        let err = svc.oneshot(req).await.unwrap_err();
+        // The configured Retry-After as it is, and the request's class for the metric.
         assert_eq!(
             err,
             ProxyError::Shed {
                 reason: ShedReason::Maintenance,
-                retry_after: Duration::from_secs(120)
+                retry_after: Duration::from_secs(120),
+                priority: Priority::Critical,
             }
         );
         assert_eq!(inner.calls(), 0);

@@ -12,8 +12,10 @@
 
 mod adaptive;
 mod breaker;
+mod codel;
 mod concurrency;
 mod maintenance;
+pub(crate) mod priority;
 pub(crate) mod retry;
 pub(crate) mod timeout;
 mod window;
@@ -22,6 +24,7 @@ mod window;
 mod test_support;
 
 pub use concurrency::LimiterState;
+pub use priority::Classifier;
 
 pub(crate) use breaker::{BreakerState, CircuitBreaker, CircuitBreakerLayer, CircuitState};
 pub(crate) use concurrency::{ConcurrencyLimit, ConcurrencyLimitLayer};

@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 
 use super::window::SlidingWindow;
 use crate::config::settings::RetrySettings;
-use crate::error::ProxyError;
+use crate::error::{ProxyError, UpstreamError};
 
 /// Span of the budget's sliding window: long enough to smooth bursts, short enough that the
 /// budget reflects current traffic.
@@ -36,6 +36,8 @@ pub struct RetryState {
     attempts: u32,
     backoff: Duration,
     budget: f64,
+    /// Retries allowed in any window whatever the traffic: `min_per_second` × the window.
+    floor: f64,
     /// Original requests (`total`) and retries (`marked`) over [`BUDGET_WINDOW`].
     window: Mutex<SlidingWindow>,
     retries: IntCounter,
@@ -50,6 +52,7 @@ impl RetryState {
             attempts: settings.attempts,
             backoff: settings.backoff,
             budget: settings.budget,
+            floor: settings.min_per_second * BUDGET_WINDOW.as_secs_f64(),
             window: Mutex::new(SlidingWindow::new(BUDGET_WINDOW)),
             retries: retries_counter,
             jitter: full_jitter,
@@ -68,13 +71,14 @@ impl RetryState {
         self.lock().add(Instant::now(), 1, 0);
     }
 
-    /// Takes one retry out of the budget if `retries + 1 ≤ budget × requests` over the window.
+    /// Takes one retry out of the budget if `retries + 1 ≤ floor + budget × requests` over the
+    /// window: retries within the floor are always allowed, more need requests to pay for them.
     fn try_withdraw(&self) -> bool {
         let now = Instant::now();
         let mut window = self.lock();
         let counts = window.counts(now);
-        let allowed =
-            (counts.marked + 1) as f64 <= self.budget * counts.total as f64 + BUDGET_EPSILON;
+        let allowed = (counts.marked + 1) as f64
+            <= self.floor + self.budget * counts.total as f64 + BUDGET_EPSILON;
         if allowed {
             window.add(now, 0, 1);
         }
@@ -110,15 +114,21 @@ pub(crate) fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-/// Whether an outcome is worth another attempt: a failure before the request could reach the
-/// app, or the app (or a proxy in front of it) saying it could not serve right now.
+/// Whether an outcome is worth another attempt (of an idempotent request without a body, the
+/// only kind retried): a failure before the request could reach the app; a connection reset or
+/// closed before a response head (`connection_terminated`: for an idempotent request as safe
+/// to send again as a refused connect, as nginx's `proxy_next_upstream error` and Envoy's
+/// `retry_on: reset` treat it); or the app (or a proxy in front of it) saying it could not
+/// serve right now. A response timeout is not retried: the app may still be working on it.
 fn is_retryable<RB>(result: &Result<Response<RB>, ProxyError>) -> bool {
     match result {
         Ok(resp) => matches!(
             resp.status(),
             StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
         ),
-        Err(ProxyError::Upstream(e)) => e.is_connect_failure(),
+        Err(ProxyError::Upstream(e)) => {
+            e.is_connect_failure() || *e == UpstreamError::ConnectionTerminated
+        }
         Err(_) => false,
     }
 }
@@ -322,7 +332,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::{ShedReason, UpstreamError};
+    use crate::error::ShedReason;
     use crate::policy::test_support::{request, request_with_id, CountingService, Manual, Reply};
     use tower::ServiceExt;
 
@@ -334,15 +344,21 @@ mod tests {
         svc: Retry<CountingService>,
     }
 
-    /// Retries with `attempts`, 100 ms base backoff and `budget`; the jitter always picks the
-    /// longest delay so that timings are exact.
+    /// Retries with `attempts`, 100 ms base backoff and `budget` (no floor); the jitter always
+    /// picks the longest delay so that timings are exact.
     fn fixture(attempts: u32, budget: f64) -> Fixture {
+        fixture_with_floor(attempts, budget, 0.0)
+    }
+
+    /// [`fixture`] with `min_per_second` retries always allowed.
+    fn fixture_with_floor(attempts: u32, budget: f64, min_per_second: f64) -> Fixture {
         let upstream = CountingService::ok();
         let counter = IntCounter::new("spillway_retries_total", "retries").unwrap();
         let settings = RetrySettings {
             attempts,
             backoff: 100 * MS,
             budget,
+            min_per_second,
         };
         let state = Arc::new(RetryState::new(&settings, counter).with_jitter(|d| d));
         let svc = RetryLayer::new(state.clone()).layer(upstream.clone());
@@ -453,10 +469,11 @@ mod tests {
             (Reply::status(504), true),
             (Reply::error(UpstreamError::ConnectRefused), true),
             (Reply::error(UpstreamError::ConnectTimeout), true),
+            // Reset or closed before any response: an idempotent request may go again.
+            (Reply::error(UpstreamError::ConnectionTerminated), true),
             (Reply::status(500), false),
             (Reply::status(429), false),
-            // The request may have reached the app: sending it again could duplicate work.
-            (Reply::error(UpstreamError::ConnectionTerminated), false),
+            // The app may still be working on it.
             (Reply::error(UpstreamError::ResponseTimeout), false),
         ];
         for (reply, retried) in cases {
@@ -478,6 +495,7 @@ mod tests {
         let shed = ProxyError::Shed {
             reason: ShedReason::CircuitOpen,
             retry_after: Duration::from_secs(1),
+            priority: crate::config::Priority::Normal,
         };
         let svc = RetryLayer::new(f.state.clone()).layer(tower::service_fn(
             move |_req: Request<String>| async move { Err::<Response<String>, _>(shed) },
@@ -546,7 +564,83 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn at_low_traffic_the_default_budget_needs_five_requests_for_one_retry() {
+    async fn a_connection_terminated_before_the_response_is_retried_within_the_budget() {
+        // One retry allowed per request (budget 1.0, no floor): the first request's reset is
+        // retried; a second reset of the same request is not (attempts: 1).
+        let f = fixture(1, 1.0);
+        f.upstream
+            .push(Reply::error(UpstreamError::ConnectionTerminated))
+            .push(Reply::error(UpstreamError::ConnectionTerminated))
+            .push(Reply::error(UpstreamError::ConnectionTerminated));
+        let result = f.svc.clone().oneshot(request("GET", "")).await;
+        assert_eq!(
+            result.unwrap_err(),
+            ProxyError::Upstream(UpstreamError::ConnectionTerminated)
+        );
+        assert_eq!((f.upstream.calls(), f.retries()), (2, 1));
+        // Not for a request that cannot be replayed: its body went to the first attempt.
+        let result = f.svc.clone().oneshot(request("POST", "")).await;
+        assert!(result.is_err());
+        assert_eq!((f.upstream.calls(), f.retries()), (3, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_within_the_floor_are_always_allowed_and_more_need_the_ratio() {
+        // min_per_second 1 over the 10 s window: ten retries whatever the traffic; budget 0.5
+        // adds one per two requests.
+        let f = fixture_with_floor(1, 0.5, 1.0);
+        let always_503 = CountingService::new(Reply::status(503));
+        let svc = RetryLayer::new(f.state.clone()).layer(always_503.clone());
+        // After n requests, retry number k is allowed while k ≤ 10 + 0.5 × n: each of the
+        // first 20 requests is retried (the first ten on the floor alone).
+        for n in 1..=20u64 {
+            svc.clone().oneshot(request("GET", "")).await.unwrap();
+            assert_eq!(f.retries(), n, "request {n}");
+        }
+        // Then the ratio decides: 21 ≤ 20.5 no; 21 ≤ 21 yes; 22 ≤ 21.5 no; 22 ≤ 22 yes.
+        for (n, retried) in [(21, 20), (22, 21), (23, 21), (24, 22)] {
+            svc.clone().oneshot(request("GET", "")).await.unwrap();
+            assert_eq!(f.retries(), retried, "request {n}");
+        }
+        assert_eq!(always_503.calls(), 24 + 22);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quiet_route_retries_on_the_default_floor() {
+        // The defaults: budget 0.2, one retry a second. A route that sees one request every few
+        // seconds retries each of them; the ratio alone would allow none.
+        let defaults = crate::config::defaults::policy().retries;
+        let counter = IntCounter::new("spillway_retries_total", "retries").unwrap();
+        let settings = RetrySettings {
+            attempts: 1,
+            ..defaults
+        };
+        let state = Arc::new(RetryState::new(&settings, counter).with_jitter(|d| d));
+        let upstream = CountingService::ok();
+        let svc = RetryLayer::new(state.clone()).layer(upstream.clone());
+        for n in 1..=5u64 {
+            upstream.push(Reply::error(UpstreamError::ConnectionTerminated));
+            let resp = svc.clone().oneshot(request("GET", "")).await.unwrap();
+            assert_eq!(resp.status(), 200, "request {n}");
+            assert_eq!(state.retries.get(), n);
+            tokio::time::advance(Duration::from_secs(3)).await;
+        }
+        assert_eq!(upstream.calls(), 10);
+        // Within one window, the floor holds ten retries and no more (with a 0.2 ratio, ten
+        // more requests add two).
+        tokio::time::advance(BUDGET_WINDOW).await;
+        let always_503 = CountingService::new(Reply::status(503));
+        let svc = RetryLayer::new(state.clone()).layer(always_503.clone());
+        for _ in 0..15 {
+            svc.clone().oneshot(request("GET", "")).await.unwrap();
+        }
+        // retries + 1 ≤ 10 + 0.2 × n: the 1st to 12th are retried (12 ≤ 10 + 2.4), then
+        // 13 ≤ 10 + 0.2 × n needs n ≥ 15: the 15th is retried too.
+        assert_eq!(state.retries.get(), 5 + 13);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_low_traffic_the_budget_without_a_floor_needs_five_requests_for_one_retry() {
         let f = fixture(1, 0.2);
         let always_503 = CountingService::new(Reply::status(503));
         let svc = RetryLayer::new(f.state.clone()).layer(always_503.clone());

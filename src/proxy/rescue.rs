@@ -77,7 +77,9 @@ pub(super) fn rescue(
     let p = err.presentation();
     match err {
         ProxyError::Upstream(e) => exchange.metrics.upstream_error(e),
-        ProxyError::Shed { reason, .. } => exchange.metrics.shed(reason),
+        ProxyError::Shed {
+            reason, priority, ..
+        } => exchange.metrics.shed(reason, priority),
         _ => {}
     }
     exchange.status = p.status.as_u16();
@@ -225,6 +227,7 @@ mod tests {
         let shed = |reason| ProxyError::Shed {
             reason,
             retry_after: Duration::from_secs(1),
+            priority: crate::config::Priority::Normal,
         };
         let table: &[(ProxyError, u8)] = &[
             (ConnectRefused.into(), 14),
@@ -268,6 +271,7 @@ mod tests {
         let err = ProxyError::Shed {
             reason: ShedReason::Maintenance,
             retry_after: Duration::from_secs(30),
+            priority: crate::config::Priority::Normal,
         };
         let resp = rescue(
             &stamps,

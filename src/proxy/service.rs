@@ -241,6 +241,7 @@ fn start(
         let shed = ProxyError::Shed {
             reason: ShedReason::MemoryPressure,
             retry_after: route.settings.policy.retry_after,
+            priority: route.policy.classifier.classify(&parts.headers),
         };
         return answer(rescue(&rt.stamps, shed, exchange, style));
     }
@@ -304,6 +305,10 @@ fn start(
         // For the route timeout: whether a late answer is the client's fault.
         parts.extensions.insert(progress.clone());
     }
+    // The request's class under overload, for the limiter and the shed counter.
+    parts
+        .extensions
+        .insert(route.policy.classifier.classify(&parts.headers));
     let upstream_req = Request::from_parts(parts, body);
     let stack = route.service.clone().oneshot(upstream_req);
     let body_timeout = route.body_timeout;

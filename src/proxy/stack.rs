@@ -9,9 +9,9 @@ use super::upstream::{ConnectionWait, Forward, Upstream};
 use crate::config::{PolicySettings, RouteSettings};
 use crate::metrics::RouteMetrics;
 use crate::policy::{
-    BreakerState, CircuitBreaker, CircuitBreakerLayer, ConcurrencyLimit, ConcurrencyLimitLayer,
-    LimiterState, Maintenance, MaintenanceLayer, Retry, RetryLayer, RetryState, Timeout,
-    TimeoutLayer,
+    BreakerState, CircuitBreaker, CircuitBreakerLayer, Classifier, ConcurrencyLimit,
+    ConcurrencyLimitLayer, LimiterState, Maintenance, MaintenanceLayer, Retry, RetryLayer,
+    RetryState, Timeout, TimeoutLayer,
 };
 
 /// A route's composed service (a concrete type: no boxing on the request path).
@@ -29,6 +29,8 @@ pub struct PolicyState {
     pub breaker: Arc<BreakerState>,
     /// Retry budget.
     pub retry: Arc<RetryState>,
+    /// Decides each request's class (stateless: rebuilt on every reload).
+    pub classifier: Classifier,
 }
 
 impl PolicyState {
@@ -40,15 +42,19 @@ impl PolicyState {
         previous: Option<&PolicyState>,
     ) -> Self {
         let p = &route.policy;
+        // Only a route that reads a priority header sees requests of different classes.
+        let by_class = p.priority_header.is_some();
         let limiter = previous
             .filter(|old| {
                 old.settings.concurrency == p.concurrency
                     && old.settings.retry_after == p.retry_after
+                    && old.settings.priority_header.is_some() == by_class
             })
             .map(|old| old.limiter.clone())
             .unwrap_or_else(|| {
                 Arc::new(LimiterState::new(
                     &p.concurrency,
+                    by_class,
                     p.retry_after,
                     metrics.concurrency_limit.clone(),
                 ))
@@ -72,6 +78,7 @@ impl PolicyState {
             limiter,
             breaker,
             retry,
+            classifier: Classifier::new(p),
         }
     }
 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::drain::{ConnectionSlot, Connections};
 use super::timer::SpareTimer;
 use crate::config::ListenerSettings;
+use crate::config::Priority;
 use crate::error::{retry_after_secs, ProxyError, ShedReason};
 use crate::http1::request::HeadLimits;
 use crate::http1::server::io::{ClientIo, Rewind};
@@ -241,6 +242,8 @@ fn refusal(rt: &Runtime) -> Vec<u8> {
     let err = ProxyError::Shed {
         reason: ShedReason::ConcurrencyLimit,
         retry_after: rt.settings.retry_after,
+        // No request has been read: nothing to classify.
+        priority: Priority::Normal,
     };
     let p = err.presentation();
     let mut w = Vec::with_capacity(320);

@@ -233,7 +233,7 @@ async fn at_the_upstreams_connection_cap_a_request_is_refused_without_a_queue() 
     );
     assert_eq!(r.header("retry-after"), "5");
     assert_eq!(
-        p.metric(r#"spillway_shed_total{reason="upstream_connection_limit",route="default"}"#)
+        p.metric(r#"spillway_shed_total{priority="normal",reason="upstream_connection_limit",route="default"}"#)
             .await,
         1.0
     );

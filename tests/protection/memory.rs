@@ -77,7 +77,7 @@ async fn short_of_memory_spillway_sheds_and_recovers() {
         "proxy short of memory, retry later\n"
     );
     assert_eq!(
-        p.metric(r#"spillway_shed_total{reason="memory_pressure",route="default"}"#)
+        p.metric(r#"spillway_shed_total{priority="normal",reason="memory_pressure",route="default"}"#)
             .await,
         1.0
     );

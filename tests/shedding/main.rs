@@ -6,7 +6,9 @@
 //! - [`concurrency`]: the concurrency limit, its queue, and the adaptive limit
 //! - [`breaker`]: the circuit breaker
 //! - [`maintenance`]: maintenance mode
-//! - [`retries`]: retries, their budget, and the route timeout over all attempts
+//! - [`priorities`]: classes of requests, the least important shed first; the spread
+//!   `Retry-After`
+//! - [`retries`]: retries, their budget and its floor, and the route timeout over all attempts
 //! - [`reload`]: breaker and limiter state across reloads
 //!
 //! The upstream is a [`GatedUpstream`]: it records every request on arrival and can hold
@@ -20,6 +22,7 @@ mod common;
 mod breaker;
 mod concurrency;
 mod maintenance;
+mod priorities;
 mod reload;
 mod retries;
 
@@ -41,8 +44,13 @@ const ROUTE: &str = DEFAULT_ROUTE;
 const RETRY_AFTER_YAML: &str = "    retry_after: 7s\n";
 const RETRY_AFTER_SECS: &str = "7";
 
+/// The shed counter of `reason` on `route` for requests of the default class, `normal`.
 fn shed_series(reason: &str, route: &str) -> String {
-    format!(r#"spillway_shed_total{{reason="{reason}",route="{route}"}}"#)
+    shed_series_of("normal", reason, route)
+}
+
+fn shed_series_of(priority: &str, reason: &str, route: &str) -> String {
+    format!(r#"spillway_shed_total{{priority="{priority}",reason="{reason}",route="{route}"}}"#)
 }
 
 fn limit_series(route: &str) -> String {
@@ -70,8 +78,13 @@ async fn join(h: JoinHandle<Resp>) -> Resp {
 /// Every shed response: 503, the exact `Retry-After` and `Proxy-Status`, the generated body
 /// and stamps.
 fn assert_shed(r: &Resp, retry_after: &str, error_type: &str, body: &str) {
-    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
     assert_eq!(r.header("retry-after"), retry_after, "{r:?}");
+    assert_shed_spread(r, error_type, body);
+}
+
+/// [`assert_shed`] without the exact `Retry-After`.
+fn assert_shed_spread(r: &Resp, error_type: &str, body: &str) {
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
     assert_eq!(
         r.header("proxy-status"),
         format!("{SERVER_ID}; error={error_type}"),
@@ -87,12 +100,16 @@ fn assert_shed(r: &Resp, retry_after: &str, error_type: &str, body: &str) {
     assert_eq!(r.text(), body, "{r:?}");
 }
 
+/// A refusal by the concurrency limit or its queue, on a route whose `retry_after` is
+/// `retry_after` seconds: its `Retry-After` is spread over `[⌈retry_after/2⌉, retry_after]`.
 fn assert_overloaded(r: &Resp, retry_after: &str) {
-    assert_shed(
-        r,
-        retry_after,
-        "connection_limit_reached",
-        "overloaded, retry later\n",
+    assert_shed_spread(r, "connection_limit_reached", "overloaded, retry later\n");
+    let most: u64 = retry_after.parse().expect("whole seconds");
+    let got: u64 = r.header("retry-after").parse().expect("delay-seconds");
+    assert!(
+        (most.div_ceil(2)..=most).contains(&got),
+        "Retry-After {got} outside [{}, {most}]: {r:?}",
+        most.div_ceil(2)
     );
 }
 

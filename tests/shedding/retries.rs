@@ -1,5 +1,6 @@
-//! Retries: which requests are retried and on which endpoint, the retry budget, the route
-//! timeout bounding all attempts together, and never a retry once the response head was sent.
+//! Retries: which requests are retried and on which endpoint, the retry budget and its floor
+//! on a quiet route, the route timeout bounding all attempts together, and never a retry once
+//! the response head was sent.
 
 use super::*;
 
@@ -153,10 +154,10 @@ async fn a_retry_avoids_the_failed_endpoint_under_concurrent_traffic() {
 async fn the_retry_budget_caps_retries_exactly() {
     let up = GatedUpstream::start().await;
     up.set_status(503);
-    let extra = "    retries: { attempts: 2, backoff: 10ms, budget: 0.2 }\n";
+    let extra = "    retries: { attempts: 2, backoff: 10ms, budget: 0.2, min_per_second: 0 }\n";
     let p = TestProxy::start(&TestProxy::simple_config(up.addr, extra)).await;
-    // The rule (src/policy/retry.rs): a retry is sent only if `retries + 1 ≤ budget × requests`
-    // over the window, every request counting itself first. With 0.2 and sequential requests
+    // The rule (src/policy/retry.rs), without a floor: a retry is sent only if
+    // `retries + 1 ≤ budget × requests` over the window, every request counting itself first. With 0.2 and sequential requests
     // that all fail: the 5th, 10th, 15th and 20th may retry once each (their second retry would
     // need 2 ≤ 1, 3 ≤ 2, …): 4 retries for 20 requests, well within the 10 s window.
     let mut expected_retries = 0;
@@ -240,5 +241,81 @@ async fn a_response_whose_head_was_sent_is_never_retried() {
         r.body
     );
     assert_eq!(up.accepted(), 1);
+    assert_eq!(p.metric(&retries_series(ROUTE)).await, 0.0);
+}
+
+/// A route over two endpoints, the first resetting every connection before any response, the
+/// second `good`; its retries block is `retries`.
+fn reset_then_good_config(reset: SocketAddr, good: SocketAddr, retries: &str) -> String {
+    format!(
+        "server_id: {SERVER_ID}\n\
+         listeners:\n  - name: http\n    address: 127.0.0.1:0\n\
+         admin:\n  address: 127.0.0.1:0\n\
+         upstreams:\n  app:\n    endpoints: [\"{reset}\", \"{good}\"]\n\
+         routes:\n  - name: {ROUTE}\n    match: {{ path_prefix: / }}\n    upstream: app\n\
+         \x20   retries: {retries}\n"
+    )
+}
+
+#[tokio::test]
+async fn a_reset_before_the_response_is_retried_on_a_quiet_route() {
+    let reset = RawUpstream::start(Misbehaviour::Reset).await;
+    let good = GatedUpstream::start().await;
+    // Only `attempts` is set: the default budget (0.2) alone would allow no retry among these
+    // few requests (the first needs five in the window); the default floor (one a second)
+    // allows each of them.
+    let p = TestProxy::start(&reset_then_good_config(
+        reset.addr,
+        good.addr,
+        "{ attempts: 1, backoff: 1ms }",
+    ))
+    .await;
+    // Round robin: requests 1 and 3 go first to the resetting endpoint, and their retries to
+    // the other one (connection_terminated is as safe to resend as a refused connect).
+    for n in 1..=4 {
+        assert_from_upstream(&get(&p.url(&format!("/r?n={n}"))).await, 200);
+    }
+    assert_eq!(reset.accepted(), 2);
+    assert_eq!(
+        good.requests(),
+        ["GET /r?n=1", "GET /r?n=2", "GET /r?n=3", "GET /r?n=4"]
+    );
+    assert_eq!(p.metric(&retries_series(ROUTE)).await, 2.0);
+    assert_eq!(
+        p.metric(&upstream_errors_series("connection_terminated", ROUTE))
+            .await,
+        0.0,
+        "a failed attempt that was retried is not an error the client saw"
+    );
+    // A POST is never resent: its reset is the client's 502.
+    let r = send(req(Method::POST, &p.url("/post"), "")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{r:?}");
+    assert_eq!(
+        r.header("proxy-status"),
+        format!("{SERVER_ID}; error=connection_terminated")
+    );
+    assert_eq!(reset.accepted(), 3);
+    assert_eq!(good.total(), 4);
+    assert_eq!(p.metric(&retries_series(ROUTE)).await, 2.0);
+}
+
+#[tokio::test]
+async fn without_the_floor_a_quiet_route_does_not_retry() {
+    let reset = RawUpstream::start(Misbehaviour::Reset).await;
+    let good = GatedUpstream::start().await;
+    let p = TestProxy::start(&reset_then_good_config(
+        reset.addr,
+        good.addr,
+        "{ attempts: 1, backoff: 1ms, min_per_second: 0 }",
+    ))
+    .await;
+    // The first request's retry would need 1 ≤ 0.2 × 1.
+    let r = get(&p.url("/r?n=1")).await;
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{r:?}");
+    assert_eq!(
+        r.header("proxy-status"),
+        format!("{SERVER_ID}; error=connection_terminated")
+    );
+    assert_eq!((reset.accepted(), good.total()), (1, 0));
     assert_eq!(p.metric(&retries_series(ROUTE)).await, 0.0);
 }

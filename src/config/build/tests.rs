@@ -28,10 +28,12 @@ routes:
     match: { path_prefix: /checkout, host: shop.example.com, methods: [GET, POST] }
     upstream: app
     timeout: 2s
-    concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms }
+    concurrency: { adaptive: { min: 4, max: 256 }, queue: 64, queue_timeout: 100ms, queue_target: 10ms, queue_interval: 200ms, shares: { sheddable: 0.4, normal: 0.8 } }
     circuit_breaker: { enabled: true, window: 10s, min_requests: 20, failure_ratio: 0.5, open_for: 10s, half_open_requests: 3, failure_codes: [502, 503, 504] }
     maintenance: { enabled: false, retry_after: 10m }
-    retries: { attempts: 2, backoff: 25ms, budget: 0.2 }
+    retries: { attempts: 2, backoff: 25ms, budget: 0.2, min_per_second: 2.5 }
+    priority: critical
+    priority_header: X-Priority
   - name: default
     match: { path_prefix: / }
     upstream: app
@@ -132,6 +134,12 @@ fn example_config_gives_exact_settings() {
                         limit: LimitSettings::Adaptive { min: 4, max: 256 },
                         queue: 64,
                         queue_timeout: ms(100),
+                        queue_target: ms(10),
+                        queue_interval: ms(200),
+                        shares: Shares {
+                            sheddable: 0.4,
+                            normal: 0.8,
+                        },
                     },
                     circuit_breaker: BreakerSettings {
                         enabled: true,
@@ -150,7 +158,10 @@ fn example_config_gives_exact_settings() {
                         attempts: 2,
                         backoff: ms(25),
                         budget: 0.2,
+                        min_per_second: 2.5,
                     },
+                    priority: Priority::Critical,
+                    priority_header: Some("x-priority".into()),
                 },
             },
             RouteSettings {
@@ -169,6 +180,12 @@ fn example_config_gives_exact_settings() {
                         limit: LimitSettings::Fixed(1000),
                         queue: 0,
                         queue_timeout: ms(100),
+                        queue_target: ms(5),
+                        queue_interval: ms(100),
+                        shares: Shares {
+                            sheddable: 0.5,
+                            normal: 0.9,
+                        },
                     },
                     circuit_breaker: BreakerSettings {
                         enabled: false,
@@ -187,7 +204,10 @@ fn example_config_gives_exact_settings() {
                         attempts: 0,
                         backoff: ms(25),
                         budget: 0.2,
+                        min_per_second: 1.0,
                     },
+                    priority: Priority::Normal,
+                    priority_header: None,
                 },
             },
         ],
@@ -513,8 +533,8 @@ fn every_semantic_error_is_reported_in_file_order() {
         ("routes[0].circuit_breaker.failure_codes[1]", 25),
         ("routes[0].maintenance.retry_after", 26),
         ("routes[0].retries.budget", 27),
-        ("routes[1].name", 28),
-        ("routes[1].match.path_prefix", 29),
+        ("routes[1].name", 30),
+        ("routes[1].match.path_prefix", 31),
     ]
     .into_iter()
     .map(|(p, l)| (p.to_owned(), Some(l)))
@@ -679,22 +699,26 @@ listeners: [{ address: 127.0.0.1:0 }]
 defaults:
   timeout: 10s
   retry_after: 7s
-  concurrency: { max: 50, queue: 10, queue_timeout: 1s }
+  concurrency: { max: 50, queue: 10, queue_timeout: 1s, queue_target: 20ms, shares: { sheddable: 0.3 } }
   circuit_breaker: { enabled: true, window: 30s, failure_codes: [503] }
-  retries: { attempts: 1, budget: 0.1 }
+  retries: { attempts: 1, budget: 0.1, min_per_second: 0 }
+  priority: sheddable
+  priority_header: x-class
 upstreams: { app: { endpoints: [\"app:3000\"] } }
 routes:
   - name: a
     upstream: app
-    concurrency: { queue: 5 }
+    concurrency: { queue: 5, shares: { normal: 0.7 } }
     circuit_breaker: { min_requests: 5 }
     retries: { backoff: 50ms }
     maintenance: { enabled: true }
+    priority: Critical
   - name: b
     match: { path_prefix: /b }
     upstream: app
     retry_after: 1s
-    concurrency: { adaptive: { max: 20 } }
+    concurrency: { adaptive: { max: 20 }, queue_interval: 1s }
+    priority_header: X-Other
 ";
     let s = ok(text).settings;
     let a = &s.routes[0].policy;
@@ -705,7 +729,13 @@ routes:
         ConcurrencySettings {
             limit: LimitSettings::Fixed(50),
             queue: 5,
-            queue_timeout: secs(1)
+            queue_timeout: secs(1),
+            queue_target: ms(20),
+            queue_interval: ms(100),
+            shares: Shares {
+                sheddable: 0.3,
+                normal: 0.7
+            },
         }
     );
     assert_eq!(
@@ -725,9 +755,13 @@ routes:
         RetrySettings {
             attempts: 1,
             backoff: ms(50),
-            budget: 0.1
+            budget: 0.1,
+            min_per_second: 0.0,
         }
     );
+    // Priority words ignore case; the header is inherited.
+    assert_eq!(a.priority, Priority::Critical);
+    assert_eq!(a.priority_header.as_deref(), Some("x-class"));
     // Maintenance inherits the effective Retry-After when it sets none.
     assert_eq!(
         a.maintenance,
@@ -744,7 +778,13 @@ routes:
         ConcurrencySettings {
             limit: LimitSettings::Adaptive { min: 1, max: 20 },
             queue: 10,
-            queue_timeout: secs(1)
+            queue_timeout: secs(1),
+            queue_target: ms(20),
+            queue_interval: secs(1),
+            shares: Shares {
+                sheddable: 0.3,
+                normal: 0.9
+            },
         }
     );
     assert_eq!(
@@ -754,6 +794,8 @@ routes:
             retry_after: secs(1)
         }
     );
+    assert_eq!(b.priority, Priority::Sheddable);
+    assert_eq!(b.priority_header.as_deref(), Some("x-other"));
 }
 
 #[test]
@@ -815,9 +857,83 @@ fn max_and_adaptive_in_one_block_is_an_error_and_bounds_are_checked() {
                 Some(24),
                 "adaptive min (300) must not exceed adaptive max (256)".to_owned()
             ),
-            ("routes[1].concurrency.max".to_owned(), Some(29), "must be at least 1".to_owned()),
+            ("routes[1].concurrency.max".to_owned(), Some(31), "must be at least 1".to_owned()),
         ]
     );
+}
+
+#[test]
+fn the_retry_floor_is_zero_or_more() {
+    let text = MINIMAL.to_owned()
+        + "  - { name: s, upstream: app, match: { path_prefix: /s }, retries: { min_per_second: -1 } }\n";
+    let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.3)).collect();
+    assert_eq!(
+        got,
+        [(
+            "routes[1].retries.min_per_second".to_owned(),
+            "min_per_second -1 must be 0 or more".to_owned()
+        )]
+    );
+}
+
+#[test]
+fn priorities_priority_headers_shares_and_queue_timing_are_checked() {
+    let text = MINIMAL.to_owned()
+        + "  - name: s
+    match: { path_prefix: /s }
+    upstream: app
+    priority: urgent
+    priority_header: \"x priority\"
+  - name: t
+    match: { path_prefix: /t }
+    upstream: app
+    priority_header: Connection
+    concurrency: { shares: { sheddable: 0.8, normal: 0.6 } }
+  - name: u
+    match: { path_prefix: /u }
+    upstream: app
+    concurrency: { queue_target: 0s, queue_interval: soon, shares: { sheddable: 0, normal: 1.5 } }
+";
+    let got: Vec<_> = errors(&text).into_iter().map(|e| (e.0, e.3)).collect();
+    let want = [
+        (
+            "routes[1].priority",
+            "unknown priority `urgent`: expected critical, normal or sheddable",
+        ),
+        (
+            "routes[1].priority_header",
+            "`x priority` is not a valid header name",
+        ),
+        (
+            "routes[2].priority_header",
+            "`Connection` is a hop-by-hop header, removed before forwarding: name another",
+        ),
+        (
+            "routes[2].concurrency.shares",
+            "shares.sheddable (0.8) must not exceed shares.normal (0.6): a sheddable request would get in where a normal one does not",
+        ),
+        (
+            "routes[3].concurrency.queue_target",
+            "must be greater than zero",
+        ),
+        (
+            "routes[3].concurrency.queue_interval",
+            "`soon` is not a duration: use a number and a unit, e.g. 250ms, 5s, 1m",
+        ),
+        (
+            "routes[3].concurrency.shares.sheddable",
+            "share 0 must be greater than 0 and at most 1",
+        ),
+        (
+            "routes[3].concurrency.shares.normal",
+            "share 1.5 must be greater than 0 and at most 1",
+        ),
+    ];
+    let want: Vec<_> = want
+        .iter()
+        .map(|(p, m)| (p.to_string(), m.to_string()))
+        .collect();
+    assert_eq!(got, want);
 }
 
 #[test]

@@ -22,7 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tower::Service as _;
 
-use crate::config::{UpstreamProtocol, UpstreamSettings};
+use crate::config::{Priority, UpstreamProtocol, UpstreamSettings};
 use crate::error::{ProxyError, ShedReason, UpstreamError};
 use crate::http1::server::BodyReader;
 use crate::policy::retry::is_idempotent;
@@ -284,7 +284,7 @@ impl Upstream {
                     .connect_and_send(connector, ep, slot, &parts, body)
                     .await
             }
-            None => return Err(wait.refusal()),
+            None => return Err(wait.refusal(&parts)),
         };
         // The stale connection closed, so its place is free (unless another request took it).
         let slot = match ep.pool.acquire(wait.wait).await {
@@ -296,7 +296,7 @@ impl Upstream {
                     .map(|resp| resp.map(UpstreamBody::Http1))
                     .map_err(|e| e.error)
             }
-            None => return Err(wait.refusal()),
+            None => return Err(wait.refusal(&parts)),
         };
         self.connect_and_send(connector, ep, slot, &parts, body)
             .await
@@ -399,10 +399,15 @@ pub struct ConnectionWait {
 }
 
 impl ConnectionWait {
-    fn refusal(&self) -> ProxyError {
+    fn refusal(&self, parts: &http::request::Parts) -> ProxyError {
         ProxyError::Shed {
             reason: ShedReason::UpstreamConnectionLimit,
             retry_after: self.retry_after,
+            priority: parts
+                .extensions
+                .get::<Priority>()
+                .copied()
+                .unwrap_or_default(),
         }
     }
 }
