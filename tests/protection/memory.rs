@@ -77,8 +77,10 @@ async fn short_of_memory_spillway_sheds_and_recovers() {
         "proxy short of memory, retry later\n"
     );
     assert_eq!(
-        p.metric(r#"spillway_shed_total{priority="normal",reason="memory_pressure",route="default"}"#)
-            .await,
+        p.metric(
+            r#"spillway_shed_total{priority="normal",reason="memory_pressure",route="default"}"#
+        )
+        .await,
         1.0
     );
     assert_eq!(up.seen().len(), 2, "the app saw nothing new");
