@@ -1,0 +1,40 @@
+//! Operating spillway like infrastructure, end to end over loopback:
+//!
+//! - [`latency`]: the duration buckets (each route's timeout a boundary, a timed-out request
+//!   on it) and the upstream histogram, on exact counts
+//!
+//! Every test uses ephemeral loopback ports; loops are bounded by [`STEP`].
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod latency;
+
+// What the modules share; each of them starts with `use super::*`.
+use std::net::SocketAddr;
+
+use common::*;
+use http::StatusCode;
+use spillway::demo::DemoApp;
+
+/// One bucket of `spillway_request_duration_seconds` (`le` as the exposition prints it).
+fn duration_bucket(route: &str, code: u16, le: &str) -> String {
+    format!(
+        r#"spillway_request_duration_seconds_bucket{{code="{code}",route="{route}",le="{le}"}}"#
+    )
+}
+
+/// One bucket of `spillway_upstream_duration_seconds`.
+fn upstream_bucket(route: &str, le: &str) -> String {
+    format!(r#"spillway_upstream_duration_seconds_bucket{{route="{route}",le="{le}"}}"#)
+}
+
+/// The observation count of `spillway_upstream_duration_seconds` for a route.
+fn upstream_count(route: &str) -> String {
+    format!(r#"spillway_upstream_duration_seconds_count{{route="{route}"}}"#)
+}
+
+/// The observation count of `spillway_request_duration_seconds` for a route and code.
+fn duration_count(route: &str, code: u16) -> String {
+    format!(r#"spillway_request_duration_seconds_count{{code="{code}",route="{route}"}}"#)
+}
