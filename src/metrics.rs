@@ -4,12 +4,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::Method;
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::error::{ShedReason, UpstreamError};
@@ -38,6 +38,11 @@ pub const RETRIES_TOTAL: &str = "spillway_retries_total";
 pub const CONFIG_RELOADS_TOTAL: &str = "spillway_config_reloads_total";
 /// Gauge: 1 if the last config reload succeeded, else 0.
 pub const CONFIG_LAST_RELOAD_SUCCESSFUL: &str = "spillway_config_last_reload_successful";
+/// Gauge: always 1, labelled with the version (hash) of the config serving.
+pub const CONFIG_INFO: &str = "spillway_config_info";
+/// Gauge: when the serving config was loaded (at start, or by the last successful reload), in
+/// seconds since the Unix epoch.
+pub const CONFIG_LAST_RELOAD_TIMESTAMP: &str = "spillway_config_last_reload_timestamp_seconds";
 /// Counter: failed TLS handshakes by listener.
 pub const TLS_HANDSHAKE_ERRORS_TOTAL: &str = "spillway_tls_handshake_errors_total";
 
@@ -143,6 +148,8 @@ pub struct Metrics {
     reloads: IntCounterVec,
     /// 1 if the last reload succeeded, else 0.
     pub last_reload_successful: IntGauge,
+    config_info: IntGaugeVec,
+    config_loaded_at: Gauge,
     tls_handshake_errors: IntCounterVec,
     open_connections: IntGaugeVec,
     connections_refused: IntCounterVec,
@@ -228,6 +235,19 @@ impl Metrics {
             .expect("valid"),
         );
         last_reload_successful.set(1);
+        let config_info = gauge(
+            CONFIG_INFO,
+            "Always 1; labelled with the version (hash) of the config serving.",
+            &["version"],
+        );
+        let config_loaded_at = reg(
+            &registry,
+            Gauge::new(
+                CONFIG_LAST_RELOAD_TIMESTAMP,
+                "When the serving config was loaded (start or last successful reload), in Unix seconds.",
+            )
+            .expect("valid"),
+        );
         for result in ["success", "failure"] {
             reloads.with_label_values(&[result]);
         }
@@ -287,6 +307,8 @@ impl Metrics {
             retries,
             reloads,
             last_reload_successful,
+            config_info,
+            config_loaded_at,
             tls_handshake_errors,
         }
     }
@@ -388,6 +410,17 @@ impl Metrics {
         };
         all.insert(route.to_owned(), made.clone());
         made
+    }
+
+    /// Records the config now serving: `spillway_config_info{version}` names it alone, and
+    /// `spillway_config_last_reload_timestamp_seconds` is `at`.
+    pub fn config_loaded(&self, version: &str, at: SystemTime) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[version]).set(1);
+        self.config_loaded_at.set(
+            at.duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
     }
 
     /// Counts a config reload.
@@ -705,5 +738,20 @@ mod tests {
         assert_eq!(r.observed_seconds(late, 200, None), 1.003);
         // A route without a known timeout.
         assert_eq!(m.route("u").observed_seconds(late, 504, timeout), 1.003);
+    }
+
+    #[test]
+    fn config_info_names_only_the_version_serving() {
+        let m = Metrics::new();
+        let at = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        m.config_loaded("aaaa", at);
+        m.config_loaded("bbbb", at + Duration::from_secs(5));
+        let text = m.render();
+        assert!(
+            text.contains(r#"spillway_config_info{version="bbbb"} 1"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"version="aaaa""#));
+        assert!(text.contains("spillway_config_last_reload_timestamp_seconds 1700000005"));
     }
 }

@@ -84,6 +84,7 @@ impl Reloader {
         match &result {
             Ok(r) => {
                 metrics.reload(true);
+                metrics.config_loaded(&r.version, std::time::SystemTime::now());
                 if r.changed {
                     tracing::info!(version = %r.version, "config reloaded");
                 }

@@ -110,6 +110,7 @@ impl Server {
         let certificates = Certificates::load(&loaded.settings, &metrics)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let runtime = Runtime::build(loaded, &metrics, None);
+        metrics.config_loaded(&runtime.version, runtime.loaded_at);
         let state = Arc::new(ProcessState {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             metrics,
