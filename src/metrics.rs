@@ -149,6 +149,8 @@ pub struct Metrics {
     /// 1 if the last reload succeeded, else 0.
     pub last_reload_successful: IntGauge,
     config_info: IntGaugeVec,
+    /// The version `config_info` names.
+    config_version: Arc<Mutex<Option<String>>>,
     config_loaded_at: Gauge,
     tls_handshake_errors: IntCounterVec,
     open_connections: IntGaugeVec,
@@ -308,6 +310,7 @@ impl Metrics {
             reloads,
             last_reload_successful,
             config_info,
+            config_version: Arc::default(),
             config_loaded_at,
             tls_handshake_errors,
         }
@@ -415,8 +418,14 @@ impl Metrics {
     /// Records the config now serving: `spillway_config_info{version}` names it alone, and
     /// `spillway_config_last_reload_timestamp_seconds` is `at`.
     pub fn config_loaded(&self, version: &str, at: SystemTime) {
-        self.config_info.reset();
+        // The new series first, then the old one goes: a scrape in between never finds none.
         self.config_info.with_label_values(&[version]).set(1);
+        let mut serving = self.config_version.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = serving.replace(version.to_owned()) {
+            if old != version {
+                let _ = self.config_info.remove_label_values(&[&old]);
+            }
+        }
         self.config_loaded_at.set(
             at.duration_since(UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
