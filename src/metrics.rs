@@ -420,7 +420,10 @@ impl Metrics {
     pub fn config_loaded(&self, version: &str, at: SystemTime) {
         // The new series first, then the old one goes: a scrape in between never finds none.
         self.config_info.with_label_values(&[version]).set(1);
-        let mut serving = self.config_version.lock().unwrap_or_else(|p| p.into_inner());
+        let mut serving = self
+            .config_version
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(old) = serving.replace(version.to_owned()) {
             if old != version {
                 let _ = self.config_info.remove_label_values(&[&old]);

@@ -34,6 +34,29 @@ pub struct Reloaded {
     pub changed: bool,
 }
 
+/// A refused reload: when, and why. The last one is kept (also after a later reload succeeds)
+/// for `/config` and `/status.json`, so that the reason is still there when someone looks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadFailure {
+    /// When it was refused (RFC 3339, UTC).
+    pub at: String,
+    /// Each error as the log and `spillway check` write it: `path: message (line L, column
+    /// C); hint`.
+    pub lines: Vec<String>,
+    /// The same errors, field by field (as `POST /reload` answers them).
+    pub errors: Vec<ConfigError>,
+}
+
+impl ReloadFailure {
+    fn new(errors: &ConfigErrors, at: std::time::SystemTime) -> ReloadFailure {
+        ReloadFailure {
+            at: humantime::format_rfc3339_seconds(at).to_string(),
+            lines: errors.0.iter().map(ToString::to_string).collect(),
+            errors: errors.0.clone(),
+        }
+    }
+}
+
 /// Reloads a running process's config from its file: the one way a new config is applied,
 /// whatever triggered it.
 pub struct Reloader {
@@ -46,6 +69,8 @@ pub struct Reloader {
     lock: Mutex<()>,
     /// Hash of the config file's bytes at the last watch-triggered attempt (or at start).
     last_seen_file: Mutex<Option<u64>>,
+    /// The last refused reload, if any.
+    last_failure: Mutex<Option<ReloadFailure>>,
 }
 
 impl Reloader {
@@ -63,7 +88,16 @@ impl Reloader {
             env,
             lock: Mutex::new(()),
             last_seen_file: Mutex::new(serving),
+            last_failure: Mutex::new(None),
         })
+    }
+
+    /// The last refused reload since start, if any (kept after later successful ones).
+    pub fn last_failure(&self) -> Option<ReloadFailure> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The config file, when there is one.
@@ -94,6 +128,8 @@ impl Reloader {
                 for e in &errors.0 {
                     tracing::error!(path = %path.display(), "config reload refused: {e}");
                 }
+                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(ReloadFailure::new(errors, std::time::SystemTime::now()));
             }
         }
         result

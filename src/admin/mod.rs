@@ -147,7 +147,10 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
             let mut r = text(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                status::page(&status::snapshot(&admin.state)),
+                status::page(&status::snapshot(
+                    &admin.state,
+                    admin.reloader.last_failure(),
+                )),
             );
             let h = r.headers_mut();
             h.insert(
@@ -168,7 +171,11 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
             let mut r = text(
                 StatusCode::OK,
                 JSON,
-                serde_json::to_vec(&status::snapshot(&admin.state)).unwrap_or_default(),
+                serde_json::to_vec(&status::snapshot(
+                    &admin.state,
+                    admin.reloader.last_failure(),
+                ))
+                .unwrap_or_default(),
             );
             r.headers_mut().insert(
                 http::header::CACHE_CONTROL,
@@ -197,6 +204,8 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
             let body = serde_json::json!({
                 "version": rt.version,
                 "loaded_at": humantime::format_rfc3339_seconds(rt.loaded_at).to_string(),
+                // Why the last refused reload was refused (null if none was since start).
+                "last_reload_error": admin.reloader.last_failure(),
                 "config": rt.settings,
             });
             text(

@@ -24,6 +24,7 @@ use crate::metrics::{
 };
 use crate::policy::CircuitState;
 use crate::proxy::Runtime;
+use crate::reload::ReloadFailure;
 use crate::shared::ProcessState;
 
 /// The page template. The server puts the first sample into it, so the page shows the routes
@@ -95,6 +96,8 @@ pub(crate) struct ReloadStatus {
     pub successes: u64,
     /// Refused reloads since start.
     pub failures: u64,
+    /// The last refused reload since start, with its error lines (kept after a later success).
+    pub last_error: Option<ReloadFailure>,
 }
 
 /// One route's counts and live policy state.
@@ -201,16 +204,18 @@ pub(crate) struct Latency {
     pub p99_seconds: Option<f64>,
 }
 
-/// Takes a sample of a running spillway.
-pub(crate) fn snapshot(state: &ProcessState) -> Status {
+/// Takes a sample of a running spillway; `last_failure` is its reloader's last refused reload.
+pub(crate) fn snapshot(state: &ProcessState, last_failure: Option<ReloadFailure>) -> Status {
     let runtime = state.runtime.load();
     let families = state.metrics.registry().gather();
-    build(
+    let mut status = build(
         &runtime,
         &families,
         state.ready.load(std::sync::atomic::Ordering::SeqCst),
         SystemTime::now(),
-    )
+    );
+    status.reload.last_error = last_failure;
+    status
 }
 
 /// Builds a sample from the runtime snapshot (routes, limiter and breaker state) and gathered
@@ -271,6 +276,7 @@ pub(crate) fn build(
             last_successful: index.gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, None) != Some(0.0),
             successes: index.counter_where(CONFIG_RELOADS_TOTAL, "result", "success"),
             failures: index.counter_where(CONFIG_RELOADS_TOTAL, "result", "failure"),
+            last_error: None,
         },
         process: index.process(),
         routes,
@@ -629,7 +635,8 @@ mod tests {
             ReloadStatus {
                 last_successful: true,
                 successes: 0,
-                failures: 0
+                failures: 0,
+                last_error: None,
             }
         );
     }
@@ -709,7 +716,8 @@ mod tests {
             ReloadStatus {
                 last_successful: false,
                 successes: 1,
-                failures: 2
+                failures: 2,
+                last_error: None,
             }
         );
     }

@@ -2,6 +2,8 @@
 //!
 //! - [`latency`]: the duration buckets (each route's timeout a boundary, a timed-out request
 //!   on it) and the upstream histogram, on exact counts
+//! - [`reload_errors`]: a refused reload's errors stay readable on `/config` and
+//!   `/status.json`, and the config info metrics follow what serves
 //!
 //! Every test uses ephemeral loopback ports; loops are bounded by [`STEP`].
 
@@ -9,12 +11,13 @@
 mod common;
 
 mod latency;
+mod reload_errors;
 
 // What the modules share; each of them starts with `use super::*`.
 use std::net::SocketAddr;
 
 use common::*;
-use http::StatusCode;
+use http::{Method, StatusCode};
 use spillway::demo::DemoApp;
 
 /// One bucket of `spillway_request_duration_seconds` (`le` as the exposition prints it).
