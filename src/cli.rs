@@ -165,10 +165,11 @@ fn load(path: &Path) -> Result<(Loaded, u64), ExitCode> {
 }
 
 fn check(path: &Path) -> ExitCode {
-    // The files a config names (certificates, keys, CA bundles) are read too: `run` would
-    // refuse to start without them, so `check` must not say the config is fine.
+    // The files a config names (certificates, keys, CA bundles, the admin token) are read too:
+    // `run` would refuse to start without them, so `check` must not say the config is fine.
     let checked = config::load_file(path)
-        .and_then(|loaded| Certificates::load(&loaded.settings, &Metrics::new()).map(|_| loaded));
+        .and_then(|loaded| Certificates::load(&loaded.settings, &Metrics::new()).map(|_| loaded))
+        .and_then(|loaded| crate::token::load(&loaded.settings).map(|_| loaded));
     match checked {
         Ok(loaded) => {
             print!("{}", config::summary(&loaded));

@@ -26,3 +26,4 @@ pub mod server;
 pub mod shared;
 mod spare_timer;
 mod tls;
+mod token;

@@ -145,6 +145,9 @@ impl Reloader {
         let current = state.runtime.load_full();
         restart_needed(&current.settings, &loaded.settings)?;
         let certificates = reread_certificates(state, &loaded.settings)?;
+        // The admin token is re-read on every reload too; one that cannot be read refuses it.
+        let token = crate::token::load(&loaded.settings)?;
+        state.admin_token.store(token.map(Arc::new));
         if loaded.version == current.version {
             commit(certificates, &current);
             return Ok(Reloaded {
@@ -198,6 +201,12 @@ fn restart_needed(old: &Settings, new: &Settings) -> Result<(), ConfigErrors> {
         errors.push(ConfigError::new(
             "admin.address",
             "the admin address changed: a restart is needed; nothing was applied",
+        ));
+    }
+    if old.admin_metrics != new.admin_metrics {
+        errors.push(ConfigError::new(
+            "admin.metrics_address",
+            "the metrics address changed: a restart is needed; nothing was applied",
         ));
     }
     if errors.is_empty() {

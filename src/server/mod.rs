@@ -68,9 +68,11 @@ pub struct Server {
     pub listen_addrs: Vec<SocketAddr>,
     /// Bound admin address.
     pub admin_addr: Option<SocketAddr>,
+    /// Bound metrics address (`admin.metrics_address`).
+    pub metrics_addr: Option<SocketAddr>,
     stop_accepting: CancellationToken,
     tasks: Vec<JoinHandle<drain::Connections>>,
-    admin_task: Option<JoinHandle<()>>,
+    admin_tasks: Vec<JoinHandle<()>>,
     admin_stop: CancellationToken,
     background: CancellationToken,
 }
@@ -109,6 +111,8 @@ impl Server {
         // not start.
         let certificates = Certificates::load(&loaded.settings, &metrics)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let admin_token = crate::token::load(&loaded.settings)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let runtime = Runtime::build(loaded, &metrics, None);
         metrics.config_loaded(&runtime.version, runtime.loaded_at);
         let state = Arc::new(ProcessState {
@@ -117,6 +121,7 @@ impl Server {
             ready: AtomicBool::new(true),
             certificates,
             pressure: Pressure::default(),
+            admin_token: arc_swap::ArcSwapOption::new(admin_token.map(Arc::new)),
         });
         let background = CancellationToken::new();
         memory::spawn(
@@ -171,38 +176,44 @@ impl Server {
             )));
         }
         let admin_stop = CancellationToken::new();
-        let (admin_addr, admin_task) = match loaded.settings.admin {
+        // Admin connections are timed like the (first) listener's.
+        let header_timeout = loaded
+            .settings
+            .listeners
+            .first()
+            .map_or(crate::config::DEFAULT_HEADER_TIMEOUT, |l| l.header_timeout);
+        let mut admin_tasks = Vec::new();
+        let mut bound_admin = |addr: Option<SocketAddr>, scope: admin::Scope| match addr {
             Some(addr) => {
+                let what = scope.name();
                 let bound = listener::bind(addr)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("admin on {addr}: {e}")))?;
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{what} on {addr}: {e}")))?;
                 let addr = bound.local_addr()?;
-                tracing::info!(%addr, "admin listening");
-                // Admin connections are timed like the (first) listener's.
-                let header_timeout = loaded
-                    .settings
-                    .listeners
-                    .first()
-                    .map_or(crate::config::DEFAULT_HEADER_TIMEOUT, |l| l.header_timeout);
-                let task = tokio::spawn(admin::serve(
+                tracing::info!(%addr, "{what} listening");
+                admin_tasks.push(tokio::spawn(admin::serve(
                     bound,
+                    scope,
                     state.clone(),
                     reloader.clone(),
                     header_timeout,
                     admin_stop.clone(),
-                ));
-                (Some(addr), Some(task))
+                )));
+                std::io::Result::Ok(Some(addr))
             }
-            None => (None, None),
+            None => Ok(None),
         };
+        let admin_addr = bound_admin(loaded.settings.admin, admin::Scope::Full)?;
+        let metrics_addr = bound_admin(loaded.settings.admin_metrics, admin::Scope::Metrics)?;
         Ok(Server {
             state,
             reloader,
             early_watch,
             listen_addrs,
             admin_addr,
+            metrics_addr,
             stop_accepting,
             tasks,
-            admin_task,
+            admin_tasks,
             admin_stop,
             background,
         })
@@ -267,7 +278,7 @@ impl Server {
             tracing::info!("drained: all in-flight requests finished");
         }
         self.admin_stop.cancel();
-        if let Some(t) = self.admin_task {
+        for t in self.admin_tasks {
             let _ = t.await;
         }
         ShutdownReport {

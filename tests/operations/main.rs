@@ -2,6 +2,8 @@
 //!
 //! - [`latency`]: the duration buckets (each route's timeout a boundary, a timed-out request
 //!   on it) and the upstream histogram, on exact counts
+//! - [`admin_plane`]: the metrics listener serves only metrics and probes; the full admin's
+//!   bearer token, on the wire
 //! - [`reload_errors`]: a refused reload's errors stay readable on `/config` and
 //!   `/status.json`, and the config info metrics follow what serves
 //!
@@ -10,6 +12,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod admin_plane;
 mod latency;
 mod reload_errors;
 
