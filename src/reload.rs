@@ -113,7 +113,15 @@ impl Reloader {
             ));
         };
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let notifier = &self.state.notifier;
+        notifier.reloading();
         let result = config::read_file(path).and_then(|text| self.apply(path, &text));
+        // Serving again, the new config or the old one.
+        let serving = self.state.runtime.load().version.clone();
+        notifier.ready(&match &result {
+            Ok(_) => format!("serving config {serving}"),
+            Err(_) => format!("serving config {serving}; the last reload was refused"),
+        });
         let metrics = &self.state.metrics;
         match &result {
             Ok(r) => {

@@ -10,6 +10,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use crate::metrics::Metrics;
 use crate::pressure::Pressure;
 use crate::proxy::Runtime;
+use crate::systemd::notify::Notifier;
 use crate::tls::certificates::Certificates;
 use crate::token::AdminToken;
 
@@ -28,4 +29,6 @@ pub struct ProcessState {
     pub(crate) pressure: Pressure,
     /// The full admin endpoint's bearer token (`admin.token_file`), re-read on every reload.
     pub(crate) admin_token: ArcSwapOption<AdminToken>,
+    /// The service manager's notify socket (`Type=notify`), when there is one.
+    pub(crate) notifier: Notifier,
 }

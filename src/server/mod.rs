@@ -77,6 +77,25 @@ pub struct Server {
     background: CancellationToken,
 }
 
+/// The listening socket for `name` at `addr`: the one systemd passed for it, else bound now.
+fn open(
+    inherited: &mut crate::systemd::sockets::Inherited,
+    name: &str,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let Some(socket) = inherited.remove(name) else {
+        return listener::bind(addr);
+    };
+    let socket = tokio::net::TcpListener::from_std(socket)?;
+    let actual = socket.local_addr()?;
+    if addr.port() != 0 && actual != addr {
+        tracing::warn!(%name, configured = %addr, %actual, "the socket from systemd is not on the configured address; serving it");
+    } else {
+        tracing::info!(%name, %actual, "serving the socket passed by systemd");
+    }
+    Ok(socket)
+}
+
 /// How a shutdown went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -122,6 +141,7 @@ impl Server {
             certificates,
             pressure: Pressure::default(),
             admin_token: arc_swap::ArcSwapOption::new(admin_token.map(Arc::new)),
+            notifier: crate::systemd::notify::Notifier::from_env(),
         });
         let background = CancellationToken::new();
         memory::spawn(
@@ -142,10 +162,24 @@ impl Server {
             "open-file limit (soft limit raised to the hard one)"
         );
         let stop_accepting = CancellationToken::new();
+        // Sockets systemd passed in (socket activation) serve instead of binding.
+        let settings = &loaded.settings;
+        let wanted: Vec<String> = settings
+            .listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .chain(settings.admin.map(|_| admin::Scope::Full.name().to_owned()))
+            .chain(
+                settings
+                    .admin_metrics
+                    .map(|_| admin::Scope::Metrics.name().to_owned()),
+            )
+            .collect();
+        let mut inherited = crate::systemd::sockets::take(&wanted)?;
         let mut listen_addrs = Vec::new();
         let mut tasks = Vec::new();
         for l in &loaded.settings.listeners {
-            let bound = listener::bind(l.address).map_err(|e| {
+            let bound = open(&mut inherited, &l.name, l.address).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!("listener {} on {}: {e}", l.name, l.address),
@@ -186,7 +220,7 @@ impl Server {
         let mut bound_admin = |addr: Option<SocketAddr>, scope: admin::Scope| match addr {
             Some(addr) => {
                 let what = scope.name();
-                let bound = listener::bind(addr)
+                let bound = open(&mut inherited, what, addr)
                     .map_err(|e| std::io::Error::new(e.kind(), format!("{what} on {addr}: {e}")))?;
                 let addr = bound.local_addr()?;
                 tracing::info!(%addr, "{what} listening");

@@ -6,6 +6,9 @@
 //!   bearer token, on the wire
 //! - [`reload_errors`]: a refused reload's errors stay readable on `/config` and
 //!   `/status.json`, and the config info metrics follow what serves
+//! - [`systemd`]: the real binary tells a notify socket READY, RELOADING and STOPPING, and
+//!   serves listening sockets passed the way systemd passes them (LISTEN_FDS), which keeps new
+//!   connections waiting across a restart
 //!
 //! Every test uses ephemeral loopback ports; loops are bounded by [`STEP`].
 
@@ -15,9 +18,11 @@ mod common;
 mod admin_plane;
 mod latency;
 mod reload_errors;
+mod systemd;
 
 // What the modules share; each of them starts with `use super::*`.
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use common::*;
 use http::{Method, StatusCode};
