@@ -6,6 +6,7 @@
 //!   bearer token, on the wire
 //! - [`reload_errors`]: a refused reload's errors stay readable on `/config` and
 //!   `/status.json`, and the config info metrics follow what serves
+//! - [`startup`]: a config error at start is logged as JSON with `--log-format json`
 //! - [`systemd`]: the real binary tells a notify socket READY, RELOADING and STOPPING, and
 //!   serves listening sockets passed the way systemd passes them (LISTEN_FDS), which keeps new
 //!   connections waiting across a restart
@@ -18,6 +19,7 @@ mod common;
 mod admin_plane;
 mod latency;
 mod reload_errors;
+mod startup;
 mod systemd;
 
 // What the modules share; each of them starts with `use super::*`.
