@@ -3,13 +3,18 @@
 #   kubernetes  kubectl kustomize renders both forms; kubernetes-validate --strict against the
 #               oldest and newest Kubernetes each form supports (PodMonitor: CRD kind, skipped);
 #               .ci/check-kubernetes.py for probes, ports, security, config and drain arithmetic
-#   systemd     `spillway check` on config/legacy-vm.yaml; systemd-analyze verify (ExecStart
-#               pointed at the binary built here); systemd-analyze security (exposure <= 2.0);
-#               TimeoutStopSec vs the config's drain; every syscall spillway makes (strace) is
-#               allowed by the unit's SystemCallFilter, and none needs writable+executable memory
-#   prometheus  promtool check rules and promtool test rules
-#   grafana     valid JSON, datasource and route variables, every panel on ${datasource}, every
-#               query parses as PromQL (promtool, variables substituted)
+#   kubernetes  (also) the example NetworkPolicy, valid and opening only http and metrics
+#   systemd     `spillway check` on config/legacy-vm.yaml; systemd-analyze verify of spillway.service
+#               and spillway.socket (ExecStart pointed at the binary built here); Type=notify;
+#               the socket's ListenStream= and FileDescriptorName= are a listener's address and
+#               name in the config; systemd-analyze security (exposure <= 2.0); TimeoutStopSec vs
+#               the config's drain; every syscall spillway makes (strace) is allowed by the
+#               unit's SystemCallFilter, and none needs writable+executable memory
+#   prometheus  promtool check rules and promtool test rules; every alert has summary,
+#               description and a runbook_url whose anchor exists in docs/responses.md
+#   grafana     valid JSON, datasource and route variables, every panel (in collapsed rows too)
+#               on ${datasource}, every query parses as PromQL (promtool, variables substituted);
+#               the TLS panel sits in a collapsed row; the upstream-error panel drops zero series
 #   metrics     every spillway_* name the dashboard and alerts use is one src/metrics.rs exports
 #   docker      .ci/check-dockerfile.sh
 # Installs what it needs from Debian (prometheus, jq, systemd, strace, openssl) and PyPI
@@ -68,6 +73,21 @@ validate "$work/native.yaml" ""
 validate "$work/classic.yaml" 1.25.0  # the oldest schema kubernetes-validate ships
 validate "$work/classic.yaml" ""
 python3 .ci/check-kubernetes.py "$bin" "$work/native.yaml" "$work/classic.yaml"
+# The example NetworkPolicy (not in the kustomization: it depends on the cluster).
+netpol=deploy/kubernetes/base/networkpolicy.yaml
+validate "$netpol" 1.25.0
+validate "$netpol" ""
+python3 - "$netpol" "$work/native.yaml" <<'EOF'
+import sys, yaml
+pol = yaml.safe_load(open(sys.argv[1]))
+deploy = next(d for d in yaml.safe_load_all(open(sys.argv[2])) if d and d["kind"] == "Deployment")
+labels = deploy["spec"]["template"]["metadata"]["labels"]
+assert pol["spec"]["podSelector"]["matchLabels"].items() <= labels.items(), "selects the app's pods"
+assert pol["spec"]["policyTypes"] == ["Ingress"]
+ports = sorted(p["port"] for rule in pol["spec"]["ingress"] for p in rule["ports"])
+assert ports == ["http", "metrics"], f"opens exactly http and metrics, not {ports}"
+print("  ok: NetworkPolicy selects the app's pods and lets in http and metrics only")
+EOF
 done_section
 
 section systemd
@@ -87,26 +107,41 @@ else
   cat "$work/check.txt"; echo "spillway check $cfg failed"; exit 1
 fi
 grep -E '^(listeners|  https|admin|shutdown)' "$work/check.txt" | sed 's/^/    /'
-# The unit as installed, with ExecStart & co. pointing at the binary built here.
+# The units as installed, with ExecStart & co. pointing at the binary built here.
+socket=deploy/systemd/spillway.socket
 mkdir -p "$work/unit"
 sed "s|/usr/local/bin/spillway|$bin|g" "$unit" > "$work/unit/spillway.service"
-if ! systemd-analyze verify "$work/unit/spillway.service" > "$work/verify.txt" 2>&1; then
+cp "$socket" "$work/unit/spillway.socket"
+if ! systemd-analyze verify "$work/unit/spillway.service" "$work/unit/spillway.socket" > "$work/verify.txt" 2>&1; then
   cat "$work/verify.txt"; echo "systemd-analyze verify failed"; exit 1
 fi
 if [ -s "$work/verify.txt" ]; then echo "systemd-analyze verify warnings:"; cat "$work/verify.txt"; exit 1; fi
-echo "  ok: systemd-analyze verify"
+echo "  ok: systemd-analyze verify spillway.service spillway.socket"
+# Socket activation: each ListenStream= is a listener of the config, named by FileDescriptorName=.
+python3 - "$socket" "$cfg" <<'EOF'
+import re, sys, yaml
+unit = open(sys.argv[1]).read()
+listens = re.findall(r"^ListenStream=(\S+)$", unit, re.M)
+names = re.findall(r"^FileDescriptorName=(\S+)$", unit, re.M)
+cfg = yaml.safe_load(open(sys.argv[2]))
+listeners = {l["name"]: l["address"] for l in cfg["listeners"]}
+assert listens and len(listens) == len(names), f"one FileDescriptorName= per ListenStream=: {listens} {names}"
+for addr, name in zip(listens, names):
+    assert listeners.get(name) == addr, f"{name} on {addr}: the config's listener {name} is {listeners.get(name)}"
+print(f"  ok: spillway.socket passes {', '.join(f'{n} ({a})' for a, n in zip(listens, names))}, as the config's listeners")
+EOF
 exposure=$(systemd-analyze security --offline=yes --threshold=100 "$work/unit/spillway.service" 2>&1 \
   | grep -o 'Overall exposure level for spillway.service: [0-9.]*' | awk '{print $NF}')
 awk -v e="$exposure" 'BEGIN { exit !(e != "" && e <= 2.0) }' \
   || { echo "systemd-analyze security: exposure ${exposure:-unknown} > 2.0"; exit 1; }
 echo "  ok: systemd-analyze security: exposure $exposure (<= 2.0)"
 # shellcheck disable=SC2016 # $MAINPID is the unit's, not ours
-for want in 'ExecReload=/bin/kill -HUP $MAINPID' 'KillSignal=SIGTERM' 'Restart=on-failure' \
-            'AmbientCapabilities=CAP_NET_BIND_SERVICE' 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' \
+for want in 'Type=notify' 'Requires=spillway.socket' 'ExecReload=/bin/kill -HUP $MAINPID' \
+            'KillSignal=SIGTERM' 'Restart=on-failure' 'CapabilityBoundingSet=' 'AmbientCapabilities=' \
             'NoNewPrivileges=yes' 'ProtectSystem=strict' 'SystemCallFilter=@system-service'; do
   grep -qxF "$want" "$unit" || { echo "$unit: missing $want"; exit 1; }
 done
-echo "  ok: reload by SIGHUP, SIGTERM drain, restart on failure, hardening directives present"
+echo "  ok: Type=notify, the socket required, reload by SIGHUP, SIGTERM drain, restart on failure, no capabilities, hardening present"
 stop=$(grep -oE '^TimeoutStopSec=[0-9]+s?$' "$unit" | grep -oE '[0-9]+')
 drain=$(grep -E '^shutdown ' "$work/check.txt" | python3 -c '
 import re, sys
@@ -174,6 +209,26 @@ done_section
 section prometheus
 promtool check rules deploy/prometheus/alerts.yaml
 (cd deploy/prometheus && promtool test rules alerts_test.yaml)
+# Every alert says what happened and where to look: summary, description, and a runbook_url
+# into docs/responses.md whose anchor exists there.
+python3 - deploy/prometheus/alerts.yaml docs/responses.md <<'EOF'
+import re, sys, yaml
+rules = [r for g in yaml.safe_load(open(sys.argv[1]))["groups"] for r in g["rules"] if "alert" in r]
+anchors = set(re.findall(r'<a id="([^"]+)"></a>', open(sys.argv[2]).read()))
+bad = []
+for r in rules:
+    a = r.get("annotations", {})
+    missing = [k for k in ("summary", "description", "runbook_url") if not a.get(k)]
+    if missing:
+        bad.append(f"{r['alert']}: no {', '.join(missing)}")
+        continue
+    m = re.fullmatch(r"https://docs\.spillway\.example/responses\.md#([a-z0-9-]+)", a["runbook_url"])
+    if not m or m.group(1) not in anchors:
+        bad.append(f"{r['alert']}: runbook_url {a['runbook_url']} is no anchor of docs/responses.md")
+if bad:
+    sys.exit("\n".join(bad))
+print(f"  ok: {len(rules)} alerts, each with summary, description and a runbook_url into docs/responses.md")
+EOF
 done_section
 
 section grafana
@@ -183,14 +238,22 @@ jq -e '[.templating.list[] | select(.type == "datasource" and .query == "prometh
   || { echo "$dash: needs a prometheus datasource variable named datasource"; exit 1; }
 jq -e '[.templating.list[] | select(.type == "query" and .name == "route")] | length == 1' "$dash" >/dev/null \
   || { echo "$dash: needs a route variable"; exit 1; }
-jq -e '[.panels[] | select(.type != "row") | (.datasource.uid, (.targets[]?.datasource.uid))] | all(. == "${datasource}")' "$dash" >/dev/null \
+# Panels of a collapsed row sit inside it: every check looks at those too.
+all_panels='[.panels[] | ., (.panels[]?)]'
+jq -e "$all_panels"' | [.[] | select(.type != "row") | (.datasource.uid, (.targets[]?.datasource.uid))] | all(. == "${datasource}")' "$dash" >/dev/null \
   || { echo "$dash: every panel and query must use the \${datasource} variable"; exit 1; }
-jq -e '[.panels[] | .id] | length == (unique | length)' "$dash" >/dev/null || { echo "$dash: duplicate panel ids"; exit 1; }
-panels=$(jq '[.panels[] | select(.type != "row")] | length' "$dash")
-queries=$(jq '[.panels[].targets[]?.expr] | length' "$dash")
+jq -e "$all_panels"' | [.[] | .id] | length == (unique | length)' "$dash" >/dev/null || { echo "$dash: duplicate panel ids"; exit 1; }
+panels=$(jq "$all_panels"' | [.[] | select(.type != "row")] | length' "$dash")
+queries=$(jq "$all_panels"' | [.[].targets[]?.expr] | length' "$dash")
+# The TLS panel is inside a collapsed row (Grafana cannot repeat a panel zero times, so a row
+# that stays closed is how it keeps out of sight without TLS); upstream errors drop zero series.
+jq -e '[.panels[] | select(.type == "row" and .collapsed == true) | .panels[]? | .targets[]?.expr | select(test("spillway_tls_handshake_errors_total"))] | length >= 1' "$dash" >/dev/null \
+  || { echo "$dash: the TLS panel belongs in a collapsed row"; exit 1; }
+jq -e '[.panels[] | .targets[]?.expr | select(test("spillway_upstream_errors_total"))] | all(test("> 0$|topk"))' "$dash" >/dev/null \
+  || { echo "$dash: the upstream-error panel must drop zero series (> 0 or topk)"; exit 1; }
 # Every query must parse: as recording rules, Grafana's variables replaced by what they expand to.
 # shellcheck disable=SC2016 # Grafana's $variables, not the shell's
-jq -r '.panels[].targets[]?.expr' "$dash" \
+jq -r "$all_panels"' | .[].targets[]?.expr' "$dash" \
   | sed -e 's/\$__rate_interval/5m/g' -e 's/\$__range/1h/g' -e 's/\$[a-z_]*/.*/g' \
   | python3 -c '
 import json, sys

@@ -7,7 +7,8 @@
 #   - a release build with --locked, stripped;
 #   - the runtime stage runs nothing (no shell there), as a non-root user;
 #   - ENTRYPOINT ["/spillway", "run"] in exec form, config at /etc/spillway/spillway.yaml,
-#     EXPOSE 8080 and 9901;
+#     EXPOSE 8080 and 9902 (proxy, metrics listener), not the admin port 9901;
+#   - the OCI labels: title, description, licenses, version, revision, created;
 #   - every path the build COPYs exists, and neither it nor any file the code include_str!s is
 #     excluded by .dockerignore; target/ and .git are excluded; the scripts the build runs,
 #     and the files they source, are copied.
@@ -76,8 +77,14 @@ grep -qE '^ENTRYPOINT \[ *"/spillway" *, *"run" *\]$' <<<"$runtime" && ok 'ENTRY
 grep -qE 'SPILLWAY_CONFIG=/etc/spillway/spillway\.yaml' <<<"$runtime" && ok "SPILLWAY_CONFIG=/etc/spillway/spillway.yaml" \
   || fail "ENV SPILLWAY_CONFIG=/etc/spillway/spillway.yaml expected in the runtime stage"
 expose=$(grep -E '^EXPOSE ' <<<"$runtime" | cut -d' ' -f2- | tr ' ' '\n')
-for port in 8080 9901; do
+for port in 8080 9902; do
   grep -qx "$port\(/tcp\)\?" <<<"$expose" && ok "EXPOSE $port" || fail "EXPOSE $port missing"
+done
+grep -qx "9901\(/tcp\)\?" <<<"$expose" && fail "EXPOSE 9901: the full admin belongs on loopback" \
+  || ok "the admin port 9901 is not exposed"
+for label in title description licenses version revision created; do
+  grep -qE "org\.opencontainers\.image\.$label=" <<<"$runtime" && ok "label org.opencontainers.image.$label" \
+    || fail "OCI label org.opencontainers.image.$label missing in the runtime stage"
 done
 grep -qE '^COPY --from=[a-z]+ [^ ]+ /spillway$' <<<"$runtime" && ok "binary copied from the build stage" \
   || fail "COPY --from=<build> ... /spillway expected"

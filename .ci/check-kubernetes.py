@@ -7,11 +7,14 @@ For each form (native sidecar, classic second container):
   - spillway's place: a restartable init container (native) or a regular container (classic);
   - the ConfigMap's config passes `spillway check` with the pod's environment (POD_NAME from
     the downward API, the drain delay the form sets), listens on the ports the container
-    declares, forwards to the app container's port, and serves admin on all interfaces;
-  - probes: liveness /healthz and readiness /readyz on the admin port;
+    declares, forwards to the app container's port, keeps the full admin on loopback (and
+    undeclared) and serves metrics and probes on all interfaces (admin.metrics_address);
+  - probes: liveness /healthz and readiness /readyz on the metrics port; readiness tolerates
+    one slow answer (failureThreshold >= 2, timeoutSeconds >= 2);
+  - a config error at start reaches `kubectl describe` (FallbackToLogsOnError), as JSON;
   - the config volume is mounted as a directory (a subPath mount never sees ConfigMap updates);
   - the Service targets spillway's proxy port; the PodMonitor and the prometheus.io annotations
-    point at the admin port of these pods;
+    point at the metrics port of these pods;
   - securityContext: non-root, read-only root, no privilege escalation, ALL capabilities
     dropped, seccomp RuntimeDefault; resource requests and limits set;
   - the shutdown arithmetic: terminationGracePeriodSeconds covers the whole stop sequence of the
@@ -107,7 +110,10 @@ def check_form(form, path, spillway_bin):
     cm = next((c for c in by_kind.get("ConfigMap", []) if c["metadata"]["name"] == cm_name), None)
     check(cm is not None and "spillway.yaml" in cm["data"], f"ConfigMap {cm_name} holds spillway.yaml")
     args = sp.get("args", [])
-    check(args == ["--config", "/etc/spillway/spillway.yaml"], "spillway runs with --config /etc/spillway/spillway.yaml")
+    check(args == ["--log-format", "json", "--config", "/etc/spillway/spillway.yaml"],
+          "spillway runs with --log-format json --config /etc/spillway/spillway.yaml")
+    check(sp.get("terminationMessagePolicy") == "FallbackToLogsOnError",
+          "terminationMessagePolicy: FallbackToLogsOnError (a start-up error shows in kubectl describe)")
     config_text = cm["data"]["spillway.yaml"]
     check("${POD_NAME" in config_text, "server_id comes from ${POD_NAME}")
     run_env = {k: v for k, v in os.environ.items() if not k.startswith("SPILLWAY_")}
@@ -137,20 +143,28 @@ def check_form(form, path, spillway_bin):
     listen_port = int(cfg["listeners"][0]["address"].rsplit(":", 1)[1])
     admin_host, admin_port = cfg["admin"]["address"].rsplit(":", 1)
     admin_port = int(admin_port)
+    metrics_host, metrics_port = cfg["admin"].get("metrics_address", ":0").rsplit(":", 1)
+    metrics_port = int(metrics_port)
     upstream_port = int(next(iter(cfg["upstreams"].values()))["endpoints"][0].rsplit(":", 1)[1])
     check(cfg["listeners"][0]["address"].startswith("0.0.0.0:"), "proxy listener on all interfaces")
-    check(admin_host == "0.0.0.0", "admin on all interfaces (kubelet probes, Prometheus)")
+    check(admin_host == "127.0.0.1", "full admin (/config, /reload, status page) on loopback only")
+    check(metrics_host == "0.0.0.0", "metrics listener on all interfaces (kubelet probes, Prometheus)")
     check(port_number(sp, "http") == listen_port, f"container port http = listener port {listen_port}")
-    check(port_number(sp, "admin") == admin_port, f"container port admin = admin port {admin_port}")
+    check(port_number(sp, "metrics") == metrics_port, f"container port metrics = metrics port {metrics_port}")
+    declared = [p["containerPort"] for p in sp.get("ports", [])]
+    check(admin_port not in declared, f"the admin port {admin_port} is not declared")
     app_ports = [p["containerPort"] for p in app.get("ports", [])]
     check(upstream_port in app_ports, f"upstream 127.0.0.1:{upstream_port} is the app container's port")
 
     live = (sp.get("livenessProbe") or {}).get("httpGet") or {}
-    ready = (sp.get("readinessProbe") or {}).get("httpGet") or {}
-    check(live.get("path") == "/healthz" and port_number(sp, live.get("port")) == admin_port,
-          "liveness: /healthz on the admin port")
-    check(ready.get("path") == "/readyz" and port_number(sp, ready.get("port")) == admin_port,
-          "readiness: /readyz on the admin port")
+    ready_probe = sp.get("readinessProbe") or {}
+    ready = ready_probe.get("httpGet") or {}
+    check(live.get("path") == "/healthz" and port_number(sp, live.get("port")) == metrics_port,
+          "liveness: /healthz on the metrics port")
+    check(ready.get("path") == "/readyz" and port_number(sp, ready.get("port")) == metrics_port,
+          "readiness: /readyz on the metrics port")
+    check(ready_probe.get("failureThreshold", 3) >= 2 and ready_probe.get("timeoutSeconds", 1) >= 2,
+          "readiness tolerates one slow answer (failureThreshold >= 2, timeoutSeconds >= 2)")
     if form == "native":
         start = (sp.get("startupProbe") or {}).get("httpGet") or {}
         check(start.get("path") == "/healthz", "startupProbe: the app starts once spillway is up")
@@ -160,16 +174,16 @@ def check_form(form, path, spillway_bin):
     check(all(port_number(sp, p["targetPort"]) == listen_port for p in svc["spec"]["ports"]),
           "Service targets spillway's proxy port only")
     ann = pod["metadata"].get("annotations", {})
-    check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == str(admin_port)
-          and ann.get("prometheus.io/path") == "/metrics", "prometheus.io annotations point at admin /metrics")
+    check(ann.get("prometheus.io/scrape") == "true" and ann.get("prometheus.io/port") == str(metrics_port)
+          and ann.get("prometheus.io/path") == "/metrics", "prometheus.io annotations point at the metrics port")
     pm = (by_kind.get("PodMonitor") or [None])[0]
     check(pm is not None, "a PodMonitor (schema not validated: CRD kind)")
     if pm:
         sel = pm["spec"]["selector"]["matchLabels"]
         eps = pm["spec"]["podMetricsEndpoints"]
         check(sel.items() <= pod["metadata"]["labels"].items(), "PodMonitor selects these pods")
-        check(all(port_number(sp, e["port"]) == admin_port and e.get("path", "/metrics") == "/metrics" for e in eps),
-              "PodMonitor scrapes the admin port's /metrics")
+        check(all(port_number(sp, e["port"]) == metrics_port and e.get("path", "/metrics") == "/metrics" for e in eps),
+              "PodMonitor scrapes the metrics port's /metrics")
 
     pod_sc = spec.get("securityContext", {})
     for c in [sp, app]:

@@ -77,7 +77,7 @@ pub fn main() -> ExitCode {
             let watch = crate::reload::FileWatch::start(&config)
                 .map_err(|e| tracing::warn!(error = %e, "cannot watch the config file; reload with SIGHUP or POST /reload"))
                 .ok();
-            match load(&config) {
+            match load(&config, cli.log_format) {
                 Ok((loaded, hash)) => {
                     let source = ConfigSource {
                         path: Some(config),
@@ -144,8 +144,11 @@ impl tracing_subscriber::fmt::time::FormatTime for Rfc3339Micros {
 }
 
 /// Loads a config, printing every error on failure; also returns the hash of the bytes it was
-/// loaded from, so a change made after this read is not mistaken for what is serving.
-fn load(path: &Path) -> Result<(Loaded, u64), ExitCode> {
+/// loaded from, so a change made after this read is not mistaken for what is serving. With
+/// `--log-format json` the errors are log lines like any other (one JSON object each, with
+/// the field path, line and column as fields), so a collector reading the container's log,
+/// or `kubectl describe` through `FallbackToLogsOnError`, gets them whole.
+fn load(path: &Path, format: LogFormat) -> Result<(Loaded, u64), ExitCode> {
     let loaded = config::read_file(path)
         .and_then(|text| config::load_str(&text).map(|l| (l, config::file_hash(&text))));
     match loaded {
@@ -154,6 +157,19 @@ fn load(path: &Path) -> Result<(Loaded, u64), ExitCode> {
                 tracing::warn!("{}: {w}", path.display());
             }
             Ok((loaded, hash))
+        }
+        Err(errors) if format == LogFormat::Json => {
+            for e in &errors.0 {
+                tracing::error!(
+                    config = %path.display(),
+                    path = %e.path,
+                    line = e.line,
+                    column = e.column,
+                    hint = e.hint.as_deref(),
+                    "invalid config: {e}"
+                );
+            }
+            Err(ExitCode::from(EXIT_BAD_CONFIG))
         }
         Err(errors) => {
             eprintln!("{}: invalid config:", path.display());
@@ -166,10 +182,11 @@ fn load(path: &Path) -> Result<(Loaded, u64), ExitCode> {
 }
 
 fn check(path: &Path) -> ExitCode {
-    // The files a config names (certificates, keys, CA bundles) are read too: `run` would
-    // refuse to start without them, so `check` must not say the config is fine.
+    // The files a config names (certificates, keys, CA bundles, the admin token) are read too:
+    // `run` would refuse to start without them, so `check` must not say the config is fine.
     let checked = config::load_file(path)
-        .and_then(|loaded| Certificates::load(&loaded.settings, &Metrics::new()).map(|_| loaded));
+        .and_then(|loaded| Certificates::load(&loaded.settings, &Metrics::new()).map(|_| loaded))
+        .and_then(|loaded| crate::token::load(&loaded.settings).map(|_| loaded));
     match checked {
         Ok(loaded) => {
             print!("{}", config::summary(&loaded));

@@ -25,4 +25,6 @@ mod run;
 pub mod server;
 pub mod shared;
 mod spare_timer;
+mod systemd;
 mod tls;
+mod token;

@@ -34,6 +34,29 @@ pub struct Reloaded {
     pub changed: bool,
 }
 
+/// A refused reload: when, and why. The last one is kept (also after a later reload succeeds)
+/// for `/config` and `/status.json`, so that the reason is still there when someone looks.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadFailure {
+    /// When it was refused (RFC 3339, UTC).
+    pub at: String,
+    /// Each error as the log and `spillway check` write it: `path: message (line L, column
+    /// C); hint`.
+    pub lines: Vec<String>,
+    /// The same errors, field by field (as `POST /reload` answers them).
+    pub errors: Vec<ConfigError>,
+}
+
+impl ReloadFailure {
+    fn new(errors: &ConfigErrors, at: std::time::SystemTime) -> ReloadFailure {
+        ReloadFailure {
+            at: humantime::format_rfc3339_seconds(at).to_string(),
+            lines: errors.0.iter().map(ToString::to_string).collect(),
+            errors: errors.0.clone(),
+        }
+    }
+}
+
 /// Reloads a running process's config from its file: the one way a new config is applied,
 /// whatever triggered it.
 pub struct Reloader {
@@ -46,6 +69,8 @@ pub struct Reloader {
     lock: Mutex<()>,
     /// Hash of the config file's bytes at the last watch-triggered attempt (or at start).
     last_seen_file: Mutex<Option<u64>>,
+    /// The last refused reload, if any.
+    last_failure: Mutex<Option<ReloadFailure>>,
 }
 
 impl Reloader {
@@ -63,7 +88,16 @@ impl Reloader {
             env,
             lock: Mutex::new(()),
             last_seen_file: Mutex::new(serving),
+            last_failure: Mutex::new(None),
         })
+    }
+
+    /// The last refused reload since start, if any (kept after later successful ones).
+    pub fn last_failure(&self) -> Option<ReloadFailure> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The config file, when there is one.
@@ -79,11 +113,20 @@ impl Reloader {
             ));
         };
         let _one_at_a_time = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let notifier = &self.state.notifier;
+        notifier.reloading();
         let result = config::read_file(path).and_then(|text| self.apply(path, &text));
+        // Serving again, the new config or the old one.
+        let serving = self.state.runtime.load().version.clone();
+        notifier.ready(&match &result {
+            Ok(_) => format!("serving config {serving}"),
+            Err(_) => format!("serving config {serving}; the last reload was refused"),
+        });
         let metrics = &self.state.metrics;
         match &result {
             Ok(r) => {
                 metrics.reload(true);
+                metrics.config_loaded(&r.version, std::time::SystemTime::now());
                 if r.changed {
                     tracing::info!(version = %r.version, "config reloaded");
                 }
@@ -93,6 +136,8 @@ impl Reloader {
                 for e in &errors.0 {
                     tracing::error!(path = %path.display(), "config reload refused: {e}");
                 }
+                *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(ReloadFailure::new(errors, std::time::SystemTime::now()));
             }
         }
         result
@@ -108,6 +153,9 @@ impl Reloader {
         let current = state.runtime.load_full();
         restart_needed(&current.settings, &loaded.settings)?;
         let certificates = reread_certificates(state, &loaded.settings)?;
+        // The admin token is re-read on every reload too; one that cannot be read refuses it.
+        let token = crate::token::load(&loaded.settings)?;
+        state.admin_token.store(token.map(Arc::new));
         if loaded.version == current.version {
             commit(certificates, &current);
             return Ok(Reloaded {
@@ -161,6 +209,12 @@ fn restart_needed(old: &Settings, new: &Settings) -> Result<(), ConfigErrors> {
         errors.push(ConfigError::new(
             "admin.address",
             "the admin address changed: a restart is needed; nothing was applied",
+        ));
+    }
+    if old.admin_metrics != new.admin_metrics {
+        errors.push(ConfigError::new(
+            "admin.metrics_address",
+            "the metrics address changed: a restart is needed; nothing was applied",
         ));
     }
     if errors.is_empty() {

@@ -61,6 +61,15 @@ pub(crate) async fn run(
             return ExitCode::from(EXIT_START_FAILED);
         }
     };
+    // Type=notify: systemd counts the start as done (and starts what waits for it) now.
+    let notifier = &server.state.notifier;
+    if notifier.enabled() {
+        tracing::info!("ready: telling the service manager (NOTIFY_SOCKET)");
+    }
+    notifier.ready(&format!(
+        "serving config {}",
+        server.state.runtime.load().version
+    ));
     if let Some(tx) = started {
         let _ = tx.send(Addrs {
             listeners: server.listen_addrs.clone(),
@@ -69,6 +78,7 @@ pub(crate) async fn run(
     }
     let signal = signals.next().await;
     tracing::info!(signal, "shutting down");
+    server.state.notifier.stopping("draining");
     let report = tokio::select! {
         r = server.shutdown() => r,
         s = signals.next() => {

@@ -5,12 +5,14 @@
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::metrics::Metrics;
 use crate::pressure::Pressure;
 use crate::proxy::Runtime;
+use crate::systemd::notify::Notifier;
 use crate::tls::certificates::Certificates;
+use crate::token::AdminToken;
 
 /// What every part of a running process shares. Built once at start; only its parts change
 /// (the runtime is swapped whole on reload, readiness flips when draining begins).
@@ -25,4 +27,8 @@ pub struct ProcessState {
     pub(crate) certificates: Certificates,
     /// How short of memory spillway is.
     pub(crate) pressure: Pressure,
+    /// The full admin endpoint's bearer token (`admin.token_file`), re-read on every reload.
+    pub(crate) admin_token: ArcSwapOption<AdminToken>,
+    /// The service manager's notify socket (`Type=notify`), when there is one.
+    pub(crate) notifier: Notifier,
 }

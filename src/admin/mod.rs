@@ -1,14 +1,18 @@
 //! The admin endpoint: `/metrics`, `/healthz`, `/readyz`, `/config`, `/reload`, and the status
 //! page (`/` and `/status.json`, see [`status`]).
 //!
-//! Served on its own listener (never on the proxy ports), HTTP/1.1 only.
+//! Served on its own listener (never on the proxy ports), HTTP/1.1 only. The full endpoint
+//! (`admin.address`, loopback by default) has everything; the metrics listener
+//! (`admin.metrics_address`) only what Prometheus and the kubelet need, so that it can be
+//! opened to the cluster while `/reload` and `/config` are not. With `admin.token_file`, the
+//! control paths of the full endpoint also need the bearer token ([`crate::token`]).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{CONTENT_TYPE, HOST};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, HOST, WWW_AUTHENTICATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -21,22 +25,51 @@ pub(crate) mod status;
 use crate::reload::Reloader;
 use crate::shared::ProcessState;
 
+/// Which paths an admin listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Everything (`admin.address`).
+    Full,
+    /// `/metrics`, `/healthz` and `/readyz` only (`admin.metrics_address`).
+    Metrics,
+}
+
+impl Scope {
+    /// How the listener is named in logs.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Scope::Full => "admin",
+            Scope::Metrics => "metrics",
+        }
+    }
+}
+
+/// The paths that show or change the config: never on the metrics listener, and behind the
+/// Host check and the token on the full one.
+const CONTROL: [&str; 4] = ["/", "/status.json", "/config", "/reload"];
+
 /// What the admin endpoint serves from.
 struct Admin {
+    scope: Scope,
     state: Arc<ProcessState>,
     reloader: Arc<Reloader>,
 }
 
-/// Serves the admin endpoint until `stop` fires. A connection must send each request head
+/// Serves the admin endpoint (`scope` says which paths) until `stop` fires. A connection must send each request head
 /// within `header_timeout` (the listeners' own), idle time before it included.
 pub(crate) async fn serve(
     listener: TcpListener,
+    scope: Scope,
     state: Arc<ProcessState>,
     reloader: Arc<Reloader>,
     header_timeout: std::time::Duration,
     stop: CancellationToken,
 ) {
-    let admin = Arc::new(Admin { state, reloader });
+    let admin = Arc::new(Admin {
+        scope,
+        state,
+        reloader,
+    });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(hyper_util::rt::TokioTimer::new())
@@ -69,6 +102,25 @@ pub(crate) async fn serve(
             }
         });
     }
+}
+
+/// `401` with no body, and the challenges: HTTP Basic first, so that a browser asks for the
+/// token (as the password) and then sends it with the status page's requests too.
+fn unauthorized() -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    let h = r.headers_mut();
+    for challenge in [
+        r#"Basic realm="spillway admin", charset="UTF-8""#,
+        r#"Bearer realm="spillway admin""#,
+    ] {
+        h.append(WWW_AUTHENTICATE, http::HeaderValue::from_static(challenge));
+    }
+    h.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    r
 }
 
 fn text(
@@ -131,10 +183,10 @@ fn allowed_name(admin: &Admin, name: &str) -> bool {
 async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     const PLAIN: &str = "text/plain; charset=utf-8";
     const JSON: &str = "application/json";
-    let control = matches!(
-        req.uri().path(),
-        "/" | "/status.json" | "/config" | "/reload"
-    );
+    let control = CONTROL.contains(&req.uri().path());
+    if control && admin.scope == Scope::Metrics {
+        return text(StatusCode::NOT_FOUND, PLAIN, "not found\n");
+    }
     if control && !host_allowed(admin, &req) {
         return text(
             StatusCode::FORBIDDEN,
@@ -142,12 +194,22 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
             "forbidden: Host is not this admin endpoint\n",
         );
     }
+    if control {
+        if let Some(token) = &*admin.state.admin_token.load() {
+            if !token.accepts(req.headers().get(AUTHORIZATION)) {
+                return unauthorized();
+            }
+        }
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/") => {
             let mut r = text(
                 StatusCode::OK,
                 "text/html; charset=utf-8",
-                status::page(&status::snapshot(&admin.state)),
+                status::page(&status::snapshot(
+                    &admin.state,
+                    admin.reloader.last_failure(),
+                )),
             );
             let h = r.headers_mut();
             h.insert(
@@ -168,7 +230,11 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
             let mut r = text(
                 StatusCode::OK,
                 JSON,
-                serde_json::to_vec(&status::snapshot(&admin.state)).unwrap_or_default(),
+                serde_json::to_vec(&status::snapshot(
+                    &admin.state,
+                    admin.reloader.last_failure(),
+                ))
+                .unwrap_or_default(),
             );
             r.headers_mut().insert(
                 http::header::CACHE_CONTROL,
@@ -197,6 +263,8 @@ async fn route(admin: &Arc<Admin>, req: Request<Incoming>) -> Response<Full<Byte
             let body = serde_json::json!({
                 "version": rt.version,
                 "loaded_at": humantime::format_rfc3339_seconds(rt.loaded_at).to_string(),
+                // Why the last refused reload was refused (null if none was since start).
+                "last_reload_error": admin.reloader.last_failure(),
                 "config": rt.settings,
             });
             text(

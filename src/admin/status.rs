@@ -20,10 +20,12 @@ use crate::config::settings::{HostMatch, LimitSettings};
 use crate::metrics::{
     CONFIG_LAST_RELOAD_SUCCESSFUL, CONFIG_RELOADS_TOTAL, CONNECTIONS_REFUSED_TOTAL, IN_FLIGHT,
     MEMORY_LIMIT_BYTES, MEMORY_PRESSURE, MEMORY_RESIDENT_BYTES, OPEN_CONNECTIONS, REQUESTS_TOTAL,
-    REQUEST_DURATION, RETRIES_TOTAL, SHED_TOTAL, UNMATCHED_ROUTE, UPSTREAM_ERRORS_TOTAL,
+    REQUEST_DURATION, RETRIES_TOTAL, SHED_TOTAL, UNMATCHED_ROUTE, UPSTREAM_DURATION,
+    UPSTREAM_ERRORS_TOTAL,
 };
 use crate::policy::CircuitState;
 use crate::proxy::Runtime;
+use crate::reload::ReloadFailure;
 use crate::shared::ProcessState;
 
 /// The page template. The server puts the first sample into it, so the page shows the routes
@@ -95,6 +97,8 @@ pub(crate) struct ReloadStatus {
     pub successes: u64,
     /// Refused reloads since start.
     pub failures: u64,
+    /// The last refused reload since start, with its error lines (kept after a later success).
+    pub last_error: Option<ReloadFailure>,
 }
 
 /// One route's counts and live policy state.
@@ -108,8 +112,14 @@ pub(crate) struct RouteStatus {
     pub upstream: String,
     /// Responses since start by source and status class.
     pub requests: Requests,
-    /// Request durations since start.
+    /// Request durations since start, every status.
     pub latency: Latency,
+    /// Durations of 2xx responses since start: what the page's p99 is computed from, as the
+    /// dashboard's latency panel (sheds and failures do not pull it down).
+    pub latency_2xx: Latency,
+    /// Time to the upstream's response head since start, its answers only
+    /// (`spillway_upstream_duration_seconds`): the app's own latency.
+    pub upstream_latency: Latency,
     /// Requests being served now (`spillway_in_flight_requests`, streaming bodies included).
     pub in_flight: u64,
     /// The concurrency limiter; `None` for `unmatched`.
@@ -150,6 +160,10 @@ pub(crate) struct Requests {
     pub upstream: Classes,
     /// Responses spillway produced (errors and refusals).
     pub proxy: Classes,
+    /// spillway's deliberate refusals: its 503s (load shed, open breaker, maintenance, memory).
+    pub shed: u64,
+    /// spillway's failures to get an answer from the app: its 502s and 504s.
+    pub failed: u64,
 }
 
 /// Response counts by status class.
@@ -203,16 +217,18 @@ pub(crate) struct Latency {
     pub p99_seconds: Option<f64>,
 }
 
-/// Takes a sample of a running spillway.
-pub(crate) fn snapshot(state: &ProcessState) -> Status {
+/// Takes a sample of a running spillway; `last_failure` is its reloader's last refused reload.
+pub(crate) fn snapshot(state: &ProcessState, last_failure: Option<ReloadFailure>) -> Status {
     let runtime = state.runtime.load();
     let families = state.metrics.registry().gather();
-    build(
+    let mut status = build(
         &runtime,
         &families,
         state.ready.load(std::sync::atomic::Ordering::SeqCst),
         SystemTime::now(),
-    )
+    );
+    status.reload.last_error = last_failure;
+    status
 }
 
 /// Builds a sample from the runtime snapshot (routes, limiter and breaker state) and gathered
@@ -273,6 +289,7 @@ pub(crate) fn build(
             last_successful: index.gauge(CONFIG_LAST_RELOAD_SUCCESSFUL, None) != Some(0.0),
             successes: index.counter_where(CONFIG_RELOADS_TOTAL, "result", "success"),
             failures: index.counter_where(CONFIG_RELOADS_TOTAL, "result", "failure"),
+            last_error: None,
         },
         process: index.process(),
         routes,
@@ -312,14 +329,16 @@ fn server_rows(status: &Status) -> String {
             Some(l) => format!("{} / {}", l.in_flight, l.limit),
             None => "—".to_owned(),
         };
-        let shed: u64 = r.shed.values().sum();
         out.push_str(&format!(
             "<tr class=\"route\" data-route=\"{name}\"><td class=\"name\">{name}<div class=\"sub\">{matcher}</div></td>\
-             <td>—</td><td>{total} total</td><td>{p99}</td><td>{limit}</td><td>{breaker}</td><td>{shed}</td></tr>\n",
+             <td>—</td><td>{total} since start</td><td class=\"num\">{shed} since start</td><td class=\"num\">{failed} since start</td>\
+             <td>{p99}</td><td>{limit}</td><td>{breaker}</td></tr>\n",
             name = escape_html(&r.name),
             matcher = escape_html(&r.matcher),
             total = r.requests.total,
-            p99 = r.latency.p99_seconds.map(format_seconds).unwrap_or_else(|| "—".to_owned()),
+            shed = r.requests.shed,
+            failed = r.requests.failed,
+            p99 = r.latency_2xx.p99_seconds.map(format_seconds).unwrap_or_else(|| "—".to_owned()),
             breaker = r.breaker,
         ));
     }
@@ -467,20 +486,11 @@ impl<'a> Index<'a> {
         }
     }
 
-    /// Every count of one route; the policy fields are filled in by the caller.
-    fn route(&self, route: &str) -> RouteStatus {
-        let mut requests = Requests::default();
-        for m in self.with_label(REQUESTS_TOTAL, "route", route) {
-            let n = m.get_counter().get_value() as u64;
-            let code = label(m, "code").unwrap_or("");
-            requests.total += n;
-            match label(m, "source") {
-                Some("proxy") => requests.proxy.add(code, n),
-                _ => requests.upstream.add(code, n),
-            }
-        }
+    /// The series of a duration histogram `family` of one route that `keep` selects, added up
+    /// (a route's series all have its buckets), with their p99 since start.
+    fn latency(&self, family: &str, route: &str, keep: impl Fn(&Metric) -> bool) -> Latency {
         let mut latency = Latency::default();
-        for m in self.with_label(REQUEST_DURATION, "route", route) {
+        for m in self.with_label(family, "route", route).filter(|m| keep(m)) {
             let h = m.get_histogram();
             latency.count += h.get_sample_count();
             latency.sum += h.get_sample_sum();
@@ -492,7 +502,7 @@ impl<'a> Index<'a> {
                 latency.bounds = buckets.clone().map(|b| b.upper_bound()).collect();
                 latency.cumulative = vec![0; latency.bounds.len()];
             }
-            // Every series of the family has the same buckets; skip any that would not line up.
+            // A route's series share its buckets; skip any that would not line up.
             if buckets.clone().count() == latency.bounds.len() {
                 for (slot, b) in latency.cumulative.iter_mut().zip(buckets) {
                     *slot += b.cumulative_count();
@@ -500,6 +510,33 @@ impl<'a> Index<'a> {
             }
         }
         latency.p99_seconds = quantile(0.99, &latency.bounds, &latency.cumulative, latency.count);
+        latency
+    }
+
+    /// Every count of one route; the policy fields are filled in by the caller.
+    fn route(&self, route: &str) -> RouteStatus {
+        let mut requests = Requests::default();
+        for m in self.with_label(REQUESTS_TOTAL, "route", route) {
+            let n = m.get_counter().get_value() as u64;
+            let code = label(m, "code").unwrap_or("");
+            requests.total += n;
+            match label(m, "source") {
+                Some("proxy") => {
+                    requests.proxy.add(code, n);
+                    match code {
+                        "503" => requests.shed += n,
+                        "502" | "504" => requests.failed += n,
+                        _ => {}
+                    }
+                }
+                _ => requests.upstream.add(code, n),
+            }
+        }
+        let latency = self.latency(REQUEST_DURATION, route, |_| true);
+        let latency_2xx = self.latency(REQUEST_DURATION, route, |m| {
+            label(m, "code").is_some_and(|c| c.starts_with('2'))
+        });
+        let upstream_latency = self.latency(UPSTREAM_DURATION, route, |_| true);
         let shed = crate::error::ShedReason::ALL
             .iter()
             .map(|reason| {
@@ -537,6 +574,8 @@ impl<'a> Index<'a> {
             upstream: String::new(),
             requests,
             latency,
+            latency_2xx,
+            upstream_latency,
             in_flight: self
                 .gauge(IN_FLIGHT, Some(route))
                 .map(|v| v.max(0.0) as u64)
@@ -649,7 +688,8 @@ mod tests {
             ReloadStatus {
                 last_successful: true,
                 successes: 0,
-                failures: 0
+                failures: 0,
+                last_error: None,
             }
         );
     }
@@ -698,11 +738,21 @@ mod tests {
                 ..Classes::default()
             }
         );
+        // The 503 was a shed, the 502 a failure: different columns on the page.
+        assert_eq!((r.requests.shed, r.requests.failed), (1, 1));
         assert_eq!(r.latency.count, 101);
         assert_eq!(r.latency.cumulative.len(), r.latency.bounds.len());
         let p99 = r.latency.p99_seconds.expect("observations");
         // Rank 99.99 of 101 falls in the (1 ms, 2.5 ms] bucket, where 98 of them are.
         assert!(p99 > 0.001 && p99 <= 0.0025, "p99 {p99}");
+        // The page's p99 is of the 97 2xx only: the fast shed and failure do not pull it down.
+        assert_eq!(r.latency_2xx.count, 97);
+        let p99_2xx = r.latency_2xx.p99_seconds.expect("2xx observations");
+        assert!(p99_2xx > 0.001 && p99_2xx <= 0.0025, "p99 {p99_2xx}");
+        assert_eq!(
+            r.upstream_latency.count, 0,
+            "no upstream answers observed here"
+        );
         assert_eq!(r.shed["concurrency_limit"], 1);
         assert_eq!(r.shed["queue_timeout"], 2);
         assert_eq!(r.shed["circuit_open"], 0);
@@ -735,9 +785,37 @@ mod tests {
             ReloadStatus {
                 last_successful: false,
                 successes: 1,
-                failures: 2
+                failures: 2,
+                last_error: None,
             }
         );
+    }
+
+    /// The measured case from the issue: a route with a 1 s timeout whose 504s came a few
+    /// milliseconds late. They land on the route's own 1 s boundary, so the p99 cannot read
+    /// above the timeout (it read 2.27 s when they fell into (1, 2.5]); the 2xx p99 the page
+    /// shows is the app's answers alone.
+    #[test]
+    fn the_p99_of_a_route_that_times_out_never_reads_above_its_timeout() {
+        let metrics = Metrics::new();
+        let rt = runtime(&metrics);
+        let api = metrics.route_with_timeout("api", std::time::Duration::from_secs(1));
+        for _ in 0..90 {
+            api.response(&Method::GET, 200, ResponseSource::Upstream, 0.004);
+        }
+        let late = std::time::Duration::from_millis(1_004);
+        let timeout = Some(UpstreamError::ResponseTimeout.kind());
+        for _ in 0..10 {
+            let seconds = api.observed_seconds(late, 504, timeout);
+            api.response(&Method::GET, 504, ResponseSource::Proxy, seconds);
+        }
+        let s = build(&rt, &metrics.registry().gather(), true, at(0));
+        let r = route(&s, "api");
+        let p99 = r.latency.p99_seconds.unwrap();
+        assert!(p99 > 0.5 && p99 <= 1.0, "p99 of every response {p99}");
+        let p99_2xx = r.latency_2xx.p99_seconds.unwrap();
+        assert!(p99_2xx > 0.0025 && p99_2xx <= 0.005, "p99 of 2xx {p99_2xx}");
+        assert_eq!((r.requests.failed, r.requests.shed), (10, 0));
     }
 
     #[test]
@@ -828,6 +906,14 @@ mod tests {
         assert_eq!(web["requests"]["upstream"]["2xx"], 1);
         assert_eq!(web["requests"]["proxy"]["5xx"], 0);
         assert_eq!(web["latency"]["count"], 1);
+        assert_eq!(web["latency_2xx"]["count"], 1);
+        assert_eq!(web["upstream_latency"]["count"], 0);
+        assert_eq!(web["requests"]["shed"], 0);
+        assert_eq!(web["requests"]["failed"], 0);
+        assert!(
+            v["reload"].get("last_error").is_some(),
+            "null until a reload is refused"
+        );
         assert!(web["latency"]["bounds"]
             .as_array()
             .unwrap()

@@ -221,8 +221,17 @@ impl Cx<'_> {
             None => Some(defaults::ADMIN_ADDRESS),
         };
         if let Some(admin) = admin {
-            bound.push(("admin".to_owned(), admin));
+            bound.push(("admin.address".to_owned(), admin));
         }
+        let admin_file = file.admin.clone().unwrap_or_default();
+        let admin_metrics = admin_file
+            .metrics_address
+            .as_ref()
+            .and_then(|addr| self.socket_addr("admin.metrics_address", Some(addr)));
+        if let Some(metrics) = admin_metrics {
+            bound.push(("admin.metrics_address".to_owned(), metrics));
+        }
+        let admin_token_file = self.file_path("admin.token_file", admin_file.token_file.as_ref());
         self.distinct_addresses(bound);
         let upstreams = self.upstreams(&file.upstreams);
         let defaults_part = self.policy_part("defaults", &file.defaults);
@@ -235,6 +244,8 @@ impl Cx<'_> {
             server_id,
             listeners,
             admin,
+            admin_metrics,
+            admin_token_file,
             upstreams,
             routes,
             shutdown,
@@ -456,7 +467,7 @@ impl Cx<'_> {
                 )
                 .unwrap_or(defaults::CLIENT_IDLE_TIMEOUT);
             if let Some(address) = address {
-                bound.push((base, address));
+                bound.push((format!("{base}.address"), address));
                 out.push(ListenerSettings {
                     name,
                     address,
@@ -518,20 +529,22 @@ impl Cx<'_> {
     }
 
     /// Two sockets cannot bind the same address; port 0 is exempt as each gets its own port.
-    /// `bound` holds `(owner path, address)` in file order.
+    /// `bound` holds `(path of the address key, address)` in file order.
     fn distinct_addresses(&mut self, bound: Vec<(String, SocketAddr)>) {
         let mut seen: HashMap<SocketAddr, String> = HashMap::new();
-        for (owner, addr) in bound {
+        for (key, addr) in bound {
             if addr.port() == 0 {
                 continue;
             }
             match seen.get(&addr) {
                 Some(first) => {
-                    let message = format!("address {addr} is already used by {first}");
-                    self.error(&format!("{owner}.address"), message);
+                    // Named by what holds it: `listeners[0]`, `admin`, `admin.metrics_address`.
+                    let owner = first.strip_suffix(".address").unwrap_or(first);
+                    let message = format!("address {addr} is already used by {owner}");
+                    self.error(&key, message);
                 }
                 None => {
-                    seen.insert(addr, owner);
+                    seen.insert(addr, key);
                 }
             }
         }
@@ -1271,6 +1284,15 @@ fn warnings(settings: &Settings) -> Vec<String> {
     for name in settings.upstreams.keys() {
         if !settings.routes.iter().any(|r| &r.upstream == name) {
             out.push(format!("upstream `{name}` is not used by any route"));
+        }
+    }
+    if let Some(admin) = settings.admin {
+        if !admin.ip().is_loopback() && settings.admin_token_file.is_none() {
+            out.push(format!(
+                "admin.address {admin} is reachable from other hosts and has no token_file: \
+                 whoever reaches it can POST /reload and read /config; keep it on loopback \
+                 (open admin.metrics_address for Prometheus and probes) or set admin.token_file"
+            ));
         }
     }
     out

@@ -162,8 +162,15 @@ pub struct ListenerTlsFile {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
-    /// `ip:port` to bind.
+    /// `ip:port` to bind the full admin endpoint (status page, `/config`, `/reload`, and the
+    /// metrics and probes).
     pub address: Option<String>,
+    /// `ip:port` of a second listener that serves only `/metrics`, `/healthz` and `/readyz`:
+    /// the one to open to Prometheus and the kubelet, while `address` stays on loopback.
+    pub metrics_address: Option<String>,
+    /// A file holding a bearer token that the full admin's `/`, `/status.json`, `/config` and
+    /// `/reload` then require (`Authorization: Bearer <token>`); re-read on every reload.
+    pub token_file: Option<String>,
     /// Host names (besides the admin address, `localhost` and loopback addresses) that may
     /// call the control endpoints (`/`, `/status.json`, `/config`, `/reload`).
     pub allowed_hosts: Option<Vec<String>>,

@@ -27,7 +27,7 @@ pub(crate) const DEFAULT_HEADER_TIMEOUT: std::time::Duration = defaults::HEADER_
 pub use summary::summary;
 
 /// One problem found in a config file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ConfigError {
     /// Field path, e.g. `routes[1].upstream`; empty when the problem is the whole file.
     pub path: String,

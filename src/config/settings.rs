@@ -21,6 +21,10 @@ pub struct Settings {
     pub admin: Option<SocketAddr>,
     /// Extra host names allowed to call the admin's control endpoints (lower case).
     pub admin_allowed_hosts: Vec<String>,
+    /// The metrics listener (`/metrics`, `/healthz`, `/readyz` only), if any.
+    pub admin_metrics: Option<SocketAddr>,
+    /// The file holding the full admin's bearer token, if any.
+    pub admin_token_file: Option<PathBuf>,
     /// Upstreams by name.
     pub upstreams: BTreeMap<String, UpstreamSettings>,
     /// Routes in match order.

@@ -17,11 +17,14 @@ pub fn summary(loaded: &Loaded) -> String {
     // Writing to a String cannot fail, so the results are ignored throughout.
     let _ = writeln!(out, "server_id  {}", s.server_id);
     let _ = writeln!(out, "version    {}", loaded.version);
-    let _ = writeln!(
-        out,
-        "admin      {}",
-        s.admin.map_or_else(|| "off".to_owned(), |a| a.to_string())
-    );
+    let mut admin = s.admin.map_or_else(|| "off".to_owned(), |a| a.to_string());
+    if let Some(file) = &s.admin_token_file {
+        let _ = write!(admin, " (token from {})", file.display());
+    }
+    if let Some(metrics) = s.admin_metrics {
+        let _ = write!(admin, ", metrics and probes on {metrics}");
+    }
+    let _ = writeln!(out, "admin      {admin}");
 
     let _ = writeln!(out, "\nlisteners");
     let name_w = s.listeners.iter().map(|l| l.name.len()).max().unwrap_or(0);

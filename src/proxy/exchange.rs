@@ -112,7 +112,8 @@ impl Exchange {
             &self.method,
             self.status,
             self.source,
-            elapsed.as_secs_f64(),
+            self.metrics
+                .observed_seconds(elapsed, self.status, self.error),
         );
         if let ExchangeOutcome::UpstreamAborted(kind) = outcome {
             self.metrics.upstream_error(kind);

@@ -113,7 +113,7 @@ impl Runtime {
             .routes
             .iter()
             .map(|r| {
-                let route_metrics = metrics.route(&r.name);
+                let route_metrics = metrics.route_with_timeout(&r.name, r.policy.timeout);
                 let old = previous
                     .and_then(|p| p.routes.iter().find(|old| old.settings.name == r.name))
                     .map(|old| &*old.policy);
@@ -125,7 +125,11 @@ impl Runtime {
                     body_timeout: upstream.settings.body_timeout,
                     settings: r.clone(),
                     matcher: Matcher::new(&r.matcher),
-                    service: stack::route_service(&policy, upstream),
+                    service: stack::route_service(
+                        &policy,
+                        upstream,
+                        route_metrics.upstream_duration.clone(),
+                    ),
                     metrics: route_metrics,
                     policy,
                 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use prometheus::Histogram;
 use tower::ServiceBuilder;
 
 use super::upstream::{ConnectionWait, Forward, Upstream};
@@ -96,8 +97,12 @@ fn connection_wait(p: &PolicySettings) -> ConnectionWait {
     }
 }
 
-/// Composes one route's stack.
-pub(super) fn route_service(state: &PolicyState, upstream: Arc<Upstream>) -> RouteService {
+/// Composes one route's stack; `upstream_duration` times each answer the upstream gives.
+pub(super) fn route_service(
+    state: &PolicyState,
+    upstream: Arc<Upstream>,
+    upstream_duration: Histogram,
+) -> RouteService {
     ServiceBuilder::new()
         // Maintenance first: when the route is down on purpose nothing else should run.
         .layer(MaintenanceLayer::new(&state.settings.maintenance))
@@ -110,5 +115,9 @@ pub(super) fn route_service(state: &PolicyState, upstream: Arc<Upstream>) -> Rou
         .layer(TimeoutLayer::new(state.settings.timeout))
         // Retries of idempotent, bodyless requests, within the budget.
         .layer(RetryLayer::new(state.retry.clone()))
-        .service(Forward::new(upstream, connection_wait(&state.settings)))
+        .service(Forward::new(
+            upstream,
+            connection_wait(&state.settings),
+            upstream_duration,
+        ))
 }

@@ -68,11 +68,32 @@ pub struct Server {
     pub listen_addrs: Vec<SocketAddr>,
     /// Bound admin address.
     pub admin_addr: Option<SocketAddr>,
+    /// Bound metrics address (`admin.metrics_address`).
+    pub metrics_addr: Option<SocketAddr>,
     stop_accepting: CancellationToken,
     tasks: Vec<JoinHandle<drain::Connections>>,
-    admin_task: Option<JoinHandle<()>>,
+    admin_tasks: Vec<JoinHandle<()>>,
     admin_stop: CancellationToken,
     background: CancellationToken,
+}
+
+/// The listening socket for `name` at `addr`: the one systemd passed for it, else bound now.
+fn open(
+    inherited: &mut crate::systemd::sockets::Inherited,
+    name: &str,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let Some(socket) = inherited.remove(name) else {
+        return listener::bind(addr);
+    };
+    let socket = tokio::net::TcpListener::from_std(socket)?;
+    let actual = socket.local_addr()?;
+    if addr.port() != 0 && actual != addr {
+        tracing::warn!(%name, configured = %addr, %actual, "the socket from systemd is not on the configured address; serving it");
+    } else {
+        tracing::info!(%name, %actual, "serving the socket passed by systemd");
+    }
+    Ok(socket)
 }
 
 /// How a shutdown went.
@@ -109,13 +130,18 @@ impl Server {
         // not start.
         let certificates = Certificates::load(&loaded.settings, &metrics)
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+        let admin_token = crate::token::load(&loaded.settings)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         let runtime = Runtime::build(loaded, &metrics, None);
+        metrics.config_loaded(&runtime.version, runtime.loaded_at);
         let state = Arc::new(ProcessState {
             runtime: Arc::new(ArcSwap::from_pointee(runtime)),
             metrics,
             ready: AtomicBool::new(true),
             certificates,
             pressure: Pressure::default(),
+            admin_token: arc_swap::ArcSwapOption::new(admin_token.map(Arc::new)),
+            notifier: crate::systemd::notify::Notifier::from_env(),
         });
         let background = CancellationToken::new();
         memory::spawn(
@@ -136,10 +162,24 @@ impl Server {
             "open-file limit (soft limit raised to the hard one)"
         );
         let stop_accepting = CancellationToken::new();
+        // Sockets systemd passed in (socket activation) serve instead of binding.
+        let settings = &loaded.settings;
+        let wanted: Vec<String> = settings
+            .listeners
+            .iter()
+            .map(|l| l.name.clone())
+            .chain(settings.admin.map(|_| admin::Scope::Full.name().to_owned()))
+            .chain(
+                settings
+                    .admin_metrics
+                    .map(|_| admin::Scope::Metrics.name().to_owned()),
+            )
+            .collect();
+        let mut inherited = crate::systemd::sockets::take(&wanted)?;
         let mut listen_addrs = Vec::new();
         let mut tasks = Vec::new();
         for l in &loaded.settings.listeners {
-            let bound = listener::bind(l.address).map_err(|e| {
+            let bound = open(&mut inherited, &l.name, l.address).map_err(|e| {
                 std::io::Error::new(
                     e.kind(),
                     format!("listener {} on {}: {e}", l.name, l.address),
@@ -170,38 +210,44 @@ impl Server {
             )));
         }
         let admin_stop = CancellationToken::new();
-        let (admin_addr, admin_task) = match loaded.settings.admin {
+        // Admin connections are timed like the (first) listener's.
+        let header_timeout = loaded
+            .settings
+            .listeners
+            .first()
+            .map_or(crate::config::DEFAULT_HEADER_TIMEOUT, |l| l.header_timeout);
+        let mut admin_tasks = Vec::new();
+        let mut bound_admin = |addr: Option<SocketAddr>, scope: admin::Scope| match addr {
             Some(addr) => {
-                let bound = listener::bind(addr)
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("admin on {addr}: {e}")))?;
+                let what = scope.name();
+                let bound = open(&mut inherited, what, addr)
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("{what} on {addr}: {e}")))?;
                 let addr = bound.local_addr()?;
-                tracing::info!(%addr, "admin listening");
-                // Admin connections are timed like the (first) listener's.
-                let header_timeout = loaded
-                    .settings
-                    .listeners
-                    .first()
-                    .map_or(crate::config::DEFAULT_HEADER_TIMEOUT, |l| l.header_timeout);
-                let task = tokio::spawn(admin::serve(
+                tracing::info!(%addr, "{what} listening");
+                admin_tasks.push(tokio::spawn(admin::serve(
                     bound,
+                    scope,
                     state.clone(),
                     reloader.clone(),
                     header_timeout,
                     admin_stop.clone(),
-                ));
-                (Some(addr), Some(task))
+                )));
+                std::io::Result::Ok(Some(addr))
             }
-            None => (None, None),
+            None => Ok(None),
         };
+        let admin_addr = bound_admin(loaded.settings.admin, admin::Scope::Full)?;
+        let metrics_addr = bound_admin(loaded.settings.admin_metrics, admin::Scope::Metrics)?;
         Ok(Server {
             state,
             reloader,
             early_watch,
             listen_addrs,
             admin_addr,
+            metrics_addr,
             stop_accepting,
             tasks,
-            admin_task,
+            admin_tasks,
             admin_stop,
             background,
         })
@@ -266,7 +312,7 @@ impl Server {
             tracing::info!("drained: all in-flight requests finished");
         }
         self.admin_stop.cancel();
-        if let Some(t) = self.admin_task {
+        for t in self.admin_tasks {
             let _ = t.await;
         }
         ShutdownReport {

@@ -104,6 +104,8 @@ fn example_config_gives_exact_settings() {
         }],
         admin: Some("127.0.0.1:9901".parse().unwrap()),
         admin_allowed_hosts: Vec::new(),
+        admin_metrics: None,
+        admin_token_file: None,
         upstreams: BTreeMap::from([(
             "app".to_owned(),
             UpstreamSettings {
@@ -1176,4 +1178,57 @@ fn endpoints_are_host_and_port() {
         let err = check_endpoint(bad).unwrap_err();
         assert!(err.contains(why), "{bad}: {err}");
     }
+}
+
+#[test]
+fn the_admin_plane_keys_are_read_and_checked() {
+    let split = edit(
+        "  address: 127.0.0.1:9901\n",
+        "  address: 127.0.0.1:9901\n  metrics_address: 0.0.0.0:9902\n  token_file: /run/secrets/admin-token\n",
+    );
+    let s = ok(&split).settings;
+    assert_eq!(s.admin_metrics, Some("0.0.0.0:9902".parse().unwrap()));
+    assert_eq!(
+        s.admin_token_file,
+        Some(std::path::PathBuf::from("/run/secrets/admin-token"))
+    );
+    assert_eq!(ok(EXAMPLE).settings.admin_metrics, None, "off by default");
+    assert!(ok(&split).warnings.is_empty(), "{:?}", ok(&split).warnings);
+
+    let clash = edit(
+        "  address: 127.0.0.1:9901\n",
+        "  address: 127.0.0.1:9901\n  metrics_address: 127.0.0.1:9901\n  token_file: \" \"\n",
+    );
+    let got: Vec<_> = errors(&clash).into_iter().map(|e| (e.0, e.3)).collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "admin.metrics_address".to_owned(),
+                "address 127.0.0.1:9901 is already used by admin".to_owned()
+            ),
+            (
+                "admin.token_file".to_owned(),
+                "file path must not be empty".to_owned()
+            ),
+        ]
+    );
+    let bad = edit(
+        "  address: 127.0.0.1:9901\n",
+        "  address: 127.0.0.1:9901\n  metrics_address: everywhere\n",
+    );
+    assert_eq!(errors(&bad)[0].0, "admin.metrics_address");
+}
+
+#[test]
+fn an_open_admin_without_a_token_is_a_warning() {
+    let open = edit("  address: 127.0.0.1:9901\n", "  address: 0.0.0.0:9901\n");
+    let warnings = ok(&open).warnings;
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].starts_with("admin.address 0.0.0.0:9901 is reachable from other hosts"));
+    let with_token = edit(
+        "  address: 127.0.0.1:9901\n",
+        "  address: 0.0.0.0:9901\n  token_file: /etc/spillway/admin-token\n",
+    );
+    assert!(ok(&with_token).warnings.is_empty());
 }

@@ -20,6 +20,7 @@ use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use prometheus::Histogram;
 use tower::Service as _;
 
 use crate::config::{Priority, UpstreamProtocol, UpstreamSettings};
@@ -260,17 +261,21 @@ impl Upstream {
     /// HTTP/1.1: a pooled connection when one is idle, else a new one. A bodyless idempotent
     /// request that failed on a reused connection before any of the response arrived is sent
     /// once more on a fresh connection (the keep-alive race: the app closed the idle connection
-    /// just as it was reused, so it cannot have acted on the request).
+    /// just as it was reused, so it cannot have acted on the request). `sent` is set when a
+    /// connection was had (a wait at `max_connections` is spillway's, not the app's time).
     async fn send_http1(
         &self,
         connector: &Connector,
         ep: &Endpoint,
         wait: &ConnectionWait,
         req: Request<RequestBody>,
+        sent: &mut tokio::time::Instant,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         let may_resend = is_idempotent(&parts.method) && matches!(body, RequestBody::Empty);
-        let body = match ep.pool.acquire(wait.wait).await {
+        let acquired = ep.pool.acquire(wait.wait).await;
+        *sent = tokio::time::Instant::now();
+        let body = match acquired {
             Some(Acquired::Idle(conn)) => match conn.send(&parts, body, &ep.host, &ep.pool).await {
                 Ok(resp) => return Ok(resp.map(UpstreamBody::Http1)),
                 Err(e) if e.stale && may_resend => {
@@ -287,7 +292,9 @@ impl Upstream {
             None => return Err(wait.refusal(&parts)),
         };
         // The stale connection closed, so its place is free (unless another request took it).
-        let slot = match ep.pool.acquire(wait.wait).await {
+        let acquired = ep.pool.acquire(wait.wait).await;
+        *sent = tokio::time::Instant::now();
+        let slot = match acquired {
             Some(Acquired::New(slot)) => slot,
             Some(Acquired::Idle(conn)) => {
                 return conn
@@ -417,12 +424,19 @@ impl ConnectionWait {
 pub struct Forward {
     upstream: Arc<Upstream>,
     wait: ConnectionWait,
+    /// The route's `spillway_upstream_duration_seconds`.
+    duration: Histogram,
 }
 
 impl Forward {
-    /// Forwards to this upstream, waiting for a connection as `wait` says.
-    pub fn new(upstream: Arc<Upstream>, wait: ConnectionWait) -> Self {
-        Forward { upstream, wait }
+    /// Forwards to this upstream, waiting for a connection as `wait` says, and observes in
+    /// `duration` how long each answer took.
+    pub fn new(upstream: Arc<Upstream>, wait: ConnectionWait, duration: Histogram) -> Self {
+        Forward {
+            upstream,
+            wait,
+            duration,
+        }
     }
 }
 
@@ -438,17 +452,28 @@ impl tower::Service<Request<RequestBody>> for Forward {
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         let up = self.upstream.clone();
         let wait = self.wait;
+        let duration = self.duration.clone();
         Box::pin(async move {
             if up.endpoints.is_empty() {
                 return Err(UpstreamError::Dns.into());
             }
+            // The app's own latency: from sending (connecting included, a wait for a
+            // connection at max_connections not) to its response head. Only answers are
+            // observed; a failure, or a timeout that dropped this attempt, is no answer.
+            let mut sent = tokio::time::Instant::now();
             let ep = up.pick(req.extensions().get::<EndpointHint>());
-            match &up.transport {
-                Transport::Http1 { connector } => up.send_http1(connector, ep, &wait, req).await,
+            let result = match &up.transport {
+                Transport::Http1 { connector } => {
+                    up.send_http1(connector, ep, &wait, req, &mut sent).await
+                }
                 Transport::Http2(clients) => {
                     clients.send(&up.name, &up.scheme, &ep.authority, req).await
                 }
+            };
+            if result.is_ok() {
+                duration.observe(sent.elapsed().as_secs_f64());
             }
+            result
         })
     }
 }
